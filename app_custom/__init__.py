@@ -1,0 +1,1 @@
+"""fleetnest learning core (plain Python + torch) and the thin FLARE components that adapt it."""

@@ -1,0 +1,1 @@
+"""Thin NVFlare components over the core: learner executor, outbound guard, nested controller."""

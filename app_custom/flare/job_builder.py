@@ -1,0 +1,44 @@
+"""Builds the flat nested FLARE job (FedJob API) from JSON-serialisable settings.
+
+``jobs/nested_fedavg/job.py`` and ``fleetnest simulate`` both build their jobs here, so the
+exported job folder, the simulator runs and the baselines all share one definition.
+"""
+
+from __future__ import annotations
+
+from nvflare.job_config.api import FedJob
+from nvflare.job_config.defs import FilterType
+
+from app_custom.flare.fast_layer_guard import FastLayerGuard
+from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
+from app_custom.flare.nested_controller import NestedFedAvg
+from app_custom.flare.outbound_audit import OutboundAudit
+
+
+def build_nested_job(
+    name: str,
+    config: dict,
+    data: dict,
+    num_rounds: int,
+    min_clients: int,
+    server: dict | None = None,
+    guard: bool = True,
+    executor: NestedLearnerExecutor | None = None,
+) -> FedJob:
+    """A flat job: ``NestedFedAvg`` on the server; on every client the learner, then the outbound
+    chain ``FastLayerGuard`` -> ``OutboundAudit`` on every task result.
+
+    ``guard=False`` and a custom ``executor`` exist for the privacy tests, which must see a leak
+    get through when the guard is missing.
+    """
+    job = FedJob(name=name, min_clients=min_clients)
+    controller = NestedFedAvg(
+        config=config, data=data, num_rounds=num_rounds, min_clients=min_clients, **(server or {})
+    )
+    job.to_server(controller, id="nested_controller")
+    learner = executor or NestedLearnerExecutor(config=config, data=data)
+    job.to_clients(learner, id="learner", tasks=[TRAIN_TASK, VALIDATE_TASK])
+    if guard:
+        job.to_clients(FastLayerGuard(config=config), filter_type=FilterType.TASK_RESULT)
+    job.to_clients(OutboundAudit(), filter_type=FilterType.TASK_RESULT)
+    return job

@@ -1,0 +1,46 @@
+"""An audit log of what leaves the device: one JSON line per outbound result.
+
+Placed after ``FastLayerGuard`` in the result filter chain, it records what actually left
+(return code, parameter names and shapes, metric names), never the values, in
+``<site workspace>/outbound_audit.jsonl``. Operators read it to check the privacy promise; the
+tests read it to prove it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+AUDIT_FILE = "outbound_audit.jsonl"
+
+
+class OutboundAudit(Filter):
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        record = {
+            "site": fl_ctx.get_identity_name(),
+            "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
+            "round": shareable.get_header(AppConstants.CURRENT_ROUND),
+            "return_code": shareable.get_return_code(ReturnCode.OK),
+            "params": {},
+            "metrics": [],
+        }
+        if record["return_code"] == ReturnCode.OK:
+            dxo = from_shareable(shareable)
+            data = dxo.data if isinstance(dxo.data, dict) else {}
+            record["params"] = {k: list(getattr(v, "shape", ())) for k, v in data.items()}
+            record["metrics"] = sorted((dxo.meta or {}).get(FLMetaKey.INITIAL_METRICS) or {})
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        root = Path(workspace.get_root_dir()) if workspace else Path.cwd()
+        with open(root / AUDIT_FILE, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return shareable

@@ -1,0 +1,186 @@
+"""Device data sets and the ``package.module:function`` plug-in that provides them.
+
+A fleet function is called with keyword arguments from the job (none for a user plug-in) and
+returns either a ``FleetData`` or a list with one dict per device holding numpy arrays
+``x_train``, ``y_train``, ``x_test``, ``y_test`` (x float32, (n, d) or (n, C, H, W), or a dict
+of such arrays, one per modality; y int64 class labels). Everything is checked here, at the
+trust boundary, with errors that name the device and the array.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Array = np.ndarray
+Inputs = Array | dict[str, Array]
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# The cluster's validation set, when a plug-in gives none: this share of each device's training
+# samples is held out for the cluster (and removed from the device) with a fixed seed.
+CLUSTER_HOLDOUT = 0.1
+
+
+class DataError(ValueError):
+    """A data set is malformed: the message names the device and the array."""
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    x: Inputs
+    y: Array
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, index: Array) -> LabelledSet:
+        return LabelledSet(take(self.x, index), self.y[index])
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    train: LabelledSet
+    test: LabelledSet
+
+
+@dataclass(frozen=True)
+class FleetData:
+    devices: tuple[DeviceData, ...]
+    cluster_validation: LabelledSet
+    num_classes: int
+
+
+def take(x: Inputs, index: Array) -> Inputs:
+    if isinstance(x, dict):
+        return {name: value[index] for name, value in x.items()}
+    return x[index]
+
+
+def concat(parts: list[Inputs]) -> Inputs:
+    if isinstance(parts[0], dict):
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}  # type: ignore[index]
+    return np.concatenate(parts)  # type: ignore[arg-type]
+
+
+def _check_x(x: Any, where: str) -> Inputs:
+    if isinstance(x, Mapping):
+        if not x:
+            raise DataError(f"{where}: empty dict of modalities")
+        return {str(name): _check_x(value, f"{where}[{name!r}]") for name, value in x.items()}  # type: ignore[misc]
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"{where}: expected a numpy array, got {type(x).__name__}")
+    if x.ndim not in (2, 3, 4):
+        raise DataError(f"{where}: expected shape (n, d), (n, C, T) or (n, C, H, W), got {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{where}: expected float32, got {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: contains NaN or inf")
+    return x
+
+
+def _count(x: Inputs) -> int:
+    counts = {v.shape[0] for v in x.values()} if isinstance(x, dict) else {x.shape[0]}
+    if len(counts) != 1:
+        raise DataError(f"modalities have different sample counts: {sorted(counts)}")
+    return counts.pop()
+
+
+def _check_set(x: Any, y: Any, where: str) -> LabelledSet:
+    x = _check_x(x, f"{where}.x")
+    if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}.y: expected a 1-D int64 array, got {getattr(y, 'shape', type(y).__name__)}")
+    if (y < 0).any():
+        raise DataError(f"{where}.y: labels must be >= 0")
+    if _count(x) != y.shape[0]:
+        raise DataError(f"{where}: {_count(x)} samples in x but {y.shape[0]} labels in y")
+    if y.shape[0] == 0:
+        raise DataError(f"{where}: no samples")
+    return LabelledSet(x, y.astype(np.int64))
+
+
+def check_device(raw: Any, index: int) -> DeviceData:
+    where = f"device {index}"
+    if not isinstance(raw, Mapping):
+        raise DataError(f"{where}: expected a dict with {list(ARRAY_KEYS)}, got {type(raw).__name__}")
+    missing = [key for key in ARRAY_KEYS if key not in raw]
+    if missing:
+        raise DataError(f"{where}: missing {missing}")
+    return DeviceData(
+        train=_check_set(raw["x_train"], raw["y_train"], f"{where} train"),
+        test=_check_set(raw["x_test"], raw["y_test"], f"{where} test"),
+    )
+
+
+def _shapes(x: Inputs) -> dict[str, tuple[int, ...]]:
+    if isinstance(x, dict):
+        return {name: tuple(v.shape[1:]) for name, v in x.items()}
+    return {"": tuple(x.shape[1:])}
+
+
+def fleet_from_devices(raw_devices: Any, seed: int = 0) -> FleetData:
+    """Validate a plug-in's per-device list and hold out the cluster's validation share."""
+    if not isinstance(raw_devices, (list, tuple)) or not raw_devices:
+        raise DataError(f"a fleet function must return a non-empty list of per-device dicts, got {type(raw_devices)}")
+    devices = [check_device(raw, i) for i, raw in enumerate(raw_devices)]
+    reference = _shapes(devices[0].train.x)
+    for i, device in enumerate(devices):
+        for part in (device.train, device.test):
+            if _shapes(part.x) != reference:
+                raise DataError(f"device {i}: sample shape {_shapes(part.x)} differs from device 0's {reference}")
+    rng = np.random.default_rng(seed)
+    kept, held = [], []
+    for device in devices:
+        order = rng.permutation(len(device.train))
+        n_held = int(len(order) * CLUSTER_HOLDOUT)
+        if len(order) - n_held < 1:
+            n_held = 0
+        held.append(device.train.subset(order[:n_held]))
+        kept.append(DeviceData(device.train.subset(order[n_held:]), device.test))
+    held = [h for h in held if len(h)] or [devices[0].train]
+    cluster = LabelledSet(concat([h.x for h in held]), np.concatenate([h.y for h in held]))
+    num_classes = int(max(max(d.train.y.max(), d.test.y.max()) for d in devices)) + 1
+    return FleetData(devices=tuple(kept), cluster_validation=cluster, num_classes=max(num_classes, 2))
+
+
+def import_function(spec: str) -> Any:
+    """Resolve ``package.module:function`` (or ``path/to/file.py:function``) to a callable."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise DataError(f"expected 'package.module:function', got {spec!r}")
+    module_name, function_name = spec.split(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name).resolve()
+        if not path.is_file():
+            raise DataError(f"{spec}: no such file {path}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+        sys.modules[path.stem] = module
+        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise DataError(f"{spec}: cannot import {module_name!r}: {e}") from e
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise DataError(f"{spec}: {module_name!r} has no callable {function_name!r}")
+    return function
+
+
+@lru_cache(maxsize=4)
+def _load_fleet_cached(spec: str, kwargs_json: str) -> FleetData:
+    result = import_function(spec)(**json.loads(kwargs_json))
+    return result if isinstance(result, FleetData) else fleet_from_devices(result)
+
+
+def load_fleet(spec: str, kwargs: Mapping[str, Any] | None = None) -> FleetData:
+    """Call the fleet function once per process (cached) and validate what it returns."""
+    return _load_fleet_cached(spec, json.dumps(dict(kwargs or {}), sort_keys=True))

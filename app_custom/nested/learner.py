@@ -1,0 +1,201 @@
+"""The device-side nested learner: merge a global slow version, train, hand back the slow delta.
+
+Device-local state (fast layers, the slow layers' local progress, every level's optimiser
+state) lives here, between rounds, and is saved atomically so that a restart loses nothing.
+Only ``RoundResult.slow_delta`` is meant to leave the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import NestedConfig
+from .device_data import DeviceData, Inputs, LabelledSet
+from .levels import partition_parameters
+from .models import build_model, input_spec
+from .schedule import MultiFrequencySchedule
+from .slow_delta import Tensors, install, merge_slow, shapes_of, slow_delta, state_of
+
+
+@dataclass
+class MergeReport:
+    """Test accuracy of the device's model around one merge of a new global slow version."""
+
+    acc_before: float | None  # the model the device served before the merge
+    acc_after: float  # new slow layers + the device's own fast layers (after the configured refit)
+    acc_naive: float | None  # new slow layers over freshly initialised fast layers (a naive overwrite)
+
+
+@dataclass
+class RoundResult:
+    slow_delta: Tensors
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _to_torch(x: Inputs) -> torch.Tensor | dict[str, torch.Tensor]:
+    if isinstance(x, dict):
+        return {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in x.items()}
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _take(x: torch.Tensor | dict[str, torch.Tensor], index: torch.Tensor):
+    if isinstance(x, dict):
+        return {name: v[index] for name, v in x.items()}
+    return x[index]
+
+
+def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``data``."""
+    x, y = _to_torch(data.x), torch.from_numpy(data.y)
+    correct, loss = 0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(y)))
+            logits = model(_take(x, index))
+            loss += float(F.cross_entropy(logits, y[index], reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y[index]).sum())
+    return correct / len(y), loss / len(y)
+
+
+class NestedLearner:
+    """Trains one device's nested model on its own data."""
+
+    def __init__(self, config: NestedConfig, data: DeviceData, num_classes: int, device_seed: int = 0) -> None:
+        self.config = config
+        self.data = data
+        torch.manual_seed(config.seed)  # every device starts from the same architecture and initial weights
+        self.model = build_model(config.model, input_spec(data.train.x), num_classes)
+        self.partition = partition_parameters(self.model, config.levels)
+        self.shared_names = self.partition.shared_names
+        self.private_names = self.partition.private_names
+        self.schedule = MultiFrequencySchedule(self.model, self.partition, config.training)
+        self._initial_private = state_of(self.model, self.private_names)
+        self._received: Tensors | None = None
+        self.global_version: int | None = None
+        self._rng = torch.Generator().manual_seed(config.seed * 100_003 + device_seed)
+        self._x = _to_torch(data.train.x)
+        self._y = torch.from_numpy(data.train.y)
+
+    @property
+    def slow_shapes(self) -> dict[str, tuple[int, ...]]:
+        return shapes_of(state_of(self.model, self.shared_names))
+
+    def initial_slow(self) -> Tensors:
+        return state_of(self.model, self.shared_names)
+
+    # ---- merge ---------------------------------------------------------------------------
+    def receive_global(self, global_slow: Mapping[str, np.ndarray], version: int | None) -> MergeReport:
+        """Merge a new global slow version with this device's fast layers, then refit the fast levels."""
+        first = self._received is None
+        acc_before = None if first else self.test_accuracy()
+        acc_naive = None
+        if not first and self.private_names and self.shared_names:
+            naive = copy.deepcopy(self.model)
+            merge_slow(naive, global_slow, self.shared_names)
+            install(naive, self._initial_private)
+            acc_naive = evaluate(naive, self.data.test)[0]
+        merge_slow(self.model, global_slow, self.shared_names)
+        # Momentum and Adam moments of the shared levels describe the weights just replaced.
+        self.schedule.reset({level.name for level in self.config.shared_levels})
+        self._received = {name: np.array(global_slow[name], dtype=np.float32) for name in self.shared_names}
+        self.global_version = version
+        if not first:
+            self._refit_fast(self.config.training.merge_adapt_steps)
+        return MergeReport(acc_before=acc_before, acc_after=self.test_accuracy(), acc_naive=acc_naive)
+
+    def _refit_fast(self, steps: int) -> None:
+        """A few steps on the fast levels only, so they follow the new slow layers before serving."""
+        private_levels = {level.name for level in self.config.private_levels}
+        if steps == 0 or not private_levels:
+            return
+        for _ in range(steps):
+            self._step(self._batch_index(), active=private_levels)
+        self.schedule.flush()
+
+    # ---- training ------------------------------------------------------------------------
+    def _batch_index(self) -> torch.Tensor:
+        n = len(self._y)
+        size = min(self.config.training.batch_size, n)
+        return torch.randperm(n, generator=self._rng)[:size]
+
+    def _epoch_batches(self) -> list[torch.Tensor]:
+        n = len(self._y)
+        order = torch.randperm(n, generator=self._rng)
+        size = self.config.training.batch_size
+        return [order[i : i + size] for i in range(0, n, size)]
+
+    def _step(self, index: torch.Tensor, active: set[str] | None) -> float:
+        self.model.train()
+        loss = F.cross_entropy(self.model(_take(self._x, index)), self._y[index])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)}; refusing to continue the round")
+        loss.backward()
+        self.schedule.after_backward(active)
+        return float(loss.detach())
+
+    def train_round(self, should_stop: Callable[[], bool] = lambda: False) -> RoundResult:
+        """Train on local data per the configured schedule; return the slow delta and metrics."""
+        if self._received is None:
+            raise RuntimeError("train_round before any global slow version was received")
+        training = self.config.training
+        losses = []
+        if training.schedule == "nested":
+            # every level trains together, each stepping at its own period
+            for _ in range(training.local_epochs):
+                for index in self._epoch_batches():
+                    if should_stop():
+                        break
+                    losses.append(self._step(index, active=None))
+        else:
+            # alternating (FedRep-style): one level at a time, in configuration order, for its epochs
+            for level in self.config.levels:
+                for _ in range(level.epochs):
+                    for index in self._epoch_batches():
+                        if should_stop():
+                            break
+                        losses.append(self._step(index, active={level.name}))
+                self.schedule.flush()
+        self.schedule.flush()
+        delta = slow_delta(self._received, state_of(self.model, self.shared_names))
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "test_acc": self.test_accuracy()}
+        return RoundResult(slow_delta=delta, num_samples=len(self._y), metrics=metrics)
+
+    def test_accuracy(self) -> float:
+        return evaluate(self.model, self.data.test)[0]
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole device-local state atomically (a crash leaves the previous file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "received": self._received,
+            "global_version": self.global_version,
+            "rng": self._rng.get_state(),
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.schedule.load_state_dict(state["schedule"])
+        self._received = state["received"]
+        self.global_version = state["global_version"]
+        self._rng.set_state(state["rng"])

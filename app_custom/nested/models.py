@@ -1,0 +1,145 @@
+"""Reference models for the nested learner.
+
+``RobotModel`` has one encoder per configured modality (camera image, audio spectrogram,
+IMU/sensor window, navigation state, or a plain feature vector), a fused trunk and a head.
+Small per-owner adapters (a per-channel affine on each input, FiLM on the trunk output)
+start as the identity. Which parameters are fast or slow is configuration (name patterns
+over ``adapters.*``, ``encoders.*``, ``trunk.*``, ``head.*``), never code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .config import MODALITIES, ModelConfig
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel (dimension 1): an owner's sensor gain, offset or lighting."""
+
+    def __init__(self, num_channels: int, channel_dims: int) -> None:
+        super().__init__()
+        shape = (num_channels,) + (1,) * channel_dims
+        self.scale = nn.Parameter(torch.ones(shape))
+        self.shift = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def _encoder(modality: str, shape: tuple[int, ...], width: int) -> nn.Module:
+    if modality in ("vision", "audio"):
+        if len(shape) != 3:
+            raise ValueError(f"{modality} input must be (C, H, W), got {shape}")
+        return nn.Sequential(
+            nn.Conv2d(shape[0], 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128, width),
+            nn.ReLU(),
+        )
+    if modality == "imu":
+        if len(shape) != 2:
+            raise ValueError(f"imu input must be (channels, time), got {shape}")
+        return nn.Sequential(
+            nn.Conv1d(shape[0], 16, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(16, 32, 5, stride=2, padding=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(4),
+            nn.Flatten(),
+            nn.Linear(128, width),
+            nn.ReLU(),
+        )
+    if modality in ("nav", "features"):
+        if len(shape) != 1:
+            raise ValueError(f"{modality} input must be a vector (d,), got {shape}")
+        return nn.Sequential(nn.Linear(shape[0], width), nn.ReLU())
+    raise ValueError(f"unknown modality {modality!r}; known: {list(MODALITIES) + ['features']}")
+
+
+class RobotModel(nn.Module):
+    """Multi-modal robot model: adapters -> encoders -> fused trunk -> trunk adapter -> head."""
+
+    def __init__(
+        self, modalities: Mapping[str, tuple[int, ...]], num_classes: int, width: int = 64, adapters: bool = True
+    ) -> None:
+        super().__init__()
+        if not modalities:
+            raise ValueError("a RobotModel needs at least one modality")
+        self.modalities = dict(sorted((name, tuple(shape)) for name, shape in modalities.items()))
+        self.encoders = nn.ModuleDict({m: _encoder(m, s, width) for m, s in self.modalities.items()})
+        self.trunk = nn.Sequential(nn.Linear(width * len(self.modalities), width), nn.ReLU())
+        if adapters:
+            self.adapters = nn.ModuleDict(
+                {m: ChannelAffine(s[0], len(s) - 1) for m, s in self.modalities.items()}
+                | {"trunk": ChannelAffine(width, 0)}
+            )
+        else:
+            self.adapters = nn.ModuleDict()
+        self.head = nn.Linear(width, num_classes)
+
+    def _as_dict(self, x: Inputs) -> Mapping[str, torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            if len(self.modalities) != 1:
+                raise ValueError(f"model expects inputs for {list(self.modalities)}, got one tensor")
+            return {next(iter(self.modalities)): x}
+        missing = set(self.modalities) - set(x)
+        if missing:
+            raise ValueError(f"inputs lack modalities {sorted(missing)}")
+        return x
+
+    def features(self, x: Inputs) -> torch.Tensor:
+        """The trunk's representation (after the trunk adapter): what the head reads."""
+        inputs = self._as_dict(x)
+        encoded = []
+        for name, encoder in self.encoders.items():
+            value = inputs[name]
+            if name in self.adapters:
+                value = self.adapters[name](value)
+            encoded.append(encoder(value))
+        z = self.trunk(torch.cat(encoded, dim=1))
+        if "trunk" in self.adapters:
+            z = self.adapters["trunk"](z)
+        return z
+
+    def forward(self, x: Inputs) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FeatureMLP(RobotModel):
+    """MLP for feature vectors: the robot model with a single ``features`` encoder."""
+
+    def __init__(self, input_dim: int, num_classes: int, width: int = 64, adapters: bool = True) -> None:
+        super().__init__({"features": (input_dim,)}, num_classes, width, adapters)
+
+
+def input_spec(x: object) -> dict[str, tuple[int, ...]]:
+    """Modalities and per-sample shapes of a data array (or a dict of arrays, one per modality)."""
+    if isinstance(x, Mapping):
+        return {str(name): tuple(value.shape[1:]) for name, value in x.items()}
+    shape = tuple(x.shape[1:])  # type: ignore[attr-defined]
+    kinds = {1: "features", 2: "imu", 3: "vision"}
+    if len(shape) not in kinds:
+        raise ValueError(f"cannot pick a model for samples of shape {shape}: expected (d,), (C, T) or (C, H, W)")
+    return {kinds[len(shape)]: shape}
+
+
+def build_model(config: ModelConfig, spec: Mapping[str, tuple[int, ...]], num_classes: int) -> RobotModel:
+    """The reference model that fits the inputs: an MLP for one feature vector, else the robot model."""
+    kind = config.kind
+    if kind == "auto":
+        kind = "mlp" if set(spec) == {"features"} else "robot"
+    if kind == "mlp":
+        if set(spec) != {"features"}:
+            raise ValueError(f"model.kind mlp needs feature vectors (n, d), got modalities {dict(spec)}")
+        return FeatureMLP(spec["features"][0], num_classes, config.width, config.adapters)
+    return RobotModel(spec, num_classes, config.width, config.adapters)

@@ -1,0 +1,1 @@
+"""fleetnest edge_runtime (built by later issues)."""

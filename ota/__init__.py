@@ -1,0 +1,1 @@
+"""fleetnest ota (built by later issues)."""

@@ -1,0 +1,1 @@
+"""fleetnest provisioning (built by later issues)."""

@@ -1,0 +1,114 @@
+"""Per-device non-IID partitions of the shipped data sets.
+
+Regimes:
+- ``label_skew``: each class is spread over the devices with Dirichlet(alpha) proportions,
+  so a device sees a few classes mostly.
+- ``env_shift``: labels IID, but every owner's sensors differ: a per-device gain and offset
+  per input channel (lighting, sensor calibration), and for cameras a mirrored mount on some
+  devices, for IMUs flipped axes on some devices.
+- ``scarce``: labels IID, only ``scarce_train`` training samples per device.
+
+The cluster's validation set is a held-out share of the data set (10 % of the recordings),
+never given to a device and never shifted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app_custom.nested.device_data import DeviceData, FleetData, Inputs, LabelledSet, concat, take
+
+from .datasets import Dataset, load
+
+REGIMES = ("label_skew", "env_shift", "scarce")
+CLUSTER_SHARE = 0.1
+TEST_SHARE = 0.3
+
+
+def _split_groups(groups: np.ndarray, share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices split so that whole groups land on one side: (rest, held)."""
+    unique = rng.permutation(np.unique(groups))
+    held_groups = unique[: max(1, int(round(len(unique) * share)))]
+    held = np.isin(groups, held_groups)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _assign_label_skew(y: np.ndarray, groups: np.ndarray, n: int, alpha: float, rng) -> list[np.ndarray]:
+    for _ in range(100):
+        owners: list[list[int]] = [[] for _ in range(n)]
+        for label in np.unique(y):
+            label_groups = rng.permutation(np.unique(groups[y == label]))
+            shares = rng.dirichlet([alpha] * n)
+            cuts = (np.cumsum(shares)[:-1] * len(label_groups)).astype(int)
+            for device, part in enumerate(np.split(label_groups, cuts)):
+                owners[device].extend(part.tolist())
+        if min(len(o) for o in owners) >= 4:
+            break
+    return [np.array(o, dtype=np.int64) for o in owners]
+
+
+def _assign_iid(groups: np.ndarray, n: int, rng) -> list[np.ndarray]:
+    return [np.asarray(part) for part in np.array_split(rng.permutation(np.unique(groups)), n)]
+
+
+def _shift(x: Inputs, rng: np.random.Generator) -> Inputs:
+    """One owner's sensors: per-channel gain/offset; a mirrored camera or flipped IMU axes."""
+    if isinstance(x, dict):
+        return {name: _shift_array(value, name, rng) for name, value in x.items()}
+    kind = "vision" if x.ndim == 4 else "imu" if x.ndim == 3 else "features"
+    return _shift_array(x, kind, rng)
+
+
+def _shift_array(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    channels = x.shape[1]
+    shape = (1, channels) + (1,) * (x.ndim - 2)
+    gain = rng.uniform(0.4, 1.6, size=channels)
+    offset = rng.uniform(-0.5, 0.5, size=channels)
+    if kind == "imu":
+        gain *= np.where(rng.random(channels) < 0.3, -1.0, 1.0)
+    out = x * gain.reshape(shape) + offset.reshape(shape)
+    if kind in ("vision", "audio") and rng.random() < 0.5:
+        out = out[..., ::-1]
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def make_fleet(
+    dataset: str = "digits",
+    regime: str = "label_skew",
+    num_devices: int = 8,
+    seed: int = 0,
+    alpha: float = 0.3,
+    scarce_train: int = 16,
+) -> FleetData:
+    """A fleet of ``num_devices`` devices over a shipped data set, deterministic in ``seed``."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; known: {list(REGIMES)}")
+    if not isinstance(num_devices, int) or num_devices < 1:
+        raise ValueError(f"num_devices must be a positive integer, got {num_devices!r}")
+    data: Dataset = load(dataset)
+    rng = np.random.default_rng(seed)
+    rest, held = _split_groups(data.groups, CLUSTER_SHARE, rng)
+    cluster = LabelledSet(take(data.x, held), data.y[held])
+    y_rest, g_rest = data.y[rest], data.groups[rest]
+    if regime == "label_skew":
+        owned_groups = _assign_label_skew(y_rest, g_rest, num_devices, alpha, rng)
+    else:
+        owned_groups = _assign_iid(g_rest, num_devices, rng)
+    devices = []
+    for owned in owned_groups:
+        index = rest[np.isin(g_rest, owned)]
+        if len(np.unique(data.groups[index])) < 2:
+            raise ValueError(f"{dataset}: too many devices ({num_devices}) for the data; a device got < 2 samples")
+        train_pos, test_pos = _split_groups(data.groups[index], TEST_SHARE, rng)
+        train_idx, test_idx = index[train_pos], index[test_pos]
+        if regime == "scarce":
+            train_idx = rng.permutation(train_idx)[:scarce_train]
+        x_train, x_test = take(data.x, train_idx), take(data.x, test_idx)
+        if regime == "env_shift":
+            shifted = _shift(concat([x_train, x_test]), rng)
+            x_train, x_test = (
+                take(shifted, np.arange(len(train_idx))),
+                take(shifted, np.arange(len(train_idx), len(train_idx) + len(test_idx))),
+            )
+        devices.append(DeviceData(LabelledSet(x_train, data.y[train_idx]), LabelledSet(x_test, data.y[test_idx])))
+    return FleetData(devices=tuple(devices), cluster_validation=cluster, num_classes=data.num_classes)
