@@ -1,12 +1,13 @@
 """The cluster's validation gate: a candidate global slow version becomes current only if it
 does not regress on the cluster's own validation data by more than a tolerance.
 
-The cluster holds no device's fast layers, so it measures the slow layers with a *linear
-probe*: the slow layers are installed in the reference model (adapters at the identity),
-the trunk's features are computed on the cluster's validation data, a logistic-regression
-head is fitted on one half and scored (accuracy, cross-entropy) on the other, then the halves
-swap (2-fold cross-fitting), so every validation sample is scored once and the estimate is
-as steady as the set allows.
+When every parameter is shared (FedAvg-style configurations) the cluster holds the whole
+model and scores it directly on its validation data. Otherwise it holds no device's fast
+layers and measures the slow layers with a *linear probe*: the slow layers are installed in
+the reference model (adapters at the identity), the trunk's features are computed on the
+cluster's validation data, and a logistic-regression head is fitted on one half and scored
+(accuracy, cross-entropy) on the other, then the halves swap (2-fold cross-fitting), so
+every validation sample is scored once and the estimate is as steady as the set allows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sklearn.metrics import log_loss
 
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import LabelledSet
-from app_custom.nested.learner import _to_torch
+from app_custom.nested.learner import _to_torch, evaluate
 from app_custom.nested.levels import partition_parameters
 from app_custom.nested.models import build_model, input_spec
 from app_custom.nested.slow_delta import merge_slow
@@ -39,7 +40,10 @@ class LinearProbe:
     def __init__(self, config: NestedConfig, validation: LabelledSet, num_classes: int, seed: int = 0) -> None:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, input_spec(validation.x), num_classes)
-        self.shared_names = partition_parameters(self.model, config.levels).shared_names
+        partition = partition_parameters(self.model, config.levels)
+        self.shared_names = partition.shared_names
+        self.whole_model = not partition.private_names
+        self.validation = validation
         self.num_classes = num_classes
         order = np.random.default_rng(seed).permutation(len(validation))
         half = len(order) // 2
@@ -54,6 +58,9 @@ class LinearProbe:
 
     def measure(self, slow: Mapping[str, np.ndarray]) -> dict[str, float]:
         merge_slow(self.model, slow, self.shared_names)
+        if self.whole_model:
+            accuracy, loss = evaluate(self.model, self.validation)
+            return {"val_acc": accuracy, "val_loss": loss}
         halves = [(self._features(self._fit), self._fit.y), (self._features(self._eval), self._eval.y)]
         correct, loss = 0.0, 0.0
         for (fit_x, fit_y), (eval_x, eval_y) in (halves, halves[::-1]):

@@ -1,0 +1,122 @@
+"""``report.json`` and the PNG plots of one ``fleetnest simulate`` run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from app_custom.flare.fast_layer_guard import leaving_keys_problems
+from app_custom.nested.config import NestedConfig
+
+from .methods import method_config
+
+FLOAT32_BYTES = 4
+
+
+def _site_order(name: str) -> int:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def _max_drop(log: dict, after_key: str) -> float | None:
+    drops = []
+    for metrics in [m for entry in log["rounds"] for m in entry["devices"].values()] + list(log["final"].values()):
+        if metrics.get("acc_before_merge") is not None and metrics.get(after_key) is not None:
+            drops.append(metrics["acc_before_merge"] - metrics[after_key])
+    return max(drops) if drops else None
+
+
+def fast_values_sent(config: NestedConfig, audit: list[dict]) -> int:
+    """Parameter values of non-shared levels found in outbound results (must be 0)."""
+    sent = 0
+    for record in audit:
+        for key, shape in record["params"].items():
+            if leaving_keys_problems(config, {key: None}, None):
+                sent += math.prod(shape) if shape else 1
+    return sent
+
+
+def method_summary(log: dict) -> dict:
+    final = sorted(log["final"].items(), key=lambda item: _site_order(item[0]))
+    per_device = [metrics["test_acc"] for _, metrics in final]
+    by_round = []
+    for entry in log["rounds"]:
+        accs = [m["acc_after_merge"] for m in entry["devices"].values() if "acc_after_merge" in m]
+        by_round.append(sum(accs) / len(accs) if accs else None)
+    by_round.append(sum(per_device) / len(per_device))
+    statuses = [entry.get("status") for entry in log["rounds"]]
+    return {
+        "mean_acc": sum(per_device) / len(per_device),
+        "worst_acc": min(per_device),
+        "per_device_acc": per_device,
+        "acc_by_round": by_round,
+        "max_drop_after_merge": _max_drop(log, "acc_after_merge"),
+        "max_drop_naive_overwrite": _max_drop(log, "acc_naive_overwrite"),
+        "versions": {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected")},
+        "rejected_updates": sum(len(entry.get("rejected", {})) for entry in log["rounds"]),
+    }
+
+
+def build_report(experiment, runs: dict[str, tuple[dict, list[dict]]]) -> dict:
+    methods = {method: method_summary(log) for method, (log, _) in runs.items()}
+    fast_sent = sum(
+        fast_values_sent(NestedConfig.from_dict(method_config(method, experiment.seed)), audit)
+        for method, (_, audit) in runs.items()
+    )
+    nested_audit = runs.get("nested", (None, []))[1]
+    update_sizes = [
+        sum(math.prod(shape) for shape in record["params"].values()) * FLOAT32_BYTES
+        for record in nested_audit
+        if record.get("task") == "train" and record["params"]
+    ]
+    nested = methods.get("nested", {})
+    return {
+        "setup": {
+            "dataset": experiment.dataset,
+            "regime": None if experiment.is_plugin else experiment.regime,
+            "devices": len(next(iter(methods.values()))["per_device_acc"]) if methods else 0,
+            "rounds": experiment.rounds,
+            "seed": experiment.seed,
+            "runtime": "NVFlare simulator (SimEnv), one FLARE client per device",
+        },
+        "methods": methods,
+        "fast_params_sent": fast_sent,
+        "bytes_per_update": max(update_sizes) if update_sizes else 0,
+        "forgetting": {
+            "max_drop_after_merge": nested.get("max_drop_after_merge"),
+            "max_drop_naive_overwrite": nested.get("max_drop_naive_overwrite"),
+        },
+    }
+
+
+def write_plots(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(methods), 1)
+    for i, (method, summary) in enumerate(methods.items()):
+        xs = [d + i * width for d in range(len(summary["per_device_acc"]))]
+        ax.bar(xs, summary["per_device_acc"], width, label=f"{method} (mean {summary['mean_acc']:.2f})")
+    ax.set_xlabel("device")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Per-device accuracy, {report['setup']['dataset']} / {report['setup']['regime']}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "per_device_accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, summary in methods.items():
+        ax.plot(range(len(summary["acc_by_round"])), summary["acc_by_round"], marker="o", label=method)
+    ax.set_xlabel("round (last point: final version)")
+    ax.set_ylabel("mean device accuracy after merge")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_over_rounds.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,177 @@
+"""Runs the nested method and its baselines through FLARE's simulator and collects what happened.
+
+Every method is its own FLARE job (``build_nested_job``), run by ``SimEnv`` with one simulated
+client per device. What a method achieved is read back from the server's archive
+(``fleet_metrics.json``) and from each device's outbound audit log: the runner never looks
+inside a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nvflare.recipe.sim_env import SimEnv
+
+from app_custom.flare.job_builder import build_nested_job
+from app_custom.flare.nested_controller import METRICS_FILE
+from app_custom.flare.outbound_audit import AUDIT_FILE
+from app_custom.nested.device_data import load_fleet
+
+from .methods import METHODS, method_config
+
+SHIPPED_FLEET_FN = "simulator.fleets:make_fleet"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    dataset: str = "digits"
+    regime: str = "label_skew"
+    devices: int = 8
+    rounds: int = 10
+    seed: int = 0
+    methods: tuple[str, ...] = METHODS
+
+    @property
+    def is_plugin(self) -> bool:
+        return ":" in self.dataset
+
+    def data_spec(self) -> dict:
+        if self.is_plugin:
+            return {"fn": self.dataset, "kwargs": {}}
+        kwargs = {"dataset": self.dataset, "regime": self.regime, "num_devices": self.devices, "seed": self.seed}
+        return {"fn": SHIPPED_FLEET_FN, "kwargs": kwargs}
+
+
+_console = None
+
+
+def _say(message: str) -> None:
+    """Progress for the person at the terminal, even while FLARE's output goes to the log file."""
+    global _console
+    if _console is None:
+        _console = os.fdopen(os.dup(2), "w", buffering=1)
+    print(message, file=_console, flush=True)
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path) -> Iterator[None]:
+    """Send FLARE's (and its subprocesses') console output to a log file; progress stays on stderr."""
+    if _console is None:
+        _say(f"    FLARE output: {log_path}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _watch_rounds(metrics_path: Path, total: int, stop: threading.Event) -> None:
+    seen = 0
+    while not stop.wait(1.0):
+        try:
+            rounds = json.loads(metrics_path.read_text())["rounds"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for entry in rounds[seen:]:
+            accs = [m.get("test_acc") for m in entry["devices"].values() if m.get("test_acc") is not None]
+            mean = sum(accs) / len(accs) if accs else float("nan")
+            _say(
+                f"    round {entry['round'] + 1}/{total}: global version {entry.get('version')} "
+                f"{entry.get('status')}, mean device accuracy {mean:.3f}"
+            )
+        seen = len(rounds)
+
+
+def method_workspace(out: Path, method: str) -> Path:
+    return out / "workspace" / method
+
+
+def run_method(experiment: Experiment, method: str, out: Path) -> Path:
+    """Run one method as a FLARE job; return its server archive folder."""
+    data = experiment.data_spec()
+    devices = len(load_fleet(data["fn"], data["kwargs"]).devices)
+    workspace_root = out / "workspace"
+    job = build_nested_job(
+        name=method,
+        config=method_config(method, experiment.seed),
+        data=data,
+        num_rounds=experiment.rounds,
+        min_clients=devices,
+    )
+    archive = method_workspace(out, method) / "server" / "simulate_job" / "global_versions"
+    stop = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_rounds, args=(archive / METRICS_FILE, experiment.rounds, stop), daemon=True
+    )
+    watcher.start()
+    try:
+        with _output_to(out / "flare.log"):
+            SimEnv(num_clients=devices, num_threads=devices, workspace_root=str(workspace_root)).deploy(job)
+    finally:
+        stop.set()
+        watcher.join()
+    if not (archive / METRICS_FILE).exists():
+        raise RuntimeError(f"{method}: the FLARE run left no {METRICS_FILE}; see {out / 'flare.log'}")
+    return archive
+
+
+def read_method(out: Path, method: str) -> tuple[dict, list[dict]]:
+    """The server's round log and every device's outbound audit records for one method."""
+    workspace = method_workspace(out, method)
+    log = json.loads((workspace / "server" / "simulate_job" / "global_versions" / METRICS_FILE).read_text())
+    audit = []
+    for path in sorted(workspace.glob(f"site-*/{AUDIT_FILE}")):
+        audit.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return log, audit
+
+
+def run_experiment(experiment: Experiment, out: Path) -> dict:
+    """Run every method and write ``out/report.json`` and the plots; return the report."""
+    from .report import build_report, write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    if experiment.is_plugin:
+        # simulated devices run in FLARE subprocesses: let them import the user's module too
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+        sys.path.insert(0, os.getcwd())
+    data = experiment.data_spec()
+    fleet = load_fleet(data["fn"], data["kwargs"])
+    _say(
+        f"fleetnest simulate: {experiment.dataset} ({'plug-in' if experiment.is_plugin else experiment.regime}), "
+        f"{len(fleet.devices)} devices, {experiment.rounds} rounds, seed {experiment.seed}"
+    )
+    runs = {}
+    for i, method in enumerate(experiment.methods, 1):
+        started = time.monotonic()
+        _say(f"[{i}/{len(experiment.methods)}] {method}: FLARE simulator job with {len(fleet.devices)} clients")
+        run_method(experiment, method, out)
+        runs[method] = read_method(out, method)
+        final = runs[method][0].get("final", {})
+        accs = [m["test_acc"] for m in final.values()]
+        _say(
+            f"    done in {time.monotonic() - started:.0f} s: mean accuracy {sum(accs) / len(accs):.3f}, "
+            f"worst {min(accs):.3f}"
+        )
+    report = build_report(experiment, runs)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_plots(report, out)
+    _say(f"wrote {out / 'report.json'} and plots in {out}")
+    return report
