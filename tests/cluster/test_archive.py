@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import pytest
+
+from app_custom.cluster.archive import ACCEPTED, REJECTED, ArchiveError, VersionArchive, VersionRecord
+from app_custom.cluster.gate import ValidationGate
+
+
+def _weights(value):
+    return {"trunk.0.weight": np.full((2, 2), value, np.float32)}
+
+
+def test_versions_keep_metrics_lineage_and_only_accepted_ones_become_current(tmp_path):
+    archive = VersionArchive(tmp_path)
+    archive.save(_weights(0), VersionRecord(0, ACCEPTED, None, None, 0, {"val_acc": 0.5}))
+    archive.save(_weights(1), VersionRecord(1, ACCEPTED, 0, 0, 8, {"val_acc": 0.6}))
+    archive.save(_weights(2), VersionRecord(2, REJECTED, 1, 1, 7, {"val_acc": 0.2}, "worse"))
+    assert archive.current_version() == 1
+    weights, record = archive.load(1)
+    np.testing.assert_array_equal(weights["trunk.0.weight"], _weights(1)["trunk.0.weight"])
+    assert (record.parent, record.num_devices, record.metrics) == (0, 8, {"val_acc": 0.6})
+    assert [r.status for r in archive.versions()] == [ACCEPTED, ACCEPTED, REJECTED]
+    assert archive.next_version() == 3
+
+
+def test_tampered_weights_are_detected(tmp_path):
+    archive = VersionArchive(tmp_path)
+    archive.save(_weights(1), VersionRecord(0, ACCEPTED, None, None, 0))
+    meta = tmp_path / "v000000" / "meta.json"
+    record = json.loads(meta.read_text())
+    record["sha256"] = "0" * 64
+    meta.write_text(json.dumps(record))
+    with pytest.raises(ArchiveError, match="sha256"):
+        archive.load(0)
+
+
+def test_a_version_is_never_overwritten_and_temporaries_are_cleaned(tmp_path):
+    archive = VersionArchive(tmp_path)
+    archive.save(_weights(1), VersionRecord(0, ACCEPTED, None, None, 0))
+    with pytest.raises(ArchiveError, match="already exists"):
+        archive.save(_weights(2), VersionRecord(0, ACCEPTED, None, None, 0))
+    (tmp_path / ".tmp-v000001").mkdir()  # a crash mid-write
+    VersionArchive(tmp_path)
+    assert not (tmp_path / ".tmp-v000001").exists()
+
+
+def test_gate_rejects_a_regression_past_the_tolerance():
+    gate = ValidationGate(max_acc_drop=0.02, max_loss_rise=0.1)
+    current = {"val_acc": 0.80, "val_loss": 0.5}
+    assert gate.assess({"val_acc": 0.79, "val_loss": 0.55}, current).accepted
+    verdict = gate.assess({"val_acc": 0.70, "val_loss": 0.5}, current)
+    assert not verdict.accepted and "accuracy drops" in verdict.reason
+    assert not gate.assess({"val_acc": 0.80, "val_loss": 0.9}, current).accepted
+    assert not gate.assess({"val_acc": 0.80, "val_loss": float("nan")}, current).accepted

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from app_custom.nested.config import NestedConfig
+from app_custom.nested.learner import NestedLearner
+from app_custom.nested.slow_delta import UpdateError, state_of
+
+from ..conftest import NESTED, make_device
+
+
+def _learner(raw=NESTED, seed=0):
+    return NestedLearner(NestedConfig.from_dict(raw), make_device(seed), num_classes=3, device_seed=seed)
+
+
+def test_slow_delta_is_trained_minus_received_and_holds_only_slow_layers():
+    learner = _learner()
+    received = learner.initial_slow()
+    learner.receive_global(received, 0)
+    result = learner.train_round()
+    trained = state_of(learner.model, learner.shared_names)
+    assert set(result.slow_delta) == set(learner.shared_names)
+    assert not set(result.slow_delta) & set(learner.private_names)
+    for name, delta in result.slow_delta.items():
+        np.testing.assert_allclose(delta, trained[name] - received[name], atol=1e-6)
+    assert any(np.abs(d).sum() > 0 for d in result.slow_delta.values())
+
+
+def test_merge_installs_global_slow_layers_and_keeps_the_devices_fast_layers():
+    learner = _learner()
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    fast_before = state_of(learner.model, learner.private_names)
+    new_global = {k: v + 0.5 for k, v in learner.initial_slow().items()}
+    learner.receive_global(new_global, 1)
+    for name, value in state_of(learner.model, learner.shared_names).items():
+        np.testing.assert_array_equal(value, new_global[name])
+    for name, value in state_of(learner.model, learner.private_names).items():
+        np.testing.assert_array_equal(value, fast_before[name])
+
+
+def test_slow_level_steps_only_every_period_steps():
+    raw = {**NESTED, "training": {"local_epochs": 1, "batch_size": 4}}  # 20 samples -> 5 steps, slow period 3
+    learner = _learner(raw)
+    learner.receive_global(learner.initial_slow(), 0)
+    slow_steps = []
+    original = learner.schedule.optimizers["slow"].step
+
+    def counting_step(*args, **kwargs):
+        slow_steps.append(1)
+        return original(*args, **kwargs)
+
+    learner.schedule.optimizers["slow"].step = counting_step
+    learner.train_round()
+    assert len(slow_steps) == 2  # after step 3, then the flush of steps 4-5 at the end of the round
+
+
+def test_a_malformed_global_version_is_refused():
+    learner = _learner()
+    good = learner.initial_slow()
+    name = next(iter(good))
+    with pytest.raises(UpdateError, match="unknown keys"):
+        learner.receive_global({**good, "head.weight": np.zeros((3, 16), np.float32)}, 0)
+    with pytest.raises(UpdateError, match="shape"):
+        learner.receive_global({**good, name: np.zeros((1,), np.float32)}, 0)
+    with pytest.raises(UpdateError, match="NaN"):
+        learner.receive_global({**good, name: np.full(good[name].shape, np.nan, np.float32)}, 0)
+
+
+def test_device_state_survives_a_restart(tmp_path):
+    learner = _learner()
+    learner.receive_global(learner.initial_slow(), 3)
+    learner.train_round()
+    learner.save(tmp_path / "state.pt")
+    restarted = _learner()
+    restarted.load(tmp_path / "state.pt")
+    assert restarted.global_version == 3
+    for (name, a), (_, b) in zip(learner.model.state_dict().items(), restarted.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list(tmp_path.glob("*.tmp"))
