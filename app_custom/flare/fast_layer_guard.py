@@ -3,8 +3,8 @@
 An outbound result filter: a result may carry only parameters that belong to a shared level
 (allow-list by the configuration's patterns) and scalar metrics. Anything else (a fast-layer
 key, an unknown key, an array hidden in the metrics) rejects the whole result: the keys are
-logged and FLARE replaces the result with a ``TASK_RESULT_FILTER_ERROR`` reply, so nothing of
-it leaves.
+logged and the result is replaced by an empty ``TASK_RESULT_FILTER_ERROR`` reply, so nothing
+of it leaves (and the audit after this filter records the refusal).
 """
 
 from __future__ import annotations
@@ -16,14 +16,10 @@ from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from app_custom.nested.config import NestedConfig
-
-
-class FastLayerLeak(RuntimeError):
-    """An outbound result carried something other than shared-level parameters and scalar metrics."""
 
 
 def leaving_keys_problems(config: NestedConfig, params: dict, metrics: dict | None) -> list[str]:
@@ -61,5 +57,5 @@ class FastLayerGuard(Filter):
         if problems:
             round_ = shareable.get_header(AppConstants.CURRENT_ROUND)
             self.log_error(fl_ctx, f"round {round_}: outbound result rejected, it carries {problems}")
-            raise FastLayerLeak(f"outbound result carries {problems}")
+            return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
         return shareable

@@ -36,9 +36,12 @@ def build_nested_job(
         config=config, data=data, num_rounds=num_rounds, min_clients=min_clients, **(server or {})
     )
     job.to_server(controller, id="nested_controller")
+    tasks = [TRAIN_TASK, VALIDATE_TASK]
     learner = executor or NestedLearnerExecutor(config=config, data=data)
-    job.to_clients(learner, id="learner", tasks=[TRAIN_TASK, VALIDATE_TASK])
+    job.to_clients(learner, id="learner", tasks=tasks)
+    # Name the tasks: FLARE 2.9 keys job filter chains by literal task name, so the Job API's
+    # default tasks=["*"] matches no task and the filters would silently never run.
     if guard:
-        job.to_clients(FastLayerGuard(config=config), filter_type=FilterType.TASK_RESULT)
-    job.to_clients(OutboundAudit(), filter_type=FilterType.TASK_RESULT)
+        job.to_clients(FastLayerGuard(config=config), filter_type=FilterType.TASK_RESULT, tasks=tasks)
+    job.to_clients(OutboundAudit(), filter_type=FilterType.TASK_RESULT, tasks=tasks)
     return job

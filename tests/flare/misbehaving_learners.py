@@ -1,0 +1,43 @@
+"""Learners that break the rules, for the tests that prove the guards catch them.
+
+They run inside FLARE's simulator, so they are real executors: FLARE's job export copies this
+module into the job's custom code.
+"""
+
+import numpy as np
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from app_custom.flare.learner_executor import NestedLearnerExecutor, device_index
+
+
+class LeakyLearner(NestedLearnerExecutor):
+    """Adds the device's fast head to every training result."""
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
+        if task_name != self.train_task or reply.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return reply
+        model = FLModelUtils.from_shareable(reply)
+        head = dict(self.learner.model.named_parameters())["head.weight"]
+        model.params["head.weight"] = head.detach().numpy().copy()
+        return FLModelUtils.to_shareable(model)
+
+
+class FaultyLearner(NestedLearnerExecutor):
+    """Device 1 sends NaN, device 2 a wrong shape, device 3 an unknown key; others behave."""
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
+        index = device_index(fl_ctx.get_identity_name())
+        if task_name != self.train_task or index > 2 or reply.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return reply
+        model = FLModelUtils.from_shareable(reply)
+        name = sorted(model.params)[0]
+        if index == 0:
+            model.params[name] = np.full_like(model.params[name], np.nan)
+        elif index == 1:
+            model.params[name] = np.zeros((3, 3, 3), np.float32)
+        else:
+            model.params["trunk.extra"] = np.zeros(4, np.float32)
+        return FLModelUtils.to_shareable(model)

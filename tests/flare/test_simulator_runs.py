@@ -1,0 +1,84 @@
+"""Real FLARE simulator runs (SimEnv): what leaves a device, and what the server does with bad results."""
+
+import json
+from pathlib import Path
+
+import pytest
+from nvflare.recipe.sim_env import SimEnv
+
+from app_custom.flare.job_builder import build_nested_job
+from app_custom.flare.outbound_audit import AUDIT_FILE
+from app_custom.nested.config import NestedConfig
+from simulator.methods import method_config
+from simulator.report import fast_values_sent
+
+from .misbehaving_learners import FaultyLearner, LeakyLearner
+
+pytestmark = pytest.mark.integration
+
+CONFIG = method_config("nested")
+DATA = {
+    "fn": "simulator.fleets:make_fleet",
+    "kwargs": {"dataset": "digits", "regime": "label_skew", "num_devices": 4, "seed": 0},
+}
+
+
+def _run(tmp_path: Path, name: str, rounds: int = 2, **job_args) -> Path:
+    job = build_nested_job(name=name, config=CONFIG, data=DATA, num_rounds=rounds, min_clients=4, **job_args)
+    try:
+        SimEnv(num_clients=4, num_threads=4, workspace_root=str(tmp_path)).deploy(job)
+    except RuntimeError:
+        pass  # a job whose every result is refused ends in error; what left the devices is still audited
+    return tmp_path / name
+
+
+def _audit(workspace: Path) -> list[dict]:
+    records = []
+    for path in sorted(workspace.glob(f"site-*/{AUDIT_FILE}")):
+        records.extend(json.loads(line) for line in path.read_text().splitlines())
+    return records
+
+
+def _server_log(workspace: Path) -> dict:
+    return json.loads((workspace / "server/simulate_job/global_versions/fleet_metrics.json").read_text())
+
+
+def test_no_fast_layer_parameter_leaves_a_device(tmp_path):
+    workspace = _run(tmp_path, "clean", rounds=3)
+    audit = _audit(workspace)
+    assert len(audit) == 4 * 4  # 3 training rounds and the final validation, 4 devices
+    assert fast_values_sent(NestedConfig.from_dict(CONFIG), audit) == 0
+    trained = [r for r in audit if r["task"] == "train"]
+    assert trained and all(r["params"] and r["return_code"] == "OK" for r in trained)
+    # no raw sample either: only named scalar metrics and slow-layer tensors leave
+    assert all(
+        set(r["metrics"]) <= {"acc_after_merge", "acc_before_merge", "acc_naive_overwrite", "test_acc", "train_loss"}
+        for r in audit
+    )
+    versions = sorted((workspace / "server/simulate_job/global_versions").glob("v*/meta.json"))
+    assert len(versions) == 4  # the initial version and one candidate per round
+
+
+def test_the_check_fails_when_the_guard_is_off_and_a_learner_leaks(tmp_path):
+    workspace = _run(tmp_path, "leak_unguarded", guard=False, executor=LeakyLearner(config=CONFIG, data=DATA))
+    assert fast_values_sent(NestedConfig.from_dict(CONFIG), _audit(workspace)) > 0
+
+
+def test_the_guard_stops_a_leaking_learner(tmp_path):
+    workspace = _run(tmp_path, "leak_guarded", executor=LeakyLearner(config=CONFIG, data=DATA))
+    audit = _audit(workspace)
+    assert audit and fast_values_sent(NestedConfig.from_dict(CONFIG), audit) == 0
+    trained = [r for r in audit if r["task"] == "train"]
+    assert trained and all(r["return_code"] == "TASK_RESULT_FILTER_ERROR" for r in trained)
+
+
+def test_malformed_device_results_are_rejected_with_a_reason_and_the_run_continues(tmp_path):
+    workspace = _run(tmp_path, "faulty", rounds=2, executor=FaultyLearner(config=CONFIG, data=DATA))
+    log = _server_log(workspace)
+    assert len(log["rounds"]) == 2 and log["final"]  # every round ran, and the final validation
+    for entry in log["rounds"]:
+        assert "NaN" in entry["rejected"]["site-1"]
+        assert "shape" in entry["rejected"]["site-2"]
+        assert "unknown keys" in entry["rejected"]["site-3"]
+        assert "site-4" not in entry["rejected"]
+        assert entry["status"] in ("accepted", "rejected")  # a candidate was built from site-4 alone
