@@ -1,13 +1,19 @@
 """The nested method and its baselines, as configurations of the same machinery.
 
-Every method shares the model, optimiser, learning rate, batch size and local epochs; they
-differ only in which parameters are shared and how the levels are scheduled:
+Every method shares the model, optimiser, learning rate, batch size, local epochs and rounds
+(one setting, the best of a small grid for FedAvg on digits label skew); they differ only in
+which parameters are shared and how the levels are scheduled:
 
-- ``nested``: fast = head + per-owner adapters (every step), slow = encoders + trunk
-  (accumulated, every ``SLOW_PERIOD`` steps); after a merge the fast levels refit briefly.
-- ``local``: every parameter fast, nothing shared (local-only training).
-- ``fedavg``: every parameter slow and shared, one period (FedAvg).
-- ``fedrep``: head fast, body shared; alternating schedule, head epochs first (FedRep, Collins et al. 2021).
+- ``nested``: three levels. ``fast`` = per-owner sensor adapters (input affine, trunk FiLM) and
+  ``fast_head`` = a residual head, both private and stepping every local step, each with a
+  prior toward the identity worth ``SENSOR_PRIOR`` / ``HEAD_PRIOR`` samples (a device with
+  little data stays close to the shared model); ``slow`` = encoders, trunk and head, shared,
+  every ``SLOW_PERIOD`` steps. After a merge the private levels refit for ``MERGE_ADAPT_STEPS``
+  steps and the device serves only merged versions (local training runs in a working copy).
+- ``local``: every parameter private (local-only training).
+- ``fedavg``: every parameter shared (FedAvg).
+- ``fedrep``: head private, body shared; alternating schedule, head epochs first (FedRep,
+  Collins et al. 2021).
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import copy
 from typing import Any
 
 METHODS = ("nested", "local", "fedavg", "fedrep")
-LR = 0.005
-LOCAL_EPOCHS = 2
-BATCH_SIZE = 32
-SLOW_PERIOD = 2
+LR = 0.01
+LOCAL_EPOCHS = 3
+BATCH_SIZE = 16
+SLOW_PERIOD = 1
 FEDREP_HEAD_EPOCHS = 2
 MERGE_ADAPT_STEPS = 10
+SENSOR_PRIOR = 48.0
+HEAD_PRIOR = 480.0
 
 _TRAINING = {"optimizer": "adam", "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH_SIZE}
 
@@ -30,10 +38,27 @@ def method_config(method: str, seed: int = 0) -> dict[str, Any]:
     """The nested-learning configuration (a plain dict, as in a YAML file) of one method."""
     if method == "nested":
         levels = [
-            {"name": "fast", "patterns": ["head.*", "adapters.*"], "period": 1, "lr": LR, "shared": False},
-            {"name": "slow", "patterns": ["encoders.*", "trunk.*"], "period": SLOW_PERIOD, "lr": LR, "shared": True},
+            {
+                "name": "fast",
+                "patterns": ["adapters.*.scale", "adapters.*.shift"],
+                "period": 1,
+                "lr": LR,
+                "prox": SENSOR_PRIOR,
+            },
+            {"name": "fast_head", "patterns": ["adapters.head.*"], "period": 1, "lr": LR, "prox": HEAD_PRIOR},
+            {
+                "name": "slow",
+                "patterns": ["encoders.*", "trunk.*", "head.*"],
+                "period": SLOW_PERIOD,
+                "lr": LR,
+                "shared": True,
+            },
         ]
-        training = _TRAINING | {"schedule": "nested", "merge_adapt_steps": MERGE_ADAPT_STEPS}
+        training = _TRAINING | {
+            "schedule": "nested",
+            "merge_adapt_steps": MERGE_ADAPT_STEPS,
+            "serve_trained": False,
+        }
     elif method == "local":
         levels = [{"name": "fast", "patterns": ["*"], "period": 1, "lr": LR, "shared": False}]
         training = _TRAINING | {"schedule": "nested"}

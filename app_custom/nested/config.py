@@ -71,11 +71,15 @@ class LevelConfig:
     lr: float = 0.05
     shared: bool = False
     epochs: int = 1  # only read by the alternating (FedRep-style) schedule
+    # A Gaussian prior toward the level's initial values (for adapters: the identity), worth
+    # ``prox`` samples: the gradient gains (prox / n_local) * (w - w_init). A device with little
+    # data stays close to the shared model; one with much data personalises freely.
+    prox: float = 0.0
 
     @staticmethod
     def from_dict(raw: Any, where: str) -> LevelConfig:
         raw = _require(raw, where)
-        _no_unknown(raw, {"name", "patterns", "period", "lr", "shared", "epochs"}, where)
+        _no_unknown(raw, {"name", "patterns", "period", "lr", "shared", "epochs", "prox"}, where)
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}.name: expected a non-empty string, got {name!r}")
@@ -94,6 +98,7 @@ class LevelConfig:
             lr=_number(raw, "lr", where, 0.05, 0.0, strict=True),
             shared=shared,
             epochs=_int(raw, "epochs", where, 1, 0),
+            prox=_number(raw, "prox", where, 0.0, 0.0),
         )
 
 
@@ -133,6 +138,10 @@ class TrainingConfig:
     # After new global slow layers are merged, the fast levels refit for this many local steps
     # before the device serves the merged model (0 = serve the raw merge).
     merge_adapt_steps: int = 0
+    # True: the device serves the model it trains, as it trains. False: it serves only merged
+    # versions (new slow layers + its fast layers, refit), and local training runs in a working
+    # copy: the served model changes once per global version, never mid-round.
+    serve_trained: bool = True
 
     @staticmethod
     def from_dict(raw: Any, where: str = "training") -> TrainingConfig:
@@ -145,8 +154,12 @@ class TrainingConfig:
             "momentum",
             "weight_decay",
             "merge_adapt_steps",
+            "serve_trained",
         }
         _no_unknown(raw, allowed, where)
+        serve_trained = raw.get("serve_trained", True)
+        if not isinstance(serve_trained, bool):
+            raise ConfigError(f"{where}.serve_trained: expected true or false, got {serve_trained!r}")
         momentum = _number(raw, "momentum", where, 0.9, 0.0)
         if momentum >= 1.0:
             raise ConfigError(f"{where}.momentum: expected < 1, got {momentum}")
@@ -158,6 +171,7 @@ class TrainingConfig:
             momentum=momentum,
             weight_decay=_number(raw, "weight_decay", where, 0.0, 0.0),
             merge_adapt_steps=_int(raw, "merge_adapt_steps", where, 0, 0),
+            serve_trained=serve_trained,
         )
 
 

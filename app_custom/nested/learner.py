@@ -78,13 +78,15 @@ class NestedLearner:
         self.partition = partition_parameters(self.model, config.levels)
         self.shared_names = self.partition.shared_names
         self.private_names = self.partition.private_names
-        self.schedule = MultiFrequencySchedule(self.model, self.partition, config.training)
+        self.schedule = MultiFrequencySchedule(self.model, self.partition, config.training, len(data.train))
         self._initial_private = state_of(self.model, self.private_names)
         self._received: Tensors | None = None
         self.global_version: int | None = None
         self._rng = torch.Generator().manual_seed(config.seed * 100_003 + device_seed)
         self._x = _to_torch(data.train.x)
         self._y = torch.from_numpy(data.train.y)
+        # What the device answers with: the training model itself, or a copy taken at each merge.
+        self.served = self.model
 
     @property
     def slow_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -111,6 +113,8 @@ class NestedLearner:
         self.global_version = version
         if not first:
             self._refit_fast(self.config.training.merge_adapt_steps)
+        if not self.config.training.serve_trained:
+            self.served = copy.deepcopy(self.model)
         return MergeReport(acc_before=acc_before, acc_after=self.test_accuracy(), acc_naive=acc_naive)
 
     def _refit_fast(self, steps: int) -> None:
@@ -171,7 +175,8 @@ class NestedLearner:
         return RoundResult(slow_delta=delta, num_samples=len(self._y), metrics=metrics)
 
     def test_accuracy(self) -> float:
-        return evaluate(self.model, self.data.test)[0]
+        """Test accuracy of the model the device serves."""
+        return evaluate(self.served, self.data.test)[0]
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -184,6 +189,7 @@ class NestedLearner:
             "received": self._received,
             "global_version": self.global_version,
             "rng": self._rng.get_state(),
+            "served": None if self.served is self.model else self.served.state_dict(),
         }
         tmp = path.with_suffix(path.suffix + ".tmp")
         with open(tmp, "wb") as f:
@@ -199,3 +205,6 @@ class NestedLearner:
         self._received = state["received"]
         self.global_version = state["global_version"]
         self._rng.set_state(state["rng"])
+        if state["served"] is not None:
+            self.served = copy.deepcopy(self.model)
+            self.served.load_state_dict(state["served"])

@@ -2,8 +2,9 @@
 
 ``RobotModel`` has one encoder per configured modality (camera image, audio spectrogram,
 IMU/sensor window, navigation state, or a plain feature vector), a fused trunk and a head.
-Small per-owner adapters (a per-channel affine on each input, FiLM on the trunk output)
-start as the identity. Which parameters are fast or slow is configuration (name patterns
+Small per-owner adapters start as the identity: a per-channel affine on each input (sensor
+gain, lighting), FiLM on the trunk output, and a residual head (``adapters.head``, zero at
+start) whose logits add to the head's. Which parameters are fast or slow is configuration (name patterns
 over ``adapters.*``, ``encoders.*``, ``trunk.*``, ``head.*``), never code.
 """
 
@@ -30,6 +31,13 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.shift
+
+
+def _zero_linear(width: int, num_classes: int) -> nn.Linear:
+    layer = nn.Linear(width, num_classes)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def _encoder(modality: str, shape: tuple[int, ...], width: int) -> nn.Module:
@@ -81,7 +89,7 @@ class RobotModel(nn.Module):
         if adapters:
             self.adapters = nn.ModuleDict(
                 {m: ChannelAffine(s[0], len(s) - 1) for m, s in self.modalities.items()}
-                | {"trunk": ChannelAffine(width, 0)}
+                | {"trunk": ChannelAffine(width, 0), "head": _zero_linear(width, num_classes)}
             )
         else:
             self.adapters = nn.ModuleDict()
@@ -112,7 +120,11 @@ class RobotModel(nn.Module):
         return z
 
     def forward(self, x: Inputs) -> torch.Tensor:
-        return self.head(self.features(x))
+        z = self.features(x)
+        logits = self.head(z)
+        if "head" in self.adapters:
+            logits = logits + self.adapters["head"](z)
+        return logits
 
 
 class FeatureMLP(RobotModel):

@@ -22,18 +22,32 @@ def _optimizer(params: list[torch.nn.Parameter], level: LevelConfig, training: T
 class MultiFrequencySchedule:
     """One optimiser per level; call ``after_backward()`` once per local step."""
 
-    def __init__(self, model: torch.nn.Module, partition: Partition, training: TrainingConfig) -> None:
+    def __init__(
+        self, model: torch.nn.Module, partition: Partition, training: TrainingConfig, num_samples: int = 1
+    ) -> None:
         params = dict(model.named_parameters())
         self.levels: tuple[LevelConfig, ...] = partition.levels
         self._params = {level.name: [params[n] for n in partition.names(level.name)] for level in self.levels}
         self.optimizers = {level.name: _optimizer(self._params[level.name], level, training) for level in self.levels}
         self._pending = {level.name: 0 for level in self.levels}
+        self._num_samples = max(1, num_samples)
+        self._anchors = {
+            level.name: [p.detach().clone() for p in self._params[level.name]]
+            for level in self.levels
+            if level.prox > 0
+        }
 
     def _step(self, level: str, accumulated: int) -> None:
         if accumulated > 1:
             for p in self._params[level]:
                 if p.grad is not None:
                     p.grad.div_(accumulated)
+        if level in self._anchors:
+            prox = next(lv.prox for lv in self.levels if lv.name == level) / self._num_samples
+            with torch.no_grad():
+                for p, anchor in zip(self._params[level], self._anchors[level]):
+                    if p.grad is not None:
+                        p.grad.add_(p - anchor, alpha=prox)
         self.optimizers[level].step()
         self.optimizers[level].zero_grad(set_to_none=True)
         self._pending[level] = 0
