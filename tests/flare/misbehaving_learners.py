@@ -12,15 +12,15 @@ from app_custom.flare.learner_executor import NestedLearnerExecutor, device_inde
 
 
 class LeakyLearner(NestedLearnerExecutor):
-    """Adds the device's fast head to every training result."""
+    """Adds one of the device's fast-layer parameters to every training result."""
 
     def execute(self, task_name, shareable, fl_ctx, abort_signal):
         reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
         if task_name != self.train_task or reply.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             return reply
         model = FLModelUtils.from_shareable(reply)
-        head = dict(self.learner.model.named_parameters())["head.weight"]
-        model.params["head.weight"] = head.detach().numpy().copy()
+        name = self.learner.private_names[-1]
+        model.params[name] = dict(self.learner.model.named_parameters())[name].detach().numpy().copy()
         return FLModelUtils.to_shareable(model)
 
 
