@@ -142,6 +142,10 @@ class TrainingConfig:
     # versions (new slow layers + its fast layers, refit), and local training runs in a working
     # copy: the served model changes once per global version, never mid-round.
     serve_trained: bool = True
+    # With serve_trained false: switch the served model to the merged one only if it is at least
+    # as accurate on the device's own training data (its local health check); else keep serving
+    # the previous version while training goes on from the new one.
+    merge_check: bool = False
 
     @staticmethod
     def from_dict(raw: Any, where: str = "training") -> TrainingConfig:
@@ -155,11 +159,16 @@ class TrainingConfig:
             "weight_decay",
             "merge_adapt_steps",
             "serve_trained",
+            "merge_check",
         }
         _no_unknown(raw, allowed, where)
         serve_trained = raw.get("serve_trained", True)
-        if not isinstance(serve_trained, bool):
-            raise ConfigError(f"{where}.serve_trained: expected true or false, got {serve_trained!r}")
+        merge_check = raw.get("merge_check", False)
+        for key, value in (("serve_trained", serve_trained), ("merge_check", merge_check)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+        if merge_check and serve_trained:
+            raise ConfigError(f"{where}.merge_check needs serve_trained: false (a separate served model)")
         momentum = _number(raw, "momentum", where, 0.9, 0.0)
         if momentum >= 1.0:
             raise ConfigError(f"{where}.momentum: expected < 1, got {momentum}")
@@ -172,6 +181,7 @@ class TrainingConfig:
             weight_decay=_number(raw, "weight_decay", where, 0.0, 0.0),
             merge_adapt_steps=_int(raw, "merge_adapt_steps", where, 0, 0),
             serve_trained=serve_trained,
+            merge_check=merge_check,
         )
 
 

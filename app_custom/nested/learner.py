@@ -113,9 +113,15 @@ class NestedLearner:
         self.global_version = version
         if not first:
             self._refit_fast(self.config.training.merge_adapt_steps)
-        if not self.config.training.serve_trained:
+        if not self.config.training.serve_trained and self._passes_merge_check(first):
             self.served = copy.deepcopy(self.model)
         return MergeReport(acc_before=acc_before, acc_after=self.test_accuracy(), acc_naive=acc_naive)
+
+    def _passes_merge_check(self, first: bool) -> bool:
+        if first or not self.config.training.merge_check:
+            return True
+        own = self.data.train
+        return evaluate(self.model, own)[0] >= evaluate(self.served, own)[0]
 
     def _refit_fast(self, steps: int) -> None:
         """A few steps on the fast levels only, so they follow the new slow layers before serving."""

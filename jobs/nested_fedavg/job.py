@@ -9,6 +9,7 @@ nvflare simulator jobs/nested_fedavg -w /tmp/ws -n 8 -t 2 # run the exported fol
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -26,11 +27,22 @@ FLEET_FN = "simulator.fleets:make_fleet"
 JOB_DIR = Path(__file__).resolve().parent
 
 
+def _sorted_tasks(node):
+    """FLARE writes filter chains' task lists from a set; sort them so that re-exports are stable."""
+    if isinstance(node, dict):
+        return {k: sorted(v) if k == "tasks" else _sorted_tasks(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_sorted_tasks(v) for v in node]
+    return node
+
+
 def refresh_job_folder(job) -> None:
     """Export next to this file: FLARE's exporter replaces a whole folder, and this one also holds job.py."""
     with tempfile.TemporaryDirectory(dir=JOB_DIR.parent) as staging:
         job.export_job(staging)
         exported = Path(staging) / job.name
+        for config in (exported / "app" / "config").glob("*.json"):
+            config.write_text(json.dumps(_sorted_tasks(json.loads(config.read_text())), indent=4) + "\n")
         for entry in ("meta.json", "app"):
             target = JOB_DIR / entry
             if target.is_dir():

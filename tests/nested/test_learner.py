@@ -78,3 +78,45 @@ def test_device_state_survives_a_restart(tmp_path):
     for (name, a), (_, b) in zip(learner.model.state_dict().items(), restarted.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _with_training(**training):
+    return {**NESTED, "training": {**NESTED["training"], **training}}
+
+
+def test_a_device_serving_merged_versions_does_not_change_its_answers_while_it_trains():
+    learner = _learner(_with_training(serve_trained=False))
+    learner.receive_global(learner.initial_slow(), 0)
+    served = {k: v.clone() for k, v in learner.served.state_dict().items()}
+    learner.train_round()
+    assert all(torch.equal(served[k], v) for k, v in learner.served.state_dict().items())
+    assert not all(torch.equal(served[k], v) for k, v in learner.model.state_dict().items())
+
+
+def test_the_merge_check_keeps_serving_the_previous_version_when_the_merge_is_worse_on_own_data():
+    learner = _learner(_with_training(serve_trained=False, merge_check=True, local_epochs=5))
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    trained_slow = state_of(learner.model, learner.shared_names)
+    learner.receive_global(trained_slow, 1)  # a good version: the device's own training
+    good = learner.served
+    garbage = {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) * 5 for k, v in trained_slow.items()}
+    learner.receive_global(garbage, 2)
+    assert learner.served is good  # the garbage version was merged into the working model but not served
+    np.testing.assert_array_equal(
+        state_of(learner.model, learner.shared_names)[learner.shared_names[0]], garbage[learner.shared_names[0]]
+    )
+
+
+def test_an_identity_prior_keeps_the_fast_layers_of_a_small_device_near_the_start():
+    free = _learner(_with_training(local_epochs=5))
+    raw = {**NESTED, "levels": [{**NESTED["levels"][0], "prox": 1e4}, NESTED["levels"][1]]}
+    held = _learner({**raw, "training": {**NESTED["training"], "local_epochs": 5}})
+    moved = {}
+    for name, learner in (("free", free), ("held", held)):
+        start = state_of(learner.model, learner.private_names)
+        learner.receive_global(learner.initial_slow(), 0)
+        learner.train_round()
+        end = state_of(learner.model, learner.private_names)
+        moved[name] = sum(float(np.abs(end[k] - start[k]).sum()) for k in start)
+    assert moved["held"] < 0.5 * moved["free"]
