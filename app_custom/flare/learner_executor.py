@@ -9,6 +9,7 @@ executor serves unchanged as the learner of FLARE's ``HierarchicalUpdateGatherer
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
-from app_custom.nested.learner import NestedLearner
+from app_custom.nested.learner import IncompatibleState, NestedLearner
 from app_custom.nested.slow_delta import UpdateError, check_tensors
 
 TRAIN_TASK = "train"
@@ -102,8 +103,14 @@ class NestedLearnerExecutor(Executor):
             root = Path(workspace.get_root_dir()) if workspace else Path.cwd()
             self._state_path = root / STATE_FILE
             if self._state_path.exists():
-                self.learner.load(self._state_path)
-                self.log_info(fl_ctx, f"resumed device state from {self._state_path}")
+                try:
+                    self.learner.load(self._state_path)
+                    self.log_info(fl_ctx, f"resumed device state from {self._state_path}")
+                except IncompatibleState as e:
+                    # keep the old state (it holds this device's personal layers), start afresh beside it
+                    kept = self._state_path.with_suffix(f".{int(time.time())}.incompatible")
+                    self._state_path.rename(kept)
+                    self.log_warning(fl_ctx, f"{e}; kept it as {kept} and started a fresh device state")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self.learner is None:

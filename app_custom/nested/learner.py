@@ -8,6 +8,8 @@ Only ``RoundResult.slow_delta`` is meant to leave the device.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,10 @@ from .levels import partition_parameters
 from .models import build_model, input_spec
 from .schedule import MultiFrequencySchedule
 from .slow_delta import Tensors, install, merge_slow, shapes_of, slow_delta, state_of
+
+
+class IncompatibleState(ValueError):
+    """A saved device state belongs to another model architecture or level layout."""
 
 
 @dataclass
@@ -185,11 +191,18 @@ class NestedLearner:
         return evaluate(self.served, self.data.test)[0]
 
     # ---- persistence ---------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the architecture and level layout a saved state belongs to."""
+        layout = {name: [list(p.shape), self.partition.level_of[name]] for name, p in self.model.named_parameters()}
+        return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the whole device-local state atomically (a crash leaves the previous file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
+            "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
             "schedule": self.schedule.state_dict(),
             "received": self._received,
@@ -205,7 +218,12 @@ class NestedLearner:
         os.replace(tmp, path)
 
     def load(self, path: str | os.PathLike) -> None:
+        """Restore a saved state; ``IncompatibleState`` if it belongs to another architecture or layout."""
         state = torch.load(path, weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            raise IncompatibleState(
+                f"{path}: saved for model layout {state.get('fingerprint')}, this learner is {self.fingerprint}"
+            )
         self.model.load_state_dict(state["model"])
         self.schedule.load_state_dict(state["schedule"])
         self._received = state["received"]

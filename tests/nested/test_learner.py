@@ -120,3 +120,13 @@ def test_an_identity_prior_keeps_the_fast_layers_of_a_small_device_near_the_star
         end = state_of(learner.model, learner.private_names)
         moved[name] = sum(float(np.abs(end[k] - start[k]).sum()) for k in start)
     assert moved["held"] < 0.5 * moved["free"]
+
+
+def test_a_state_saved_for_another_layout_is_refused(tmp_path):
+    from app_custom.nested.learner import IncompatibleState
+
+    learner = _learner()
+    learner.save(tmp_path / "state.pt")
+    other = {**NESTED, "model": {"width": 8}}
+    with pytest.raises(IncompatibleState, match="saved for model layout"):
+        _learner(other).load(tmp_path / "state.pt")
