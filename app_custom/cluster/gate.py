@@ -1,9 +1,10 @@
 """The cluster's validation gate: a candidate global slow version becomes current only if it
 does not regress on the cluster's own validation data by more than a tolerance.
 
-When every parameter is shared (FedAvg-style configurations) the cluster holds the whole
-model and scores it directly on its validation data. Otherwise it holds no device's fast
-layers and measures the slow layers with a *linear probe*: the slow layers are installed in
+When the head is shared (the private levels are adapters that start as the identity, or
+nothing is private), the cluster holds a complete classifier, the shared model with identity
+adapters, and scores it directly on its validation data. When the head is private it holds
+no device's head and measures the slow layers with a *linear probe*: the slow layers are installed in
 the reference model (adapters at the identity), the trunk's features are computed on the
 cluster's validation data, and a logistic-regression head is fitted on one half and scored
 (accuracy, cross-entropy) on the other, then the halves swap (2-fold cross-fitting), so
@@ -34,15 +35,16 @@ class Verdict:
     reason: str
 
 
-class LinearProbe:
-    """Scores global slow weights by a linear head fitted on the cluster's validation data."""
+class SlowLayerValidator:
+    """Scores global slow weights: the shared model directly when it has the head, else by a
+    linear head fitted on the cluster's validation data."""
 
     def __init__(self, config: NestedConfig, validation: LabelledSet, num_classes: int, seed: int = 0) -> None:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, input_spec(validation.x), num_classes)
         partition = partition_parameters(self.model, config.levels)
         self.shared_names = partition.shared_names
-        self.whole_model = not partition.private_names
+        self.whole_model = not any(name.startswith("head.") for name in partition.private_names)
         self.validation = validation
         self.num_classes = num_classes
         order = np.random.default_rng(seed).permutation(len(validation))

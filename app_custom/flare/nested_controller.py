@@ -2,7 +2,7 @@
 
 Each round: send the current global slow version, collect slow deltas, combine them
 (``SlowDeltaAggregator``: malformed updates are rejected with a logged reason, the round goes
-on), score the candidate with the cluster's linear probe, let the ``ValidationGate`` decide,
+on), score the candidate on the cluster's validation data, let the ``ValidationGate`` decide,
 and archive the candidate as accepted (it becomes current) or rejected (the previous version
 stays). After the last round a ``validate`` task collects each device's accuracy on the final
 version. A restarted server resumes from the archive's current version.
@@ -22,7 +22,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from app_custom.cluster.aggregation import SlowDeltaAggregator
 from app_custom.cluster.archive import ACCEPTED, REJECTED, VersionArchive, VersionRecord
-from app_custom.cluster.gate import LinearProbe, ValidationGate
+from app_custom.cluster.gate import SlowLayerValidator, ValidationGate
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
@@ -86,7 +86,9 @@ class NestedFedAvg(ModelController):
 
     def run(self) -> None:
         fleet = load_fleet(self.data["fn"], self.data.get("kwargs", {}))
-        probe = LinearProbe(self.nested, fleet.cluster_validation, self.nested.model.num_classes or fleet.num_classes)
+        probe = SlowLayerValidator(
+            self.nested, fleet.cluster_validation, self.nested.model.num_classes or fleet.num_classes
+        )
         archive = VersionArchive(self._archive_root())
         current_version = archive.current_version()
         if current_version is None:

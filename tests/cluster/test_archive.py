@@ -53,3 +53,18 @@ def test_gate_rejects_a_regression_past_the_tolerance():
     assert not verdict.accepted and "accuracy drops" in verdict.reason
     assert not gate.assess({"val_acc": 0.80, "val_loss": 0.9}, current).accepted
     assert not gate.assess({"val_acc": 0.80, "val_loss": float("nan")}, current).accepted
+
+
+def test_the_cluster_scores_the_shared_model_directly_when_it_holds_the_head_else_by_a_probe():
+    from app_custom.cluster.gate import SlowLayerValidator
+    from app_custom.nested.config import NestedConfig
+    from simulator.fleets import make_fleet
+    from simulator.methods import method_config
+
+    fleet = make_fleet("digits", "label_skew", 4, seed=0)
+    for method, direct in (("nested", True), ("fedavg", True), ("fedrep", False)):
+        validator = SlowLayerValidator(NestedConfig.from_dict(method_config(method)), fleet.cluster_validation, 10)
+        assert validator.whole_model is direct, method
+        initial = {n: p.detach().numpy().copy() for n, p in validator.model.named_parameters()}
+        metrics = validator.measure({n: initial[n] for n in validator.shared_names})
+        assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["val_loss"] > 0
