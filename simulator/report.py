@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from app_custom.flare.fast_layer_guard import leaving_keys_problems
+import torch
+
+from app_custom.flare.fast_layer_guard import RESULT_KEYS
 from app_custom.nested.config import NestedConfig
+from app_custom.nested.device_data import FleetData
+from app_custom.nested.levels import partition_parameters
+from app_custom.nested.models import build_model, input_spec
 
 from .methods import method_config
 
@@ -26,17 +31,32 @@ def _max_drop(log: dict, after_key: str) -> float | None:
     return max(drops) if drops else None
 
 
-def fast_values_sent(config: NestedConfig, audit: list[dict]) -> int:
-    """Parameter values of non-shared levels found in outbound results (must be 0)."""
+def shared_shapes(config: NestedConfig, fleet: FleetData) -> dict[str, tuple[int, ...]]:
+    """The exact names and shapes of the shared parameters, from the model and its partition
+    (independently of the guard's patterns)."""
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model, input_spec(fleet.devices[0].train.x), config.model.num_classes or fleet.num_classes
+    )
+    params = dict(model.named_parameters())
+    return {name: tuple(params[name].shape) for name in partition_parameters(model, config.levels).shared_names}
+
+
+def fast_values_sent(shapes: dict[str, tuple[int, ...]], audit: list[dict]) -> int:
+    """Values in outbound results that are not shared-level parameters (must be 0): every value of
+    a parameter that is not exactly a shared one, and one per extra payload beside the DXO."""
     sent = 0
     for record in audit:
+        sent += len(set(record["keys"]) - RESULT_KEYS)
         for key, shape in record["params"].items():
-            if leaving_keys_problems(config, {key: None}, None):
+            if tuple(shape) != shapes.get(key):
                 sent += math.prod(shape) if shape else 1
     return sent
 
 
 def method_summary(log: dict) -> dict:
+    if not log.get("final"):
+        raise ValueError("the run has no final validation results (did every device fail?)")
     final = sorted(log["final"].items(), key=lambda item: _site_order(item[0]))
     per_device = [metrics["test_acc"] for _, metrics in final]
     by_round = []
@@ -57,10 +77,10 @@ def method_summary(log: dict) -> dict:
     }
 
 
-def build_report(experiment, runs: dict[str, tuple[dict, list[dict]]]) -> dict:
+def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[dict]]]) -> dict:
     methods = {method: method_summary(log) for method, (log, _) in runs.items()}
     fast_sent = sum(
-        fast_values_sent(NestedConfig.from_dict(method_config(method, experiment.seed)), audit)
+        fast_values_sent(shared_shapes(NestedConfig.from_dict(method_config(method, experiment.seed)), fleet), audit)
         for method, (_, audit) in runs.items()
     )
     nested_audit = runs.get("nested", (None, []))[1]

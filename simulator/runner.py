@@ -170,7 +170,7 @@ def run_experiment(experiment: Experiment, out: Path) -> dict:
             f"    done in {time.monotonic() - started:.0f} s: mean accuracy {sum(accs) / len(accs):.3f}, "
             f"worst {min(accs):.3f}"
         )
-    report = build_report(experiment, runs)
+    report = build_report(experiment, fleet, runs)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     write_plots(report, out)
     _say(f"wrote {out / 'report.json'} and plots in {out}")

@@ -34,11 +34,20 @@ class SlowDeltaAggregator:
         self._velocity: Tensors | None = None
         self.reset()
 
+    @property
+    def velocity(self) -> Tensors | None:
+        """The committed server momentum buffer (archived with each accepted version)."""
+        return self._velocity
+
+    def restore_velocity(self, velocity: Tensors | None) -> None:
+        self._velocity = velocity
+
     def reset(self) -> None:
         self._sum: Tensors = {}
         self._weight = 0.0
         self.contributors: list[str] = []
         self.rejections: list[Rejection] = []
+        self._pending_velocity: Tensors | None = None
 
     def add(
         self, contributor: str, delta: Mapping[str, np.ndarray], weight: float, expected: Mapping[str, tuple]
@@ -79,6 +88,19 @@ class SlowDeltaAggregator:
         self._pending_velocity = velocity
         return {name: (current[name] + self.server_lr * velocity[name]).astype(np.float32) for name in current}
 
+    @property
+    def pending_velocity(self) -> Tensors | None:
+        """The momentum buffer the current candidate would commit."""
+        return self._pending_velocity
+
+    def reject(self, contributor: str, reason: str) -> Rejection:
+        """Record an update refused before it reached ``add`` (e.g. of the wrong kind)."""
+        rejection = Rejection(contributor, reason)
+        self.rejections.append(rejection)
+        return rejection
+
     def commit(self) -> None:
-        """The candidate was accepted: keep its momentum."""
+        """The candidate of this round was accepted: keep its momentum."""
+        if self._pending_velocity is None:
+            raise RuntimeError("commit() without a candidate from apply() in this round")
         self._velocity = self._pending_velocity

@@ -2,9 +2,11 @@
 
 Every version (accepted or rejected) is a folder ``v000042/`` holding ``slow.safetensors`` and
 ``meta.json`` (status, metrics, parent version, contributing device count, round, sha256 of the
-weights). ``current.json`` names the current accepted version. Writes are atomic (a folder is
-written under a temporary name, fsynced and renamed), so a crash never leaves half a version,
-and a restarted server resumes from ``current.json``.
+weights), and for accepted versions the server optimiser's state (``server_state.safetensors``).
+``current.json`` names the current accepted version. Writes are atomic and durable (a folder is
+written under a temporary name, fsynced, renamed, and its parent fsynced), so a crash never
+leaves half a version; on opening, ``current.json`` is reconciled with the newest accepted
+version (a crash between the two writes), and a restarted server resumes from it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def _digest(tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -56,6 +66,12 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _save_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
+    _fsync_path(path)
 
 
 class VersionArchive:
@@ -64,6 +80,9 @@ class VersionArchive:
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):  # a crash mid-write leaves only temporaries
             shutil.rmtree(stale, ignore_errors=True)
+        accepted = [r.version for r in self.versions() if r.status == ACCEPTED]
+        if accepted and max(accepted) != self.current_version():
+            _write_json_atomic(self.root / "current.json", {"version": max(accepted)})
 
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
@@ -78,8 +97,14 @@ class VersionArchive:
         existing = [int(p.name[1:]) for p in self.root.glob("v*") if p.is_dir() and p.name[1:].isdigit()]
         return max(existing, default=-1) + 1
 
-    def save(self, tensors: dict[str, np.ndarray], record: VersionRecord) -> VersionRecord:
-        """Write one version; if it is accepted it becomes current."""
+    def save(
+        self,
+        tensors: dict[str, np.ndarray],
+        record: VersionRecord,
+        server_state: dict[str, np.ndarray] | None = None,
+    ) -> VersionRecord:
+        """Write one version (and the server optimiser state that goes with it); if it is accepted
+        it becomes current."""
         if self._dir(record.version).exists():
             raise ArchiveError(f"version {record.version} already exists in {self.root}")
         record.sha256 = _digest(tensors)
@@ -87,14 +112,24 @@ class VersionArchive:
         tmp = self.root / f".tmp-v{record.version:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(
-            {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp / "slow.safetensors")
-        )
+        _save_tensors(tensors, tmp / "slow.safetensors")
+        if server_state:
+            _save_tensors(server_state, tmp / "server_state.safetensors")
         _write_json_atomic(tmp / "meta.json", asdict(record))
         os.replace(tmp, self._dir(record.version))
+        _fsync_path(self.root)
         if record.status == ACCEPTED:
             _write_json_atomic(self.root / "current.json", {"version": record.version})
         return record
+
+    def last_round(self) -> int | None:
+        """The highest round any archived version (accepted or rejected) came from."""
+        rounds = [r.round for r in self.versions() if r.round is not None]
+        return max(rounds) if rounds else None
+
+    def load_server_state(self, version: int) -> dict[str, np.ndarray] | None:
+        path = self._dir(version) / "server_state.safetensors"
+        return load_file(str(path)) if path.exists() else None
 
     def current_version(self) -> int | None:
         path = self.root / "current.json"

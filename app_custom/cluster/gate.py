@@ -44,7 +44,8 @@ class SlowLayerValidator:
         self.model = build_model(config.model, input_spec(validation.x), num_classes)
         partition = partition_parameters(self.model, config.levels)
         self.shared_names = partition.shared_names
-        self.whole_model = not any(name.startswith("head.") for name in partition.private_names)
+        # identity-initialised adapters are all that is private: the shared model is a whole classifier
+        self.whole_model = all(name.startswith("adapters.") for name in partition.private_names)
         self.validation = validation
         self.num_classes = num_classes
         order = np.random.default_rng(seed).permutation(len(validation))
@@ -67,9 +68,12 @@ class SlowLayerValidator:
         correct, loss = 0.0, 0.0
         for (fit_x, fit_y), (eval_x, eval_y) in (halves, halves[::-1]):
             mean, scale = fit_x.mean(axis=0), fit_x.std(axis=0) + 1e-6
-            head = LogisticRegression(max_iter=300).fit((fit_x - mean) / scale, fit_y)
             proba = np.full((len(eval_y), self.num_classes), 1e-6)
-            proba[:, head.classes_] = head.predict_proba((eval_x - mean) / scale)
+            if len(np.unique(fit_y)) < 2:  # a skewed half: the best linear head predicts its one class
+                proba[:, fit_y[0]] = 1.0
+            else:
+                head = LogisticRegression(max_iter=300).fit((fit_x - mean) / scale, fit_y)
+                proba[:, head.classes_] = head.predict_proba((eval_x - mean) / scale)
             proba /= proba.sum(axis=1, keepdims=True)
             correct += float((proba.argmax(axis=1) == eval_y).sum())
             loss += float(log_loss(eval_y, proba, labels=np.arange(self.num_classes), normalize=False))

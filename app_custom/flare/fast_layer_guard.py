@@ -1,10 +1,13 @@
 """The one place that enforces "fast layers never leave the device".
 
-An outbound result filter: a result may carry only parameters that belong to a shared level
-(allow-list by the configuration's patterns) and scalar metrics. Anything else (a fast-layer
-key, an unknown key, an array hidden in the metrics) rejects the whole result: the keys are
-logged and the result is replaced by an empty ``TASK_RESULT_FILTER_ERROR`` reply, so nothing
-of it leaves (and the audit after this filter records the refusal).
+An outbound result filter that allow-lists everything in a result: a result may be an empty
+error reply, or a single DXO of model weights (or weight differences) whose parameters all
+belong to a shared level (by the configuration's patterns) and are plain arrays, whose meta
+holds only scalar metrics and the known scalar fields, and nothing else beside it. Anything
+else (a fast-layer key, an unknown key, a nested or non-array value, an array hidden in the
+metrics or meta, an extra payload, a payload on an error reply) rejects the whole result: the
+reasons are logged and the result is replaced by an empty ``TASK_RESULT_FILTER_ERROR`` reply,
+so nothing of it leaves (and the audit after this filter records the refusal).
 """
 
 from __future__ import annotations
@@ -12,30 +15,73 @@ from __future__ import annotations
 import numbers
 from fnmatch import fnmatchcase
 
-from nvflare.apis.dxo import DXO, from_shareable
+import numpy as np
+from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from app_custom.nested.config import NestedConfig
 
+RESULT_KEYS = {ReservedHeaderKey.HEADERS, "DXO"}
+PARAM_KINDS = {DataKind.WEIGHTS, DataKind.WEIGHT_DIFF}
+# meta fields a learner result may carry besides the metrics, all scalars
+SCALAR_META = {"global_version", FLMetaKey.NUM_STEPS_CURRENT_ROUND}
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+
 
 def leaving_keys_problems(config: NestedConfig, params: dict, metrics: dict | None) -> list[str]:
-    """What in an outbound payload may not leave the device (empty list: all clear)."""
+    """What among outbound parameters and metrics may not leave the device (empty list: all clear)."""
     problems = []
     shared = [p for level in config.shared_levels for p in level.patterns]
     private = [p for level in config.private_levels for p in level.patterns]
-    for key in params:
+    for key, value in params.items():
         if any(fnmatchcase(key, p) for p in private):
             problems.append(f"fast-layer parameter {key!r}")
         elif not any(fnmatchcase(key, p) for p in shared):
             problems.append(f"parameter {key!r} of no shared level")
+        elif value is not None and not isinstance(value, np.ndarray):
+            problems.append(f"parameter {key!r} is a {type(value).__name__}, not an array")
     for name, value in (metrics or {}).items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             problems.append(f"non-scalar metric {name!r} ({type(value).__name__})")
     return problems
+
+
+def result_problems(config: NestedConfig, shareable: Shareable) -> list[str]:
+    """Everything in an outbound result that may not leave the device."""
+    extra = sorted(set(shareable) - RESULT_KEYS)
+    headers = shareable.get(ReservedHeaderKey.HEADERS) or {}
+    problems = [
+        f"header {key!r} carries a {type(value).__name__}"
+        for key, value in headers.items()
+        if isinstance(value, (np.ndarray, bytes, bytearray)) or type(value).__module__.startswith("torch")
+    ]
+    if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        payload = extra + (["DXO"] if "DXO" in shareable else [])
+        return problems + ([f"an error reply carrying {payload}"] if payload else [])
+    problems += [f"extra result key {key!r}" for key in extra]
+    dxo = from_shareable(shareable)
+    if dxo.data_kind not in PARAM_KINDS:
+        problems.append(f"data kind {dxo.data_kind!r}, expected one of {sorted(PARAM_KINDS)}")
+    if not isinstance(dxo.data, dict):
+        return problems + [f"data is a {type(dxo.data).__name__}, not a mapping of named arrays"]
+    meta = dict(dxo.meta or {})
+    metrics = meta.pop(FLMetaKey.INITIAL_METRICS, None) or {}
+    if not isinstance(metrics, dict):
+        problems.append(f"metrics are a {type(metrics).__name__}, not a mapping")
+        metrics = {}
+    for key, value in meta.items():
+        if key not in SCALAR_META:
+            problems.append(f"unknown meta field {key!r}")
+        elif not _is_scalar(value):
+            problems.append(f"meta field {key!r} is a {type(value).__name__}, not a scalar")
+    return problems + leaving_keys_problems(config, dxo.data, metrics)
 
 
 class FastLayerGuard(Filter):
@@ -48,12 +94,7 @@ class FastLayerGuard(Filter):
         self.nested = NestedConfig.from_dict(config)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return shareable  # an error reply carries no payload
-        dxo: DXO = from_shareable(shareable)
-        params = dxo.data if isinstance(dxo.data, dict) else {}
-        metrics = dxo.meta.get(FLMetaKey.INITIAL_METRICS) if isinstance(dxo.meta, dict) else None
-        problems = leaving_keys_problems(self.nested, params, metrics)
+        problems = result_problems(self.nested, shareable)
         if problems:
             round_ = shareable.get_header(AppConstants.CURRENT_ROUND)
             self.log_error(fl_ctx, f"round {round_}: outbound result rejected, it carries {problems}")

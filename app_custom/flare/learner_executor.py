@@ -120,6 +120,8 @@ class NestedLearnerExecutor(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         try:
             incoming = FLModelUtils.from_shareable(shareable)
+            if incoming.params_type != ParamsType.FULL:
+                raise ValueError(f"global slow weights must be FULL, got {incoming.params_type}")
             global_slow = incoming.params or {}
             check_tensors(global_slow, self.learner.slow_shapes, "global slow weights")
         except (UpdateError, ValueError, TypeError) as e:

@@ -101,10 +101,12 @@ class NestedFedAvg(ModelController):
             start_round = 0
         else:
             current, record = archive.load(current_version)
-            start_round = 0 if record.round is None else record.round + 1
-            self.info(f"resuming from archived global version {current_version} (round {record.round})")
+            self.aggregator.restore_velocity(archive.load_server_state(current_version))
+            last_round = archive.last_round()
+            start_round = 0 if last_round is None else last_round + 1
+            self.info(f"resuming from archived global version {current_version}, at round {start_round}")
         expected = shapes_of(current)
-        log: dict = {"rounds": [], "final": {}}
+        log = self._read_log() if current_version is not None else {"rounds": [], "final": {}}
 
         for round_ in range(start_round, self.num_rounds):
             if self.abort_signal.triggered:
@@ -122,7 +124,8 @@ class NestedFedAvg(ModelController):
                 device_metrics[device] = dict(result.metrics or {})
                 weight = result.meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
                 if result.params_type != ParamsType.DIFF:
-                    self.warning(f"round {round_}: rejected update from {device}: params_type must be DIFF")
+                    rejection = self.aggregator.reject(device, f"params_type must be DIFF, got {result.params_type}")
+                    self.warning(f"round {round_}: rejected update from {device}: {rejection.reason}")
                     continue
                 rejection = self.aggregator.add(device, result.params or {}, weight, expected)
                 if rejection:
@@ -145,7 +148,8 @@ class NestedFedAvg(ModelController):
                     metrics=metrics,
                     reason=verdict.reason,
                 )
-                archive.save(candidate, new)
+                velocity = self.aggregator.pending_velocity if verdict.accepted else None
+                archive.save(candidate, new, server_state=velocity)
                 self.info(f"round {round_}: version {new.version} {new.status}: {verdict.reason}")
                 entry.update(version=new.version, status=new.status, probe=metrics)
                 if verdict.accepted:
@@ -175,6 +179,12 @@ class NestedFedAvg(ModelController):
             total_rounds=self.num_rounds,
             meta={"global_version": version},
         )
+
+    def _read_log(self) -> dict:
+        path = self._archive_root() / METRICS_FILE
+        if not path.exists():
+            return {"rounds": [], "final": {}}
+        return {"rounds": json.loads(path.read_text()).get("rounds", []), "final": {}}
 
     def _write_log(self, log: dict) -> None:
         path = self._archive_root() / METRICS_FILE

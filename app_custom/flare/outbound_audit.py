@@ -1,7 +1,8 @@
 """An audit log of what leaves the device: one JSON line per outbound result.
 
 Placed after ``FastLayerGuard`` in the result filter chain, it records what actually left
-(return code, parameter names and shapes, metric names), never the values, in
+(return code, every top-level key, data kind, parameter names and shapes, meta and metric
+names), never the values, in
 ``<site workspace>/outbound_audit.jsonl``. Operators read it to check the privacy promise; the
 tests read it to prove it.
 """
@@ -29,14 +30,22 @@ class OutboundAudit(Filter):
             "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
             "round": shareable.get_header(AppConstants.CURRENT_ROUND),
             "return_code": shareable.get_return_code(ReturnCode.OK),
+            "keys": sorted(shareable),
+            "data_kind": None,
             "params": {},
+            "meta": [],
             "metrics": [],
         }
-        if record["return_code"] == ReturnCode.OK:
+        if "DXO" in shareable:
             dxo = from_shareable(shareable)
-            data = dxo.data if isinstance(dxo.data, dict) else {}
-            record["params"] = {k: list(getattr(v, "shape", ())) for k, v in data.items()}
-            record["metrics"] = sorted((dxo.meta or {}).get(FLMetaKey.INITIAL_METRICS) or {})
+            meta = dict(dxo.meta or {})
+            record["data_kind"] = str(dxo.data_kind)
+            if isinstance(dxo.data, dict):
+                record["params"] = {str(k): list(getattr(v, "shape", ())) for k, v in dxo.data.items()}
+            else:
+                record["params"] = {"<not a mapping>": list(getattr(dxo.data, "shape", ()))}
+            record["metrics"] = sorted(meta.pop(FLMetaKey.INITIAL_METRICS, None) or {})
+            record["meta"] = sorted(meta)
         workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
         root = Path(workspace.get_root_dir()) if workspace else Path.cwd()
         with open(root / AUDIT_FILE, "a") as f:

@@ -195,6 +195,7 @@ class NestedLearner:
     def fingerprint(self) -> str:
         """Identifies the architecture and level layout a saved state belongs to."""
         layout = {name: [list(p.shape), self.partition.level_of[name]] for name, p in self.model.named_parameters()}
+        layout["<optimizer>"] = self.config.training.optimizer  # its saved state has that optimiser's form
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
@@ -205,7 +206,7 @@ class NestedLearner:
             "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "received": self._received,
+            "received": None if self._received is None else {k: torch.from_numpy(v) for k, v in self._received.items()},
             "global_version": self.global_version,
             "rng": self._rng.get_state(),
             "served": None if self.served is self.model else self.served.state_dict(),
@@ -219,14 +220,15 @@ class NestedLearner:
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a saved state; ``IncompatibleState`` if it belongs to another architecture or layout."""
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors and plain containers only: no pickled code
         if state.get("fingerprint") != self.fingerprint:
             raise IncompatibleState(
                 f"{path}: saved for model layout {state.get('fingerprint')}, this learner is {self.fingerprint}"
             )
         self.model.load_state_dict(state["model"])
         self.schedule.load_state_dict(state["schedule"])
-        self._received = state["received"]
+        received = state["received"]
+        self._received = None if received is None else {k: v.numpy() for k, v in received.items()}
         self.global_version = state["global_version"]
         self._rng.set_state(state["rng"])
         if state["served"] is not None:

@@ -80,6 +80,10 @@ class MultiFrequencySchedule:
         return {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}, "pending": dict(self._pending)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore optimiser state; the hyperparameters stay those of the current configuration."""
         for name, optimizer in self.optimizers.items():
+            configured = [dict(group) for group in optimizer.param_groups]
             optimizer.load_state_dict(state["optimizers"][name])
+            for group, wanted in zip(optimizer.param_groups, configured):
+                group.update({k: v for k, v in wanted.items() if k != "params"})
         self._pending = dict(state["pending"])

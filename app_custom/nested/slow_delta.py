@@ -42,8 +42,9 @@ def check_tensors(
             raise UpdateError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(expected[name])}")
         if not np.issubdtype(value.dtype, np.floating):
             raise UpdateError(f"{where}: {name} has dtype {value.dtype}, expected floating point")
-        if not np.isfinite(value).all():
-            raise UpdateError(f"{where}: {name} contains NaN or inf")
+        # finite as float32, the precision it is used in: 1e300 is finite in float64 but inf here
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise UpdateError(f"{where}: {name} contains NaN or inf (or values beyond float32's range)")
 
 
 def shapes_of(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:

@@ -68,3 +68,16 @@ def test_the_cluster_scores_the_shared_model_directly_when_it_holds_the_head_els
         initial = {n: p.detach().numpy().copy() for n, p in validator.model.named_parameters()}
         metrics = validator.measure({n: initial[n] for n in validator.shared_names})
         assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["val_loss"] > 0
+
+
+def test_reopening_after_a_crash_between_version_and_pointer_makes_the_newest_accepted_current(tmp_path):
+    archive = VersionArchive(tmp_path)
+    archive.save(_weights(0), VersionRecord(0, ACCEPTED, None, None, 0))
+    archive.save(_weights(1), VersionRecord(1, ACCEPTED, 0, 0, 4), server_state={"trunk.0.weight": np.ones((2, 2))})
+    archive.save(_weights(2), VersionRecord(2, REJECTED, 1, 1, 4))
+    (tmp_path / "current.json").write_text(json.dumps({"version": 0}))  # the pointer write was lost
+    reopened = VersionArchive(tmp_path)
+    assert reopened.current_version() == 1
+    assert reopened.last_round() == 1  # a resumed server starts after the rejected round too
+    np.testing.assert_array_equal(reopened.load_server_state(1)["trunk.0.weight"], np.ones((2, 2)))
+    assert reopened.load_server_state(2) is None

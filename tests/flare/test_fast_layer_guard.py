@@ -28,3 +28,49 @@ def test_fast_layers_unknown_keys_and_hidden_arrays_are_named():
 def test_with_nothing_shared_nothing_may_leave():
     local = NestedConfig.from_dict(method_config("local"))
     assert leaving_keys_problems(local, {"head.weight": np.zeros(2)}, None) == ["fast-layer parameter 'head.weight'"]
+
+
+def _result(params=None, metrics=None, meta=None, kind=None):
+    from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    model = FLModel(params_type=kind or ParamsType.DIFF, params=params, metrics=metrics, meta=meta)
+    return FLModelUtils.to_shareable(model)
+
+
+SLOW = {"trunk.0.weight": np.zeros((2, 2), np.float32)}
+
+
+def test_a_clean_result_passes_whole():
+    from app_custom.flare.fast_layer_guard import result_problems
+
+    clean = _result(SLOW, {"test_acc": 0.5}, {"global_version": 3, "NUM_STEPS_CURRENT_ROUND": 40})
+    assert result_problems(NESTED, clean) == []
+
+
+def test_every_side_channel_out_of_a_result_is_refused():
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.shareable import make_reply
+
+    from app_custom.flare.fast_layer_guard import result_problems
+
+    fast = np.ones((10, 64), np.float32)
+    in_meta = _result(SLOW, {"test_acc": 0.5}, {"global_version": 3, "stash": fast})
+    assert any("unknown meta field 'stash'" in p for p in result_problems(NESTED, in_meta))
+    in_known_meta = _result(SLOW, None, {"global_version": fast})
+    assert any("'global_version' is a ndarray" in p for p in result_problems(NESTED, in_known_meta))
+    extra_key = _result(SLOW)
+    extra_key["side"] = fast
+    assert "extra result key 'side'" in result_problems(NESTED, extra_key)
+    nested_value = _result({"trunk.0.weight": {"adapters.head.weight": fast}})
+    assert any("not an array" in p for p in result_problems(NESTED, nested_value))
+    not_a_mapping = DXO(DataKind.APP_DEFINED, data=fast).to_shareable()
+    assert any("not a mapping" in p for p in result_problems(NESTED, not_a_mapping))
+    error_with_payload = _result(SLOW)
+    error_with_payload.set_return_code(ReturnCode.EXECUTION_EXCEPTION)
+    assert any("an error reply carrying" in p for p in result_problems(NESTED, error_with_payload))
+    in_header = _result(SLOW)
+    in_header.set_header("cache", fast)
+    assert "header 'cache' carries a ndarray" in result_problems(NESTED, in_header)
+    assert result_problems(NESTED, make_reply(ReturnCode.EXECUTION_EXCEPTION)) == []

@@ -10,8 +10,9 @@ from nvflare.recipe.sim_env import SimEnv
 from app_custom.flare.job_builder import build_nested_job
 from app_custom.flare.outbound_audit import AUDIT_FILE
 from app_custom.nested.config import NestedConfig
+from app_custom.nested.device_data import load_fleet
 from simulator.methods import method_config
-from simulator.report import fast_values_sent
+from simulator.report import fast_values_sent, shared_shapes
 
 from .misbehaving_learners import FaultyLearner, LeakyLearner
 
@@ -22,6 +23,8 @@ DATA = {
     "fn": "simulator.fleets:make_fleet",
     "kwargs": {"dataset": "digits", "regime": "label_skew", "num_devices": 4, "seed": 0},
 }
+# the exact shared parameters, from the model's partition: independent of the guard's patterns
+SHARED = shared_shapes(NestedConfig.from_dict(CONFIG), load_fleet(DATA["fn"], DATA["kwargs"]))
 
 
 def _run(tmp_path: Path, name: str, rounds: int = 2, **job_args) -> Path:
@@ -45,7 +48,7 @@ def test_no_fast_layer_parameter_leaves_a_device(tmp_path):
     workspace = _run(tmp_path, "clean", rounds=3)
     audit = _audit(workspace)
     assert len(audit) == 4 * 4  # 3 training rounds and the final validation, 4 devices
-    assert fast_values_sent(NestedConfig.from_dict(CONFIG), audit) == 0
+    assert fast_values_sent(SHARED, audit) == 0
     trained = [r for r in audit if r["task"] == "train"]
     assert trained and all(r["params"] and r["return_code"] == "OK" for r in trained)
     # no raw sample either: only named scalar metrics and slow-layer tensors leave
@@ -59,7 +62,7 @@ def test_no_fast_layer_parameter_leaves_a_device(tmp_path):
 
 def test_the_check_fails_when_the_guard_is_off_and_a_learner_leaks(tmp_path):
     workspace = _run(tmp_path, "leak_unguarded", guard=False, executor=LeakyLearner(config=CONFIG, data=DATA))
-    assert fast_values_sent(NestedConfig.from_dict(CONFIG), _audit(workspace)) > 0
+    assert fast_values_sent(SHARED, _audit(workspace)) > 0
 
 
 def test_the_guard_stops_a_leaking_learner(tmp_path):
@@ -68,7 +71,7 @@ def test_the_guard_stops_a_leaking_learner(tmp_path):
         _run(tmp_path, "leak_guarded", executor=LeakyLearner(config=CONFIG, data=DATA))
     workspace = tmp_path / "leak_guarded"
     audit = _audit(workspace)
-    assert audit and fast_values_sent(NestedConfig.from_dict(CONFIG), audit) == 0
+    assert audit and fast_values_sent(SHARED, audit) == 0
     trained = [r for r in audit if r["task"] == "train"]
     assert trained and all(r["return_code"] == "TASK_RESULT_FILTER_ERROR" for r in trained)
 
@@ -83,3 +86,13 @@ def test_malformed_device_results_are_rejected_with_a_reason_and_the_run_continu
         assert "unknown keys" in entry["rejected"]["site-3"]
         assert "site-4" not in entry["rejected"]
         assert entry["status"] in ("accepted", "rejected")  # a candidate was built from site-4 alone
+
+
+def test_overlapping_level_patterns_stop_the_job_with_an_error_that_names_the_parameters(tmp_path):
+    overlapping = method_config("nested")
+    overlapping["levels"][2]["patterns"] = ["*"]  # the slow level now also claims the adapters
+    job = build_nested_job(name="overlap", config=overlapping, data=DATA, num_rounds=1, min_clients=4)
+    with pytest.raises(RuntimeError):
+        SimEnv(num_clients=4, num_threads=4, workspace_root=str(tmp_path)).deploy(job)
+    logs = "".join(p.read_text() for p in (tmp_path / "overlap").glob("*/log.txt"))
+    assert "parameters claimed by more than one level: adapters." in logs

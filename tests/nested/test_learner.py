@@ -130,3 +130,27 @@ def test_a_state_saved_for_another_layout_is_refused(tmp_path):
     other = {**NESTED, "model": {"width": 8}}
     with pytest.raises(IncompatibleState, match="saved for model layout"):
         _learner(other).load(tmp_path / "state.pt")
+
+
+def test_a_restarted_device_trains_exactly_as_if_it_had_not_stopped(tmp_path):
+    learner, twin = _learner(), _learner()
+    for device in (learner, twin):
+        device.receive_global(device.initial_slow(), 0)
+        device.train_round()
+    learner.save(tmp_path / "state.pt")
+    restarted = _learner()
+    restarted.load(tmp_path / "state.pt")
+    a, b = twin.train_round().slow_delta, restarted.train_round().slow_delta
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_a_restart_takes_the_learning_rates_of_the_new_configuration(tmp_path):
+    learner = _learner()
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    learner.save(tmp_path / "state.pt")
+    faster = {**NESTED, "levels": [{**NESTED["levels"][0], "lr": 0.5}, NESTED["levels"][1]]}
+    restarted = _learner(faster)
+    restarted.load(tmp_path / "state.pt")
+    assert restarted.schedule.optimizers["fast"].param_groups[0]["lr"] == 0.5
