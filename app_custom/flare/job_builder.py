@@ -15,6 +15,15 @@ from app_custom.flare.nested_controller import NestedFedAvg
 from app_custom.flare.outbound_audit import OutboundAudit
 
 
+def sorted_task_lists(node):
+    """FLARE writes filter chains' task lists from a set; sorted, exported configs are stable."""
+    if isinstance(node, dict):
+        return {k: sorted(v) if k == "tasks" else sorted_task_lists(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [sorted_task_lists(v) for v in node]
+    return node
+
+
 def build_nested_job(
     name: str,
     config: dict,

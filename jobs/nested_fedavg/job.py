@@ -20,20 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from nvflare.recipe.sim_env import SimEnv  # noqa: E402
 from nvflare.recipe.spec import Recipe  # noqa: E402  (consumes NVFlare's own --export / --export-dir)
 
-from app_custom.flare.job_builder import build_nested_job  # noqa: E402
+from app_custom.flare.job_builder import build_nested_job, sorted_task_lists  # noqa: E402
 from simulator.methods import METHODS, method_config  # noqa: E402
 
 FLEET_FN = "simulator.fleets:make_fleet"
 JOB_DIR = Path(__file__).resolve().parent
-
-
-def _sorted_tasks(node):
-    """FLARE writes filter chains' task lists from a set; sort them so that re-exports are stable."""
-    if isinstance(node, dict):
-        return {k: sorted(v) if k == "tasks" else _sorted_tasks(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_sorted_tasks(v) for v in node]
-    return node
 
 
 def refresh_job_folder(job) -> None:
@@ -42,7 +33,7 @@ def refresh_job_folder(job) -> None:
         job.export_job(staging)
         exported = Path(staging) / job.name
         for config in (exported / "app" / "config").glob("*.json"):
-            config.write_text(json.dumps(_sorted_tasks(json.loads(config.read_text())), indent=4) + "\n")
+            config.write_text(json.dumps(sorted_task_lists(json.loads(config.read_text())), indent=4) + "\n")
         for entry in ("meta.json", "app"):
             target = JOB_DIR / entry
             if target.is_dir():

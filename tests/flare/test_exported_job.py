@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from app_custom.flare.job_builder import sorted_task_lists
 from app_custom.flare.learner_executor import NestedLearnerExecutor
 from app_custom.flare.nested_controller import NestedFedAvg
 from app_custom.nested.config import ConfigError
@@ -14,15 +15,6 @@ from simulator.methods import method_config
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "nested_fedavg"
-
-
-def _normalised(node):
-    """FLARE writes a filter chain's task list from a set: compare task lists as sets."""
-    if isinstance(node, dict):
-        return {k: sorted(v) if k == "tasks" else _normalised(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_normalised(v) for v in node]
-    return node
 
 
 def test_committed_job_folder_matches_a_fresh_export(tmp_path):
@@ -36,7 +28,7 @@ def test_committed_job_folder_matches_a_fresh_export(tmp_path):
     fresh = tmp_path / "nested_fedavg"
     for name in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
         fresh_config, committed = json.loads((fresh / name).read_text()), json.loads((JOB / name).read_text())
-        assert _normalised(fresh_config) == _normalised(committed), name
+        assert sorted_task_lists(fresh_config) == sorted_task_lists(committed), name
     assert (fresh / "app/custom/app_custom/flare/learner_executor.py").exists()
 
 
