@@ -3,6 +3,7 @@
 python jobs/nested_fedavg/job.py                          # run it in FLARE's simulator (SimEnv)
 python jobs/nested_fedavg/job.py --refresh                # rewrite this folder's meta.json and app/
 python jobs/nested_fedavg/job.py --export --export-dir D  # NVFlare's flags: export to D/nested_fedavg
+python jobs/nested_fedavg/job.py --startup-kit KIT        # submit to a deployment (Flare API, ProdEnv)
 nvflare simulator jobs/nested_fedavg -w /tmp/ws -n 8 -t 2 # run the exported folder
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
+from nvflare.recipe.prod_env import ProdEnv  # noqa: E402
 from nvflare.recipe.sim_env import SimEnv  # noqa: E402
 from nvflare.recipe.spec import Recipe  # noqa: E402  (consumes NVFlare's own --export / --export-dir)
 
@@ -54,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workspace", default="/tmp/nvflare/fleetnest")
     parser.add_argument("--refresh", action="store_true", help=f"rewrite {JOB_DIR}'s meta.json and app/")
+    parser.add_argument("--startup-kit", help="an admin startup kit: submit to that deployment instead of simulating")
+    parser.add_argument("--username", default="admin@nvidia.com", help="the admin user of --startup-kit")
     args = parser.parse_args(argv)
 
     data = {
@@ -72,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {JOB_DIR / 'meta.json'} and {JOB_DIR / 'app'}")
         return 0
     # `--export --export-dir DIR` (NVFlare's recipe flags) writes DIR/nested_fedavg instead of running
+    if args.startup_kit:
+        # the Flare API submits the job as built: no pyhocon rewrite of dotted keys (nvflare job submit)
+        run = Recipe(job).execute(ProdEnv(startup_kit_location=args.startup_kit, username=args.username))
+        print(f"submitted job {run.get_job_id()}")
+        return 0
     Recipe(job).execute(SimEnv(num_clients=args.devices, num_threads=args.threads, workspace_root=args.workspace))
     print(f"done: archive under {Path(args.workspace) / 'nested_fedavg' / 'server' / 'simulate_job'}")
     return 0
