@@ -9,7 +9,9 @@ Regimes:
 - ``scarce``: labels IID, only ``scarce_train`` training samples per device.
 
 The cluster's validation set is a held-out share of the data set (10 % of the recordings),
-never given to a device and never shifted.
+never given to a device. In ``env_shift`` it comes from ``REFERENCE_ROBOTS`` reference robots
+with sensor shifts of their own (drawn like the fleet's, none of them a fleet device's), as
+an operator's validation set recorded on a few of its own robots would.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .datasets import Dataset, load
 REGIMES = ("label_skew", "env_shift", "scarce")
 CLUSTER_SHARE = 0.1
 TEST_SHARE = 0.3
+REFERENCE_ROBOTS = 4
 
 
 def _split_groups(groups: np.ndarray, share: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +92,9 @@ def make_fleet(
     rng = np.random.default_rng(seed)
     rest, held = _split_groups(data.groups, CLUSTER_SHARE, rng)
     cluster = LabelledSet(take(data.x, held), data.y[held])
+    if regime == "env_shift":
+        parts = np.array_split(np.arange(len(held)), REFERENCE_ROBOTS)
+        cluster = LabelledSet(concat([_shift(take(cluster.x, part), rng) for part in parts]), cluster.y)
     y_rest, g_rest = data.y[rest], data.groups[rest]
     if regime == "label_skew":
         owned_groups = _assign_label_skew(y_rest, g_rest, num_devices, alpha, rng)

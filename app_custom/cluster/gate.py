@@ -92,11 +92,16 @@ class ValidationGate:
         self.max_acc_drop = max_acc_drop
         self.max_loss_rise = max_loss_rise
 
-    def assess(self, candidate: Mapping[str, float], current: Mapping[str, float]) -> Verdict:
-        drop = current["val_acc"] - candidate["val_acc"]
-        rise = candidate["val_loss"] - current["val_loss"]
+    def assess(self, candidate: Mapping[str, float], current: Mapping[str, float] | None) -> Verdict:
+        """``current=None``: the current version is the untrained initial one, which is no reference
+        (a linear probe on random features can score well); the first trained candidate then only
+        has to be finite."""
         if not np.isfinite(candidate["val_loss"]):
             return Verdict(False, "candidate validation loss is not finite")
+        if current is None:
+            return Verdict(True, "first trained version (the initial weights are no reference)")
+        drop = current["val_acc"] - candidate["val_acc"]
+        rise = candidate["val_loss"] - current["val_loss"]
         if drop > self.max_acc_drop:
             return Verdict(False, f"validation accuracy drops by {drop:.4f} > {self.max_acc_drop}")
         if rise > self.max_loss_rise:

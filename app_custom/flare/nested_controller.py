@@ -138,7 +138,7 @@ class NestedFedAvg(ModelController):
             if self.aggregator.count and expected:
                 candidate = self.aggregator.apply(current)
                 metrics = probe.measure(candidate)
-                verdict = self.gate.assess(metrics, record.metrics)
+                verdict = self.gate.assess(metrics, None if record.round is None else record.metrics)
                 new = VersionRecord(
                     version=archive.next_version(),
                     status=ACCEPTED if verdict.accepted else REJECTED,

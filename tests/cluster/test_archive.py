@@ -53,6 +53,9 @@ def test_gate_rejects_a_regression_past_the_tolerance():
     assert not verdict.accepted and "accuracy drops" in verdict.reason
     assert not gate.assess({"val_acc": 0.80, "val_loss": 0.9}, current).accepted
     assert not gate.assess({"val_acc": 0.80, "val_loss": float("nan")}, current).accepted
+    # against the untrained initial version there is no reference: only finiteness counts
+    assert gate.assess({"val_acc": 0.10, "val_loss": 2.3}, None).accepted
+    assert not gate.assess({"val_acc": 0.10, "val_loss": float("inf")}, None).accepted
 
 
 def test_the_cluster_scores_the_shared_model_directly_when_it_holds_the_head_else_by_a_probe():
