@@ -53,19 +53,23 @@ class Experiment:
 _console = None
 
 
-def _say(message: str) -> None:
-    """Progress for the person at the terminal, even while FLARE's output goes to the log file."""
+def _console_stream():
+    """A copy of the terminal's stderr, taken before FLARE's output is redirected to the log."""
     global _console
     if _console is None:
         _console = os.fdopen(os.dup(2), "w", buffering=1)
-    print(message, file=_console, flush=True)
+    return _console
+
+
+def _say(message: str) -> None:
+    """Progress for the person at the terminal, even while FLARE's output goes to the log file."""
+    print(message, file=_console_stream(), flush=True)
 
 
 @contextlib.contextmanager
 def _output_to(log_path: Path) -> Iterator[None]:
     """Send FLARE's (and its subprocesses') console output to a log file; progress stays on stderr."""
-    if _console is None:
-        _say(f"    FLARE output: {log_path}")
+    _console_stream()
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -158,6 +162,7 @@ def run_experiment(experiment: Experiment, out: Path) -> dict:
         f"fleetnest simulate: {experiment.dataset} ({'plug-in' if experiment.is_plugin else experiment.regime}), "
         f"{len(fleet.devices)} devices, {experiment.rounds} rounds, seed {experiment.seed}"
     )
+    _say(f"FLARE's own output goes to {out / 'flare.log'}")
     runs = {}
     for i, method in enumerate(experiment.methods, 1):
         started = time.monotonic()

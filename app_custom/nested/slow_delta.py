@@ -23,9 +23,7 @@ def state_of(model: torch.nn.Module, names: Iterable[str]) -> Tensors:
     return {name: params[name].detach().cpu().numpy().astype(np.float32, copy=True) for name in names}
 
 
-def check_tensors(
-    tensors: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], where: str, allow_subset: bool = False
-) -> None:
+def check_tensors(tensors: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Raise ``UpdateError`` unless ``tensors`` has exactly the expected keys, shapes and finite values."""
     if not isinstance(tensors, Mapping):
         raise UpdateError(f"{where}: expected a mapping of named arrays, got {type(tensors).__name__}")
@@ -33,7 +31,7 @@ def check_tensors(
     if unknown:
         raise UpdateError(f"{where}: unknown keys {unknown}")
     missing = sorted(set(expected) - set(tensors))
-    if missing and not allow_subset:
+    if missing:
         raise UpdateError(f"{where}: missing keys {missing}")
     for name, value in tensors.items():
         if not isinstance(value, np.ndarray):
