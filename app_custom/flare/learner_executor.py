@@ -26,7 +26,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from app_custom.nested.learner import IncompatibleState, NestedLearner
-from app_custom.nested.slow_delta import UpdateError, check_tensors
+from app_custom.nested.slow_delta import UpdateError
 
 TRAIN_TASK = "train"
 VALIDATE_TASK = "validate"
@@ -122,13 +122,12 @@ class NestedLearnerExecutor(Executor):
             incoming = FLModelUtils.from_shareable(shareable)
             if incoming.params_type != ParamsType.FULL:
                 raise ValueError(f"global slow weights must be FULL, got {incoming.params_type}")
-            global_slow = incoming.params or {}
-            check_tensors(global_slow, self.learner.slow_shapes, "global slow weights")
+            version = (incoming.meta or {}).get("global_version")
+            # checks keys, shapes and finiteness before anything of the device's model changes
+            merge = self.learner.receive_global(incoming.params or {}, version)
         except (UpdateError, ValueError, TypeError) as e:
             self.log_error(fl_ctx, f"rejecting task {task_name}: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
-        version = (incoming.meta or {}).get("global_version")
-        merge = self.learner.receive_global(global_slow, version)
         metrics = {"acc_after_merge": merge.acc_after}
         if merge.acc_before is not None:
             metrics["acc_before_merge"] = merge.acc_before

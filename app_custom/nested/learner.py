@@ -24,7 +24,7 @@ from .device_data import DeviceData, Inputs, LabelledSet
 from .levels import partition_parameters
 from .models import build_model, input_spec
 from .schedule import MultiFrequencySchedule
-from .slow_delta import Tensors, install, merge_slow, shapes_of, slow_delta, state_of
+from .slow_delta import Tensors, install, merge_slow, slow_delta, state_of
 
 
 class IncompatibleState(ValueError):
@@ -93,10 +93,6 @@ class NestedLearner:
         self._y = torch.from_numpy(data.train.y)
         # What the device answers with: the training model itself, or a copy taken at each merge.
         self.served = self.model
-
-    @property
-    def slow_shapes(self) -> dict[str, tuple[int, ...]]:
-        return shapes_of(state_of(self.model, self.shared_names))
 
     def initial_slow(self) -> Tensors:
         return state_of(self.model, self.shared_names)
