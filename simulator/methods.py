@@ -4,10 +4,11 @@ Every method shares the model, optimiser, learning rate, batch size, local epoch
 (one setting, the best of a small grid for FedAvg on digits label skew); they differ only in
 which parameters are shared and how the levels are scheduled:
 
-- ``nested``: three levels. ``fast`` = per-owner sensor adapters (input affine, trunk FiLM) and
-  ``fast_head`` = a residual head, both private and stepping every local step, each with a
-  prior toward the identity worth ``SENSOR_PRIOR`` / ``HEAD_PRIOR`` samples (a device with
-  little data stays close to the shared model); ``slow`` = encoders, trunk and head, shared,
+- ``nested``: three levels. ``fast`` = per-owner sensor adapters (channel mixing and offset;
+  for cameras also column mixing, a mirrored mount; trunk FiLM) and ``fast_head`` = a
+  residual head, both private and stepping every local step, each with a prior toward the
+  identity worth ``SENSOR_PRIOR`` / ``HEAD_PRIOR`` samples (a device with little data stays
+  close to the shared model); ``slow`` = encoders, trunk and head, shared,
   every ``SLOW_PERIOD`` steps. After a merge the private levels refit for ``MERGE_ADAPT_STEPS``
   steps and the device serves only merged versions (local training runs in a working copy).
 - ``local``: every parameter private (local-only training).
@@ -28,7 +29,7 @@ BATCH_SIZE = 16
 SLOW_PERIOD = 1
 FEDREP_HEAD_EPOCHS = 2
 MERGE_ADAPT_STEPS = 10
-SENSOR_PRIOR = 48.0
+SENSOR_PRIOR = 16.0
 HEAD_PRIOR = 480.0
 
 _TRAINING = {"optimizer": "adam", "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH_SIZE}
@@ -40,7 +41,7 @@ def method_config(method: str, seed: int = 0) -> dict[str, Any]:
         levels = [
             {
                 "name": "fast",
-                "patterns": ["adapters.*.scale", "adapters.*.shift"],
+                "patterns": ["adapters.*.mix*", "adapters.*.shift", "adapters.*.scale"],
                 "period": 1,
                 "lr": LR,
                 "prox": SENSOR_PRIOR,

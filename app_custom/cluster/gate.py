@@ -1,5 +1,12 @@
-"""The cluster's validation gate: a candidate global slow version becomes current only if it
-does not regress on the cluster's own validation data by more than a tolerance.
+"""The cluster's validation gate: a candidate global slow version becomes current unless it is
+worse than the current version on the cluster's own validation data, by more than a tolerance
+*and* by more than chance explains.
+
+The comparison is paired, sample by sample (both versions are scored on the same validation
+samples): accuracy with a one-sided exact McNemar test on the samples the two versions
+disagree on, loss with a one-sided paired t-test on the per-sample losses. A fixed tolerance
+alone rejects good versions on a small validation set (one sample of 48 is two points), and
+a poisoned version is both far worse and significantly so.
 
 When the head is shared (the private levels are adapters that start as the identity, or
 nothing is private), the cluster holds a complete classifier, the shared model with identity
@@ -18,15 +25,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
 
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import LabelledSet
-from app_custom.nested.learner import _to_torch, evaluate
+from app_custom.nested.learner import _to_torch
 from app_custom.nested.levels import partition_parameters
 from app_custom.nested.models import build_model, input_spec
 from app_custom.nested.slow_delta import merge_slow
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per validation sample: whether the version classifies it correctly, and its cross-entropy."""
+
+    correct: np.ndarray
+    loss: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        return {"val_acc": float(self.correct.mean()), "val_loss": float(self.loss.mean())}
 
 
 @dataclass(frozen=True)
@@ -60,12 +78,20 @@ class SlowLayerValidator:
             return self.model.features(_to_torch(data.x)).numpy()
 
     def measure(self, slow: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return self.score(slow).summary()
+
+    def score(self, slow: Mapping[str, np.ndarray]) -> Scores:
+        """Per-sample scores of ``slow`` on the validation set (always in the same sample order)."""
         merge_slow(self.model, slow, self.shared_names)
         if self.whole_model:
-            accuracy, loss = evaluate(self.model, self.validation)
-            return {"val_acc": accuracy, "val_loss": loss}
+            self.model.eval()
+            with torch.no_grad():
+                logits = self.model(_to_torch(self.validation.x))
+                y = torch.from_numpy(self.validation.y)
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+                return Scores((logits.argmax(dim=1) == y).numpy(), loss.numpy().astype(np.float64))
         halves = [(self._features(self._fit), self._fit.y), (self._features(self._eval), self._eval.y)]
-        correct, loss = 0.0, 0.0
+        correct, losses = [], []
         for (fit_x, fit_y), (eval_x, eval_y) in (halves, halves[::-1]):
             mean, scale = fit_x.mean(axis=0), fit_x.std(axis=0) + 1e-6
             proba = np.full((len(eval_y), self.num_classes), 1e-6)
@@ -75,35 +101,52 @@ class SlowLayerValidator:
                 head = LogisticRegression(max_iter=300).fit((fit_x - mean) / scale, fit_y)
                 proba[:, head.classes_] = head.predict_proba((eval_x - mean) / scale)
             proba /= proba.sum(axis=1, keepdims=True)
-            correct += float((proba.argmax(axis=1) == eval_y).sum())
-            loss += float(log_loss(eval_y, proba, labels=np.arange(self.num_classes), normalize=False))
-        n = len(self._fit) + len(self._eval)
-        return {"val_acc": correct / n, "val_loss": loss / n}
+            correct.append(proba.argmax(axis=1) == eval_y)
+            losses.append(-np.log(proba[np.arange(len(eval_y)), eval_y]))
+        return Scores(np.concatenate(correct), np.concatenate(losses))
 
 
 class ValidationGate:
-    """Accept a candidate unless its probe accuracy drops or its probe loss rises past the tolerances."""
+    """Reject a candidate whose accuracy drops by more than ``max_acc_drop``, or whose loss rises by
+    more than ``max_loss_rise``, when that change is also significant at level ``alpha``."""
 
-    def __init__(self, max_acc_drop: float = 0.05, max_loss_rise: float = 0.25) -> None:
+    def __init__(self, max_acc_drop: float = 0.05, max_loss_rise: float = 0.25, alpha: float = 0.05) -> None:
         if not (0 <= max_acc_drop <= 1):
             raise ValueError(f"max_acc_drop must be in [0, 1], got {max_acc_drop!r}")
         if max_loss_rise < 0:
             raise ValueError(f"max_loss_rise must be >= 0, got {max_loss_rise!r}")
+        if not (0 < alpha < 1):
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         self.max_acc_drop = max_acc_drop
         self.max_loss_rise = max_loss_rise
+        self.alpha = alpha
 
-    def assess(self, candidate: Mapping[str, float], current: Mapping[str, float] | None) -> Verdict:
+    def assess(self, candidate: Scores, current: Scores | None) -> Verdict:
         """``current=None``: the current version is the untrained initial one, which is no reference
         (a linear probe on random features can score well); the first trained candidate then only
         has to be finite."""
-        if not np.isfinite(candidate["val_loss"]):
+        if not np.all(np.isfinite(candidate.loss)):
             return Verdict(False, "candidate validation loss is not finite")
         if current is None:
             return Verdict(True, "first trained version (the initial weights are no reference)")
-        drop = current["val_acc"] - candidate["val_acc"]
-        rise = candidate["val_loss"] - current["val_loss"]
-        if drop > self.max_acc_drop:
-            return Verdict(False, f"validation accuracy drops by {drop:.4f} > {self.max_acc_drop}")
-        if rise > self.max_loss_rise:
-            return Verdict(False, f"validation loss rises by {rise:.4f} > {self.max_loss_rise}")
-        return Verdict(True, f"validation accuracy change {-drop:+.4f}, loss change {rise:+.4f}")
+        if candidate.correct.shape != current.correct.shape:
+            raise ValueError("candidate and current were scored on different validation sets")
+        drop = float(current.correct.mean() - candidate.correct.mean())
+        lost = int(np.sum(current.correct & ~candidate.correct))
+        gained = int(np.sum(~current.correct & candidate.correct))
+        # exact McNemar, one-sided: is losing ``lost`` of the ``lost + gained`` disagreements chance?
+        p_acc = stats.binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue if lost else 1.0
+        diff = candidate.loss - current.loss
+        rise = float(diff.mean())
+        p_loss = 1.0
+        if rise > 0:
+            if float(diff.std()) <= 1e-9 * max(1.0, rise):  # the same rise on every sample
+                p_loss = 0.0
+            elif len(diff) > 1:
+                p_loss = float(stats.ttest_1samp(diff, 0.0, alternative="greater").pvalue)
+        change = f"accuracy {-drop:+.4f} (p={p_acc:.3g}), loss {rise:+.4f} (p={p_loss:.3g})"
+        if drop > self.max_acc_drop and p_acc < self.alpha:
+            return Verdict(False, f"validation accuracy drops by {drop:.4f} > {self.max_acc_drop}: {change}")
+        if rise > self.max_loss_rise and p_loss < self.alpha:
+            return Verdict(False, f"validation loss rises by {rise:.4f} > {self.max_loss_rise}: {change}")
+        return Verdict(True, change)

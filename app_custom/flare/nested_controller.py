@@ -52,7 +52,8 @@ class NestedFedAvg(ModelController):
         num_rounds: rounds to run (a resumed run counts the rounds already archived).
         min_clients: results needed per round; fewer aborts the round's task.
         server_lr, server_momentum: the server optimiser over the mean slow delta.
-        max_acc_drop, max_loss_rise: the validation gate's tolerances on the cluster probe.
+        max_acc_drop, max_loss_rise: the validation gate's tolerances on the cluster probe; a
+            candidate is rejected when it exceeds one and the change is significant (p < 0.05).
         archive_dir: version archive, relative to the job's run directory unless absolute.
         """
         super().__init__(persistor_id="", ignore_result_error=None, task_check_period=0.1)
@@ -106,6 +107,8 @@ class NestedFedAvg(ModelController):
             start_round = 0 if last_round is None else last_round + 1
             self.info(f"resuming from archived global version {current_version}, at round {start_round}")
         expected = shapes_of(current)
+        # the gate compares per-sample scores; the untrained initial version is no reference
+        current_scores = None if record.round is None else probe.score(current)
         log = self._read_log() if current_version is not None else {"rounds": [], "final": {}}
 
         for round_ in range(start_round, self.num_rounds):
@@ -137,8 +140,9 @@ class NestedFedAvg(ModelController):
             }
             if self.aggregator.count and expected:
                 candidate = self.aggregator.apply(current)
-                metrics = probe.measure(candidate)
-                verdict = self.gate.assess(metrics, None if record.round is None else record.metrics)
+                scores = probe.score(candidate)
+                metrics = scores.summary()
+                verdict = self.gate.assess(scores, current_scores)
                 new = VersionRecord(
                     version=archive.next_version(),
                     status=ACCEPTED if verdict.accepted else REJECTED,
@@ -154,7 +158,7 @@ class NestedFedAvg(ModelController):
                 entry.update(version=new.version, status=new.status, probe=metrics)
                 if verdict.accepted:
                     self.aggregator.commit()
-                    current, record = candidate, new
+                    current, record, current_scores = candidate, new, scores
             else:
                 entry.update(version=record.version, status="unchanged")
             log["rounds"].append(entry)

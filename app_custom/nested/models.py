@@ -2,8 +2,9 @@
 
 ``RobotModel`` has one encoder per configured modality (camera image, audio spectrogram,
 IMU/sensor window, navigation state, or a plain feature vector), a fused trunk and a head.
-Small per-owner adapters start as the identity: a per-channel affine on each input (sensor
-gain, lighting), FiLM on the trunk output, and a residual head (``adapters.head``, zero at
+Small per-owner adapters start as the identity: a sensor adapter on each input (channel mixing
+and offset: gain, rotated or flipped IMU axes, lighting; for images also column mixing: a
+mirrored or shifted camera mount), FiLM on the trunk output, and a residual head (``adapters.head``, zero at
 start) whose logits add to the head's. Which parameters are fast or slow is configuration (name patterns
 over ``adapters.*``, ``encoders.*``, ``trunk.*``, ``head.*``), never code.
 """
@@ -18,6 +19,25 @@ from torch import nn
 from .config import MODALITIES, ModelConfig
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+class SensorAdapter(nn.Module):
+    """An owner's sensor mount and calibration, identity at start: ``mix`` mixes the input channels
+    (IMU axes mounted rotated or flipped, a colour cast), ``shift`` offsets them, and for images
+    ``mix_w`` mixes the columns (a mirrored or shifted camera mount)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        channels = shape[0]
+        self.mix = nn.Parameter(torch.eye(channels))
+        self.shift = nn.Parameter(torch.zeros((channels,) + (1,) * (len(shape) - 1)))
+        self.mix_w = nn.Parameter(torch.eye(shape[-1])) if len(shape) == 3 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.einsum("oc,bc...->bo...", self.mix, x) + self.shift
+        if self.mix_w is not None:
+            x = x @ self.mix_w.T
+        return x
 
 
 class ChannelAffine(nn.Module):
@@ -88,7 +108,7 @@ class RobotModel(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(width * len(self.modalities), width), nn.ReLU())
         if adapters:
             self.adapters = nn.ModuleDict(
-                {m: ChannelAffine(s[0], len(s) - 1) for m, s in self.modalities.items()}
+                {m: SensorAdapter(s) for m, s in self.modalities.items()}
                 | {"trunk": ChannelAffine(width, 0), "head": _zero_linear(width, num_classes)}
             )
         else:

@@ -45,17 +45,44 @@ def test_a_version_is_never_overwritten_and_temporaries_are_cleaned(tmp_path):
     assert not (tmp_path / ".tmp-v000001").exists()
 
 
-def test_gate_rejects_a_regression_past_the_tolerance():
+def _scores(correct, loss):
+    from app_custom.cluster.gate import Scores
+
+    return Scores(np.array(correct, dtype=bool), np.array(loss, dtype=np.float64))
+
+
+def test_gate_rejects_a_significant_regression_past_the_tolerance():
     gate = ValidationGate(max_acc_drop=0.02, max_loss_rise=0.1)
-    current = {"val_acc": 0.80, "val_loss": 0.5}
-    assert gate.assess({"val_acc": 0.79, "val_loss": 0.55}, current).accepted
-    verdict = gate.assess({"val_acc": 0.70, "val_loss": 0.5}, current)
+    n = 100
+    current = _scores([True] * 80 + [False] * 20, [0.5] * n)
+    # a 10-point drop: 10 samples lost, none gained (McNemar p ~ 0.001)
+    verdict = gate.assess(_scores([True] * 70 + [False] * 30, [0.5] * n), current)
     assert not verdict.accepted and "accuracy drops" in verdict.reason
-    assert not gate.assess({"val_acc": 0.80, "val_loss": 0.9}, current).accepted
-    assert not gate.assess({"val_acc": 0.80, "val_loss": float("nan")}, current).accepted
+    # the same loss everywhere plus 0.4: a significant rise
+    verdict = gate.assess(_scores([True] * 80 + [False] * 20, [0.9] * n), current)
+    assert not verdict.accepted and "loss rises" in verdict.reason
+    assert not gate.assess(_scores([True] * 80 + [False] * 20, [0.5] * 99 + [float("nan")]), current).accepted
     # against the untrained initial version there is no reference: only finiteness counts
-    assert gate.assess({"val_acc": 0.10, "val_loss": 2.3}, None).accepted
-    assert not gate.assess({"val_acc": 0.10, "val_loss": float("inf")}, None).accepted
+    assert gate.assess(_scores([False] * n, [2.3] * n), None).accepted
+    assert not gate.assess(_scores([False] * n, [float("inf")] * n), None).accepted
+
+
+def test_gate_accepts_a_drop_that_chance_explains_on_a_small_validation_set():
+    gate = ValidationGate(max_acc_drop=0.02, max_loss_rise=0.1)
+    current = _scores([True] * 30 + [False] * 10, [0.5] * 40)
+    # 4 points (2 of 40 samples): lost 3, gained 1 -> p = 0.31, within chance
+    candidate = _scores([False] * 3 + [True] * 27 + [True] + [False] * 9, [0.5] * 40)
+    verdict = gate.assess(candidate, current)
+    assert verdict.accepted, verdict.reason
+    # a loss rise carried by one outlier sample is not significant either
+    verdict = gate.assess(_scores([True] * 30 + [False] * 10, [0.5] * 39 + [8.0]), current)
+    assert verdict.accepted, verdict.reason
+    # the same 4-point drop on 1000 samples (lost 60, gained 20) is real and is rejected
+    big_current = _scores([True] * 750 + [False] * 250, [0.5] * 1000)
+    big_candidate = _scores([False] * 60 + [True] * 690 + [True] * 20 + [False] * 230, [0.5] * 1000)
+    assert not gate.assess(big_candidate, big_current).accepted
+    with pytest.raises(ValueError, match="different validation sets"):
+        gate.assess(_scores([True] * 10, [0.1] * 10), current)
 
 
 def test_the_cluster_scores_the_shared_model_directly_when_it_holds_the_head_else_by_a_probe():
@@ -69,7 +96,9 @@ def test_the_cluster_scores_the_shared_model_directly_when_it_holds_the_head_els
         validator = SlowLayerValidator(NestedConfig.from_dict(method_config(method)), fleet.cluster_validation, 10)
         assert validator.whole_model is direct, method
         initial = {n: p.detach().numpy().copy() for n, p in validator.model.named_parameters()}
-        metrics = validator.measure({n: initial[n] for n in validator.shared_names})
+        scores = validator.score({n: initial[n] for n in validator.shared_names})
+        assert scores.correct.shape == scores.loss.shape == (len(fleet.cluster_validation),)
+        metrics = scores.summary()
         assert 0.0 <= metrics["val_acc"] <= 1.0 and metrics["val_loss"] > 0
 
 
