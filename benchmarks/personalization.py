@@ -62,6 +62,10 @@ def summarise(reports: list[dict]) -> dict:
     ]
     summary = {
         "methods": methods,
+        "test_samples_per_device": {
+            "min": min(n for r in reports for n in r["setup"]["test_samples_per_device"]),
+            "median": statistics.median(n for r in reports for n in r["setup"]["test_samples_per_device"]),
+        },
         "fast_params_sent": sum(r["fast_params_sent"] for r in reports),
         "bytes_per_update": max(r["bytes_per_update"] for r in reports),
         "forgetting": {
@@ -81,6 +85,25 @@ def summarise(reports: list[dict]) -> dict:
     return summary
 
 
+def _payload(args: argparse.Namespace, seeds: list[int], started: float, results: dict, missing: list[str]) -> dict:
+    checks = {
+        f"{d}/{r}/{name}": ok
+        for d, regimes in results.items()
+        for r, summary in regimes.items()
+        for name, ok in summary.get("checks", {}).items()
+    }
+    return {
+        "setup": vars(args) | {"seeds": seeds, "wall_s": round(time.time() - started, 1)},
+        "results": results,
+        "complete": not missing,
+        "missing": missing,
+        "checks": {
+            "all_pass": not missing and all(checks.values()),
+            "failed": sorted(k for k, ok in checks.items() if not ok),
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,basic_motions")
@@ -93,29 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
+    planned = [(d, r) for d in args.datasets.split(",") for r in args.regimes.split(",")]
     results: dict = {}
-    for dataset in args.datasets.split(","):
-        for regime in args.regimes.split(","):
-            reports = []
-            for seed in seeds:
-                experiment = Experiment(dataset, regime, args.devices, args.rounds, seed, METHODS)
-                reports.append(run_experiment(experiment, Path(args.work) / f"{dataset}-{regime}-{seed}"))
-            results.setdefault(dataset, {})[regime] = summarise(reports)
-            partial = {"setup": vars(args) | {"seeds": seeds}, "results": results}
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(partial, indent=2))
-    checks = {
-        f"{d}/{r}/{name}": ok
-        for d, regimes in results.items()
-        for r, summary in regimes.items()
-        for name, ok in summary.get("checks", {}).items()
-    }
-    payload = {
-        "setup": vars(args) | {"seeds": seeds, "wall_s": round(time.time() - started, 1)},
-        "results": results,
-        "checks": {"all_pass": all(checks.values()), "failed": sorted(k for k, ok in checks.items() if not ok)},
-    }
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    for done, (dataset, regime) in enumerate(planned, start=1):
+        reports = []
+        for seed in seeds:
+            experiment = Experiment(dataset, regime, args.devices, args.rounds, seed, METHODS)
+            reports.append(run_experiment(experiment, Path(args.work) / f"{dataset}-{regime}-{seed}"))
+        results.setdefault(dataset, {})[regime] = summarise(reports)
+        # written after every cell, so a run cut short still leaves a file that says what it holds
+        payload = _payload(args, seeds, started, results, [f"{d}/{r}" for d, r in planned[done:]])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload["checks"], indent=2))
     return 0
 

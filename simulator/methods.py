@@ -10,7 +10,9 @@ which parameters are shared and how the levels are scheduled:
   identity worth ``SENSOR_PRIOR`` / ``HEAD_PRIOR`` samples (a device with little data stays
   close to the shared model); ``slow`` = encoders, trunk and head, shared,
   every ``SLOW_PERIOD`` steps. After a merge the private levels refit for ``MERGE_ADAPT_STEPS``
-  steps and the device serves only merged versions (local training runs in a working copy).
+  steps and the device serves only merged versions (local training runs in a working copy),
+  and only when the merged version is at least as accurate on its own data as the one it
+  serves (``merge_check``: otherwise it keeps serving the previous one).
 - ``local``: every parameter private (local-only training).
 - ``fedavg``: every parameter shared (FedAvg).
 - ``fedrep``: head private, body shared; alternating schedule, head epochs first (FedRep,
@@ -59,6 +61,7 @@ def method_config(method: str, seed: int = 0) -> dict[str, Any]:
             "schedule": "nested",
             "merge_adapt_steps": MERGE_ADAPT_STEPS,
             "serve_trained": False,
+            "merge_check": True,
         }
     elif method == "local":
         levels = [{"name": "fast", "patterns": ["*"], "period": 1, "lr": LR, "shared": False}]

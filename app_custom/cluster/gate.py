@@ -108,7 +108,8 @@ class SlowLayerValidator:
 
 class ValidationGate:
     """Reject a candidate whose accuracy drops by more than ``max_acc_drop``, or whose loss rises by
-    more than ``max_loss_rise``, when that change is also significant at level ``alpha``."""
+    more than ``max_loss_rise`` while its accuracy does not improve, when that change is also
+    significant at level ``alpha``."""
 
     def __init__(self, max_acc_drop: float = 0.05, max_loss_rise: float = 0.25, alpha: float = 0.05) -> None:
         if not (0 <= max_acc_drop <= 1):
@@ -147,6 +148,9 @@ class ValidationGate:
         change = f"accuracy {-drop:+.4f} (p={p_acc:.3g}), loss {rise:+.4f} (p={p_loss:.3g})"
         if drop > self.max_acc_drop and p_acc < self.alpha:
             return Verdict(False, f"validation accuracy drops by {drop:.4f} > {self.max_acc_drop}: {change}")
-        if rise > self.max_loss_rise and p_loss < self.alpha:
+        # A loss rise counts only when accuracy does not improve: early in training, or on data
+        # unlike the fleet's, a model grows more accurate and more confident at once, and its
+        # mean cross-entropy can rise while it classifies better.
+        if rise > self.max_loss_rise and p_loss < self.alpha and drop >= 0:
             return Verdict(False, f"validation loss rises by {rise:.4f} > {self.max_loss_rise}: {change}")
         return Verdict(True, change)

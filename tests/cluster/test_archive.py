@@ -62,6 +62,9 @@ def test_gate_rejects_a_significant_regression_past_the_tolerance():
     verdict = gate.assess(_scores([True] * 80 + [False] * 20, [0.9] * n), current)
     assert not verdict.accepted and "loss rises" in verdict.reason
     assert not gate.assess(_scores([True] * 80 + [False] * 20, [0.5] * 99 + [float("nan")]), current).accepted
+    # more accurate and more confident at once (early training): a loss rise alone does not reject
+    verdict = gate.assess(_scores([True] * 90 + [False] * 10, [0.9] * n), current)
+    assert verdict.accepted, verdict.reason
     # against the untrained initial version there is no reference: only finiteness counts
     assert gate.assess(_scores([False] * n, [2.3] * n), None).accepted
     assert not gate.assess(_scores([False] * n, [float("inf")] * n), None).accepted
