@@ -126,16 +126,44 @@ def _shapes(x: Inputs) -> dict[str, tuple[int, ...]]:
     return {"": tuple(x.shape[1:])}
 
 
-def fleet_from_devices(raw_devices: Any, seed: int = 0) -> FleetData:
-    """Validate a plug-in's per-device list and hold out the cluster's validation share."""
-    if not isinstance(raw_devices, (list, tuple)) or not raw_devices:
-        raise DataError(f"a fleet function must return a non-empty list of per-device dicts, got {type(raw_devices)}")
-    devices = [check_device(raw, i) for i, raw in enumerate(raw_devices)]
+def _check_same_shapes(devices: list[DeviceData]) -> None:
     reference = _shapes(devices[0].train.x)
     for i, device in enumerate(devices):
         for part in (device.train, device.test):
             if _shapes(part.x) != reference:
                 raise DataError(f"device {i}: sample shape {_shapes(part.x)} differs from device 0's {reference}")
+
+
+def check_fleet(fleet: Any) -> FleetData:
+    """Validate a ``FleetData`` a fleet function built itself: every set as for a plug-in's dicts,
+    one sample shape throughout, and every label below ``num_classes``."""
+    if not isinstance(fleet.num_classes, int) or isinstance(fleet.num_classes, bool) or fleet.num_classes < 2:
+        raise DataError(f"num_classes must be an integer >= 2, got {fleet.num_classes!r}")
+    if not fleet.devices:
+        raise DataError("the fleet has no devices")
+    devices = [
+        DeviceData(
+            _check_set(d.train.x, d.train.y, f"device {i} train"), _check_set(d.test.x, d.test.y, f"device {i} test")
+        )
+        for i, d in enumerate(fleet.devices)
+    ]
+    _check_same_shapes(devices)
+    cluster = _check_set(fleet.cluster_validation.x, fleet.cluster_validation.y, "cluster validation")
+    if _shapes(cluster.x) != _shapes(devices[0].train.x):
+        raise DataError(f"cluster validation: sample shape {_shapes(cluster.x)} differs from the devices'")
+    named = [(f"device {i} {part}", getattr(d, part)) for i, d in enumerate(devices) for part in ("train", "test")]
+    for where, labelled in named + [("cluster validation", cluster)]:
+        if int(labelled.y.max()) >= fleet.num_classes:
+            raise DataError(f"{where}.y: label {int(labelled.y.max())} >= num_classes {fleet.num_classes}")
+    return FleetData(devices=tuple(devices), cluster_validation=cluster, num_classes=fleet.num_classes)
+
+
+def fleet_from_devices(raw_devices: Any, seed: int = 0) -> FleetData:
+    """Validate a plug-in's per-device list and hold out the cluster's validation share."""
+    if not isinstance(raw_devices, (list, tuple)) or not raw_devices:
+        raise DataError(f"a fleet function must return a non-empty list of per-device dicts, got {type(raw_devices)}")
+    devices = [check_device(raw, i) for i, raw in enumerate(raw_devices)]
+    _check_same_shapes(devices)
     rng = np.random.default_rng(seed)
     kept, held = [], []
     for device in devices:
@@ -178,7 +206,7 @@ def import_function(spec: str) -> Any:
 @lru_cache(maxsize=4)
 def _load_fleet_cached(spec: str, kwargs_json: str) -> FleetData:
     result = import_function(spec)(**json.loads(kwargs_json))
-    return result if isinstance(result, FleetData) else fleet_from_devices(result)
+    return check_fleet(result) if isinstance(result, FleetData) else fleet_from_devices(result)
 
 
 def load_fleet(spec: str, kwargs: Mapping[str, Any] | None = None) -> FleetData:

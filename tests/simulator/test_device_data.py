@@ -58,3 +58,20 @@ def test_shipped_fleets_are_non_iid_and_deterministic():
     assert all(len(d.train) <= 16 for d in scarce.devices)
     shifted = make_fleet("robot", "env_shift", 4, seed=0)
     assert set(shifted.devices[0].train.x) == {"vision", "imu"}
+
+
+def test_a_fleet_built_by_the_function_itself_is_checked_too():
+    from dataclasses import replace
+
+    from app_custom.nested.device_data import LabelledSet, check_fleet
+
+    fleet = fleet_from_devices([_device(), _device()])
+    assert check_fleet(fleet).num_classes == fleet.num_classes
+    with pytest.raises(DataError, match=r"device 1 test.y: label 7 >= num_classes 3"):
+        bad = replace(fleet.devices[1], test=LabelledSet(fleet.devices[1].test.x, np.full(20, 7, np.int64)))
+        check_fleet(replace(fleet, devices=(fleet.devices[0], bad), num_classes=3))
+    with pytest.raises(DataError, match="cluster validation.x: contains NaN"):
+        cluster = fleet.cluster_validation
+        check_fleet(replace(fleet, cluster_validation=LabelledSet(np.full_like(cluster.x, np.nan), cluster.y)))
+    with pytest.raises(DataError, match="num_classes must be an integer >= 2"):
+        check_fleet(replace(fleet, num_classes=1))
