@@ -60,12 +60,10 @@ def summarise(reports: list[dict]) -> dict:
         for r in reports
         if r["forgetting"]["max_drop_naive_overwrite"] is not None
     ]
+    test_sizes = [n for r in reports for n in r["setup"]["test_samples_per_device"]]
     summary = {
         "methods": methods,
-        "test_samples_per_device": {
-            "min": min(n for r in reports for n in r["setup"]["test_samples_per_device"]),
-            "median": statistics.median(n for r in reports for n in r["setup"]["test_samples_per_device"]),
-        },
+        "test_samples_per_device": {"min": min(test_sizes), "median": statistics.median(test_sizes)},
         "fast_params_sent": sum(r["fast_params_sent"] for r in reports),
         "bytes_per_update": max(r["bytes_per_update"] for r in reports),
         "forgetting": {

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import LabelledSet
-from app_custom.nested.learner import _to_torch
+from app_custom.nested.learner import _to_torch, per_sample
 from app_custom.nested.levels import partition_parameters
 from app_custom.nested.models import build_model, input_spec
 from app_custom.nested.slow_delta import merge_slow
@@ -84,12 +84,7 @@ class SlowLayerValidator:
         """Per-sample scores of ``slow`` on the validation set (always in the same sample order)."""
         merge_slow(self.model, slow, self.shared_names)
         if self.whole_model:
-            self.model.eval()
-            with torch.no_grad():
-                logits = self.model(_to_torch(self.validation.x))
-                y = torch.from_numpy(self.validation.y)
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-                return Scores((logits.argmax(dim=1) == y).numpy(), loss.numpy().astype(np.float64))
+            return Scores(*per_sample(self.model, self.validation))
         halves = [(self._features(self._fit), self._fit.y), (self._features(self._eval), self._eval.y)]
         correct, losses = [], []
         for (fit_x, fit_y), (eval_x, eval_y) in (halves, halves[::-1]):
@@ -143,7 +138,7 @@ class ValidationGate:
         if rise > 0:
             if float(diff.std()) <= 1e-9 * max(1.0, rise):  # the same rise on every sample
                 p_loss = 0.0
-            elif len(diff) > 1:
+            else:
                 p_loss = float(stats.ttest_1samp(diff, 0.0, alternative="greater").pvalue)
         change = f"accuracy {-drop:+.4f} (p={p_acc:.3g}), loss {rise:+.4f} (p={p_loss:.3g})"
         if drop > self.max_acc_drop and p_acc < self.alpha:

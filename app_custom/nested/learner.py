@@ -59,18 +59,24 @@ def _take(x: torch.Tensor | dict[str, torch.Tensor], index: torch.Tensor):
     return x[index]
 
 
-def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``data``."""
+def per_sample(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample of ``data``: whether ``model`` classifies it correctly, and its cross-entropy."""
     x, y = _to_torch(data.x), torch.from_numpy(data.y)
-    correct, loss = 0, 0.0
+    correct, loss = [], []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
             index = torch.arange(start, min(start + batch_size, len(y)))
             logits = model(_take(x, index))
-            loss += float(F.cross_entropy(logits, y[index], reduction="sum"))
-            correct += int((logits.argmax(dim=1) == y[index]).sum())
-    return correct / len(y), loss / len(y)
+            loss.append(F.cross_entropy(logits, y[index], reduction="none").numpy())
+            correct.append((logits.argmax(dim=1) == y[index]).numpy())
+    return np.concatenate(correct), np.concatenate(loss).astype(np.float64)
+
+
+def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` on ``data``."""
+    correct, loss = per_sample(model, data, batch_size)
+    return float(correct.mean()), float(loss.mean())
 
 
 class NestedLearner:

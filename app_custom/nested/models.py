@@ -4,9 +4,10 @@
 IMU/sensor window, navigation state, or a plain feature vector), a fused trunk and a head.
 Small per-owner adapters start as the identity: a sensor adapter on each input (channel mixing
 and offset: gain, rotated or flipped IMU axes, lighting; for images also column mixing: a
-mirrored or shifted camera mount), FiLM on the trunk output, and a residual head (``adapters.head``, zero at
-start) whose logits add to the head's. Which parameters are fast or slow is configuration (name patterns
-over ``adapters.*``, ``encoders.*``, ``trunk.*``, ``head.*``), never code.
+mirrored or shifted camera mount), FiLM on the trunk output, and a residual head
+(``adapters.head``, zero at start) whose logits add to the head's. Which parameters are fast or
+slow is configuration (name patterns over ``adapters.*``, ``encoders.*``, ``trunk.*``,
+``head.*``), never code.
 """
 
 from __future__ import annotations
