@@ -98,8 +98,9 @@ def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[
             "rounds": experiment.rounds,
             "seed": experiment.seed,
             "runtime": "NVFlare simulator (SimEnv), one FLARE client per device",
-            # one test sample moves a device's accuracy by 1/n: the resolution of every per-device number
-            "test_samples_per_device": [len(device.test) for device in fleet.devices],
+            # one test sample moves a device's accuracy by about 1/n: the resolution of every
+            # per-device number (Kish's effective size where the test set is weighted)
+            "test_samples_per_device": [round(device.test.effective_size, 1) for device in fleet.devices],
         },
         "methods": methods,
         "fast_params_sent": fast_sent,

@@ -35,14 +35,25 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class LabelledSet:
+    """Samples and labels; ``weight`` (optional, >= 0 per sample) makes accuracy a weighted mean, as
+    for a test set that stands for a device's label mix drawn from a pool with another mix."""
+
     x: Inputs
     y: Array
+    weight: Array | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def subset(self, index: Array) -> LabelledSet:
-        return LabelledSet(take(self.x, index), self.y[index])
+        return LabelledSet(take(self.x, index), self.y[index], None if self.weight is None else self.weight[index])
+
+    @property
+    def effective_size(self) -> float:
+        """Kish's effective sample size: how many unweighted samples would measure as precisely."""
+        if self.weight is None:
+            return float(len(self))
+        return float(self.weight.sum() ** 2 / np.square(self.weight).sum())
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ def _count(x: Inputs) -> int:
     return counts.pop()
 
 
-def _check_set(x: Any, y: Any, where: str) -> LabelledSet:
+def _check_set(x: Any, y: Any, where: str, weight: Any = None) -> LabelledSet:
     x = _check_x(x, f"{where}.x")
     if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}.y: expected a 1-D int64 array, got {getattr(y, 'shape', type(y).__name__)}")
@@ -104,7 +115,13 @@ def _check_set(x: Any, y: Any, where: str) -> LabelledSet:
         raise DataError(f"{where}: {_count(x)} samples in x but {y.shape[0]} labels in y")
     if y.shape[0] == 0:
         raise DataError(f"{where}: no samples")
-    return LabelledSet(x, y.astype(np.int64))
+    if weight is not None:
+        if not isinstance(weight, np.ndarray) or weight.shape != y.shape:
+            raise DataError(f"{where}.weight: expected one weight per sample, shape {y.shape}")
+        weight = weight.astype(np.float64)
+        if not np.isfinite(weight).all() or (weight < 0).any() or weight.sum() <= 0:
+            raise DataError(f"{where}.weight: weights must be finite, >= 0 and not all 0")
+    return LabelledSet(x, y.astype(np.int64), weight)
 
 
 def check_device(raw: Any, index: int) -> DeviceData:
@@ -143,7 +160,8 @@ def check_fleet(fleet: Any) -> FleetData:
         raise DataError("the fleet has no devices")
     devices = [
         DeviceData(
-            _check_set(d.train.x, d.train.y, f"device {i} train"), _check_set(d.test.x, d.test.y, f"device {i} test")
+            _check_set(d.train.x, d.train.y, f"device {i} train"),
+            _check_set(d.test.x, d.test.y, f"device {i} test", d.test.weight),
         )
         for i, d in enumerate(fleet.devices)
     ]

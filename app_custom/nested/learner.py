@@ -74,9 +74,9 @@ def per_sample(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512)
 
 
 def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on ``data``."""
+    """(accuracy, mean cross-entropy) of ``model`` on ``data``, weighted by ``data.weight`` if set."""
     correct, loss = per_sample(model, data, batch_size)
-    return float(correct.mean()), float(loss.mean())
+    return float(np.average(correct, weights=data.weight)), float(np.average(loss, weights=data.weight))
 
 
 class NestedLearner:

@@ -58,9 +58,12 @@ def test_gate_rejects_a_significant_regression_past_the_tolerance():
     # a 10-point drop: 10 samples lost, none gained (McNemar p ~ 0.001)
     verdict = gate.assess(_scores([True] * 70 + [False] * 30, [0.5] * n), current)
     assert not verdict.accepted and "accuracy drops" in verdict.reason
-    # the same loss everywhere plus 0.4: a significant rise
-    verdict = gate.assess(_scores([True] * 80 + [False] * 20, [0.9] * n), current)
+    # one sample lost (a one-point drop, not significant) and 0.4 more loss on every sample
+    verdict = gate.assess(_scores([True] * 79 + [False] * 21, [0.9] * n), current)
     assert not verdict.accepted and "loss rises" in verdict.reason
+    # the same loss rise at unchanged accuracy: more confident where right and where wrong
+    verdict = gate.assess(_scores([True] * 80 + [False] * 20, [0.9] * n), current)
+    assert verdict.accepted, verdict.reason
     assert not gate.assess(_scores([True] * 80 + [False] * 20, [0.5] * 99 + [float("nan")]), current).accepted
     # more accurate and more confident at once (early training): a loss rise alone does not reject
     verdict = gate.assess(_scores([True] * 90 + [False] * 10, [0.9] * n), current)
