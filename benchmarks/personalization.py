@@ -7,7 +7,10 @@ and seed, so they compare like for like. Writes ``benchmarks/results/personaliza
      "results": {"digits": {"label_skew": {"methods": {m: {"mean_acc", "worst_acc", "per_device_acc",
                                                           "per_seed": [{"seed", "mean_acc", "worst_acc"}]}},
                                             "fast_params_sent", "bytes_per_update",
-                                            "forgetting": {"max_drop_after_merge", "max_drop_naive_overwrite"},
+                                            "forgetting": {"max_drop_after_merge", "max_drop_naive_overwrite",
+                                                           "after_merge": {"merges", "share_gain",
+                                                                           "share_drop_over_1pt", "median",
+                                                                           "p95", "max"}},
                                             "checks": {...}}}},
      "checks": {"all_pass": bool, ...}}
 
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simulator.fleets import REGIMES  # noqa: E402
 from simulator.methods import METHODS  # noqa: E402
+from simulator.report import drop_distribution  # noqa: E402
 from simulator.runner import Experiment, run_experiment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "personalization.json"
@@ -69,6 +73,7 @@ def summarise(reports: list[dict]) -> dict:
         "forgetting": {
             "max_drop_after_merge": max(drops) if drops else None,
             "max_drop_naive_overwrite": max(naive) if naive else None,
+            "after_merge": drop_distribution([d for r in reports for d in r["forgetting"]["drops_after_merge"]]),
         },
     }
     if "nested" in methods and all(b in methods for b in BASELINES):

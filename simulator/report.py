@@ -23,12 +23,28 @@ def _site_order(name: str) -> int:
     return int(digits) if digits else 0
 
 
-def _max_drop(log: dict, after_key: str) -> float | None:
+def _drops(log: dict, after_key: str) -> list[float]:
+    """Every device's accuracy drop at every merge (negative: the merge raised its accuracy)."""
     drops = []
     for metrics in [m for entry in log["rounds"] for m in entry["devices"].values()] + list(log["final"].values()):
         if metrics.get("acc_before_merge") is not None and metrics.get(after_key) is not None:
             drops.append(metrics["acc_before_merge"] - metrics[after_key])
-    return max(drops) if drops else None
+    return drops
+
+
+def drop_distribution(drops: list[float]) -> dict | None:
+    """How merges moved devices' accuracy: the tail matters as much as the largest drop."""
+    if not drops:
+        return None
+    ordered = sorted(drops)
+    return {
+        "merges": len(drops),
+        "share_gain": sum(d < 0 for d in drops) / len(drops),
+        "share_drop_over_1pt": sum(d > 0.01 for d in drops) / len(drops),
+        "median": ordered[len(ordered) // 2],
+        "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        "max": ordered[-1],
+    }
 
 
 def shared_shapes(config: NestedConfig, fleet: FleetData) -> dict[str, tuple[int, ...]]:
@@ -70,8 +86,9 @@ def method_summary(log: dict) -> dict:
         "worst_acc": min(per_device),
         "per_device_acc": per_device,
         "acc_by_round": by_round,
-        "max_drop_after_merge": _max_drop(log, "acc_after_merge"),
-        "max_drop_naive_overwrite": _max_drop(log, "acc_naive_overwrite"),
+        "max_drop_after_merge": max(_drops(log, "acc_after_merge"), default=None),
+        "max_drop_naive_overwrite": max(_drops(log, "acc_naive_overwrite"), default=None),
+        "drops_after_merge": _drops(log, "acc_after_merge"),
         "versions": {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected")},
         "rejected_updates": sum(len(entry.get("rejected", {})) for entry in log["rounds"]),
     }
@@ -108,6 +125,8 @@ def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[
         "forgetting": {
             "max_drop_after_merge": nested.get("max_drop_after_merge"),
             "max_drop_naive_overwrite": nested.get("max_drop_naive_overwrite"),
+            "after_merge": drop_distribution(nested.get("drops_after_merge", [])),
+            "drops_after_merge": nested.get("drops_after_merge", []),
         },
     }
 

@@ -75,3 +75,62 @@ def test_a_fleet_built_by_the_function_itself_is_checked_too():
         check_fleet(replace(fleet, cluster_validation=LabelledSet(np.full_like(cluster.x, np.nan), cluster.y)))
     with pytest.raises(DataError, match="num_classes must be an integer >= 2"):
         check_fleet(replace(fleet, num_classes=1))
+
+
+def test_each_device_is_tested_on_its_own_distribution_drawn_from_the_held_out_pool():
+    skew = make_fleet("digits", "label_skew", 6, seed=1)
+    pool = skew.devices[0].test
+    train_bytes = {x.tobytes() for d in skew.devices for x in d.train.x}
+    assert not any(x.tobytes() in train_bytes for x in pool.x)  # nobody trains on a test sample
+    for device in skew.devices:
+        np.testing.assert_array_equal(device.test.y, pool.y)  # one pool, weighted per device
+        mix = np.bincount(device.train.y, minlength=10) / len(device.train)
+        weighted = np.bincount(device.test.y, weights=device.test.weight, minlength=10) / device.test.weight.sum()
+        # the weighted pool has the device's label mix (train and test share it up to the split)
+        assert np.abs(weighted - mix).sum() < 0.5
+        assert device.test.effective_size > 50
+    shifted = make_fleet("digits", "env_shift", 4, seed=0)
+    a, b = shifted.devices[0], shifted.devices[1]
+    assert a.test.weight is None and len(a.test) == len(b.test) > 4 * len(a.train) * 0.3
+    assert not np.allclose(a.test.x, b.test.x)  # the same recordings through each owner's sensors
+
+    def background(x):  # a blank pixel (0 in the raw digits) becomes the owner's sensor offset
+        values, counts = np.unique(x, return_counts=True)
+        return values[counts.argmax()]
+
+    # a device's test samples go through the same sensors as its training samples
+    assert background(a.train.x) == background(a.test.x) != background(b.test.x)
+    raw = make_fleet("digits", "scarce", 4, seed=0).devices[0].test
+    assert raw.weight is None and raw.effective_size == len(raw)
+
+
+def test_weighted_test_sets_are_validated_and_weight_the_accuracy():
+    import torch
+
+    from app_custom.nested.device_data import LabelledSet, check_fleet
+    from app_custom.nested.learner import evaluate
+
+    class Constant(torch.nn.Module):  # always predicts class 0
+        def forward(self, x):
+            return torch.tensor([[5.0, 0.0]]).repeat(len(x), 1)
+
+    x, y = np.zeros((4, 3), np.float32), np.array([0, 0, 1, 1])
+    assert evaluate(Constant(), LabelledSet(x, y))[0] == 0.5
+    assert evaluate(Constant(), LabelledSet(x, y, np.array([3.0, 3.0, 1.0, 1.0])))[0] == 0.75
+    assert LabelledSet(x, y, np.array([1.0, 1.0, 0.0, 0.0])).effective_size == 2.0
+    from dataclasses import replace
+
+    fleet = fleet_from_devices([_device(), _device()])
+    for weight, message in [(np.ones(3), "one weight per sample"), (-np.ones(20), ">= 0"), (np.zeros(20), "not all 0")]:
+        bad = replace(fleet.devices[0], test=LabelledSet(fleet.devices[0].test.x, fleet.devices[0].test.y, weight))
+        with pytest.raises(DataError, match=f"device 0 test.weight: .*{message}"):
+            check_fleet(replace(fleet, devices=(bad, fleet.devices[1])))
+
+
+def test_the_drop_distribution_counts_gains_and_the_tail():
+    from simulator.report import drop_distribution
+
+    assert drop_distribution([]) is None
+    summary = drop_distribution([-0.02, -0.01, 0.0, 0.005, 0.02] * 4)
+    assert summary["merges"] == 20 and summary["share_gain"] == 0.4
+    assert summary["share_drop_over_1pt"] == 0.2 and summary["max"] == 0.02 and summary["median"] == 0.0

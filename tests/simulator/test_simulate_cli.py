@@ -61,6 +61,10 @@ def test_a_dataset_plugin_from_outside_the_repository_runs_through_flare(tmp_pat
         assert all(0.0 <= a <= 1.0 for a in summary["per_device_acc"])
     assert report["fast_params_sent"] == 0
     assert report["bytes_per_update"] > 0
+    # one merge per device and round after the first: every one is in the drop distribution
+    after_merge = report["forgetting"]["after_merge"]
+    assert after_merge["merges"] == len(report["forgetting"]["drops_after_merge"]) == 3 * 2
+    assert after_merge["max"] == report["forgetting"]["max_drop_after_merge"]
     assert (out / "per_device_accuracy.png").stat().st_size > 0
     assert "round 2/2" in proc.stderr  # progress is shown while it runs
 
