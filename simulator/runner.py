@@ -9,12 +9,15 @@ inside a device.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,41 +53,48 @@ class Experiment:
         return {"fn": SHIPPED_FLEET_FN, "kwargs": kwargs}
 
 
-_console = None
-
-
-def _console_stream():
-    """A copy of the terminal's stderr, taken before FLARE's output is redirected to the log."""
-    global _console
-    if _console is None:
-        _console = os.fdopen(os.dup(2), "w", buffering=1)
-    return _console
+# A FLARE simulator run that makes no progress for this long is killed and run once more (its
+# client processes can hang on start-up: "Failed to create connection to the child process").
+STALL_S = float(os.environ.get("FLEETNEST_STALL_S", "600"))
 
 
 def _say(message: str) -> None:
-    """Progress for the person at the terminal, even while FLARE's output goes to the log file."""
-    print(message, file=_console_stream(), flush=True)
+    """Progress for the person at the terminal (FLARE's own output goes to a log file)."""
+    print(message, file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _output_to(log_path: Path) -> Iterator[None]:
-    """Send FLARE's (and its subprocesses') console output to a log file; progress stays on stderr."""
-    _console_stream()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
+class Stalled(RuntimeError):
+    """A watched process made no progress for the stall limit and was killed with its children."""
+
+
+def run_watched(command: list[str], log_path: Path, progress: list[Path], stall_s: float) -> int:
+    """Run ``command`` in its own process group, output appended to ``log_path``; kill the whole group
+    when none of ``log_path`` and ``progress`` has changed for ``stall_s`` seconds. Returns the
+    exit code; raises ``Stalled`` after a kill."""
+
+    def mark() -> tuple:
+        return tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None for p in [log_path, *progress])
+
     with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        last, changed = mark(), time.monotonic()
         try:
-            yield
+            while proc.poll() is None:
+                time.sleep(min(1.0, stall_s / 10))
+                now = mark()
+                if now != last:
+                    last, changed = now, time.monotonic()
+                elif time.monotonic() - changed > stall_s:
+                    raise Stalled(f"no progress for {stall_s:.0f} s: killed {command[:4]}... (log: {log_path})")
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            else:  # the leader exited: take down anything it left behind in its group
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode
 
 
 def _watch_rounds(metrics_path: Path, total: int, stop: threading.Event) -> None:
@@ -108,11 +118,10 @@ def method_workspace(out: Path, method: str) -> Path:
     return out / "workspace" / method
 
 
-def run_method(experiment: Experiment, method: str, out: Path) -> Path:
-    """Run one method as a FLARE job; return its server archive folder."""
+def _deploy(experiment: Experiment, method: str, out: Path) -> None:
+    """In the child process: build the method's FLARE job and run it in SimEnv."""
     data = experiment.data_spec()
     devices = len(load_fleet(data["fn"], data["kwargs"]).devices)
-    workspace_root = out / "workspace"
     job = build_nested_job(
         name=method,
         config=method_config(method, experiment.seed),
@@ -120,18 +129,35 @@ def run_method(experiment: Experiment, method: str, out: Path) -> Path:
         num_rounds=experiment.rounds,
         min_clients=devices,
     )
+    SimEnv(num_clients=devices, num_threads=devices, workspace_root=str(out / "workspace")).deploy(job)
+
+
+def run_method(experiment: Experiment, method: str, out: Path, stall_s: float | None = None) -> Path:
+    """Run one method as a FLARE job in a child process; return its server archive folder. A run
+    that stalls is killed and started once more from an empty workspace."""
+    stall_s = STALL_S if stall_s is None else stall_s
     archive = method_workspace(out, method) / "server" / "simulate_job" / "global_versions"
-    stop = threading.Event()
-    watcher = threading.Thread(
-        target=_watch_rounds, args=(archive / METRICS_FILE, experiment.rounds, stop), daemon=True
-    )
-    watcher.start()
-    try:
-        with _output_to(out / "flare.log"):
-            SimEnv(num_clients=devices, num_threads=devices, workspace_root=str(workspace_root)).deploy(job)
-    finally:
-        stop.set()
-        watcher.join()
+    command = [sys.executable, "-m", "simulator.runner", json.dumps(dataclasses.asdict(experiment)), method, str(out)]
+    for attempt in (1, 2):
+        shutil.rmtree(method_workspace(out, method), ignore_errors=True)
+        stop = threading.Event()
+        watcher = threading.Thread(
+            target=_watch_rounds, args=(archive / METRICS_FILE, experiment.rounds, stop), daemon=True
+        )
+        watcher.start()
+        try:
+            code = run_watched(command, out / "flare.log", [archive / METRICS_FILE], stall_s)
+        except Stalled as e:
+            if attempt == 2:
+                raise RuntimeError(f"{method}: the FLARE run stalled twice: {e}") from e
+            _say(f"    {e}; running {method} once more")
+            continue
+        finally:
+            stop.set()
+            watcher.join()
+        if code != 0:
+            raise RuntimeError(f"{method}: the FLARE run exited with {code}; see {out / 'flare.log'}")
+        break
     if not (archive / METRICS_FILE).exists():
         raise RuntimeError(f"{method}: the FLARE run left no {METRICS_FILE}; see {out / 'flare.log'}")
     return archive
@@ -180,3 +206,8 @@ def run_experiment(experiment: Experiment, out: Path) -> dict:
     write_plots(report, out)
     _say(f"wrote {out / 'report.json'} and plots in {out}")
     return report
+
+
+if __name__ == "__main__":  # the child process of ``run_method``
+    fields = json.loads(sys.argv[1])
+    _deploy(Experiment(**fields | {"methods": tuple(fields["methods"])}), sys.argv[2], Path(sys.argv[3]))
