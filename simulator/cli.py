@@ -1,4 +1,4 @@
-"""The ``fleetnest`` command line: one verb per tier (``simulate`` now; more verbs come with later issues)."""
+"""The ``fleetnest`` command line: one verb per tier (``simulate``, ``ota``; more come with later issues)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,23 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ota_build(args: argparse.Namespace) -> int:
+    from app_custom.cluster.archive import ArchiveError
+    from ota.release import build_release
+
+    try:
+        manifest = build_release(args.archive, args.out, args.device_class, args.version, args.max_validation_ms)
+    except (ArchiveError, ValueError, OSError) as e:
+        print(f"fleetnest ota build: {e}", file=sys.stderr)
+        return 1
+    validation = manifest["validation"]
+    print(
+        f"built {manifest['release']} in {args.out}: global version {manifest['global_version']}, "
+        f"opset {manifest['compatibility']['opset']}, {validation['engine']} p50 {validation['p50_ms']:.2f} ms"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetnest", description="Nested federated learning for robot fleets.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -56,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     simulate.add_argument("--out", required=True, help="output folder for report.json, plots and FLARE workspaces")
     simulate.set_defaults(run=_simulate)
+
+    ota = verbs.add_parser("ota", help="signed over-the-air releases of global versions").add_subparsers(
+        dest="ota_verb", required=True
+    )
+    build = ota.add_parser(
+        "build",
+        help="build a device bundle from an archived global version",
+        description="Builds a bundle (slow layers, one-file ONNX graph, golden data, manifest) from an "
+        "accepted version in the cluster's archive, for one device class.",
+    )
+    build.add_argument("--archive", required=True, help="the server's global_versions folder")
+    build.add_argument("--version", type=int, default=None, help="archived version (default: the current one)")
+    build.add_argument("--device-class", required=True, help="target device class, e.g. jetson-orin-jp6")
+    build.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    build.add_argument("--max-validation-ms", type=float, default=100.0, help="refuse a slower candidate (p99)")
+    build.set_defaults(run=_ota_build)
     return parser
 
 

@@ -137,8 +137,7 @@ def make_fleet(
         label_mix.append(np.bincount(data.y[index], minlength=data.num_classes) / len(index))
     # Every device is tested on the whole pool of held-out recordings (no device trains on any of
     # them), seen through its own sensors and weighted to its own label mix: a sample of its own
-    # distribution some 8x larger than its own held-out share, so one sample moves its accuracy
-    # by well under a point.
+    # distribution about as many times larger than its own held-out share as there are devices.
     pool = np.concatenate(test_index)
     x_pool, y_pool = take(data.x, pool), data.y[pool]
     pool_mix = np.bincount(y_pool, minlength=data.num_classes) / len(pool)

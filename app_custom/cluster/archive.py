@@ -3,7 +3,9 @@
 Every version (accepted or rejected) is a folder ``v000042/`` holding ``slow.safetensors`` and
 ``meta.json`` (status, metrics, parent version, contributing device count, round, sha256 of the
 weights), and for accepted versions the server optimiser's state (``server_state.safetensors``).
-``current.json`` names the current accepted version. Writes are atomic and durable (a folder is
+``current.json`` names the current accepted version, and ``model.json`` (the model card) what the
+weights belong to: the nested configuration, the input modalities and shapes, the number of
+classes, so that a release can be built from the archive alone. Writes are atomic and durable (a folder is
 written under a temporary name, fsynced, renamed, and its parent fsynced), so a crash never
 leaves half a version; on opening, ``current.json`` is reconciled with the newest accepted
 version (a crash between the two writes), and a restarted server resumes from it.
@@ -121,6 +123,28 @@ class VersionArchive:
         if record.status == ACCEPTED:
             _write_json_atomic(self.root / "current.json", {"version": record.version})
         return record
+
+    def write_model_card(self, card: dict) -> None:
+        """Record what the archived weights belong to (``config``, ``input_spec``, ``num_classes``,
+        ``shared_names``). An archive of another architecture is refused; a changed training
+        setting (learning rate, epochs) only updates the card."""
+        card = json.loads(json.dumps(card))  # plain JSON values (tuples become lists)
+
+        def layout(c: dict) -> tuple:
+            return c["input_spec"], c["num_classes"], c["shared_names"], c["config"].get("model")
+
+        existing = self.model_card()
+        if existing is not None and layout(existing) != layout(card):
+            raise ArchiveError(
+                f"{self.root} holds versions of another model (inputs, classes, shared layers or model "
+                f"settings differ from this job's); use a new archive_dir"
+            )
+        if existing != card:
+            _write_json_atomic(self.root / "model.json", card)
+
+    def model_card(self) -> dict | None:
+        path = self.root / "model.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def last_round(self) -> int | None:
         """The highest round any archived version (accepted or rejected) came from."""

@@ -26,6 +26,7 @@ from app_custom.cluster.gate import SlowLayerValidator, ValidationGate
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
+from app_custom.nested.models import input_spec
 from app_custom.nested.slow_delta import shapes_of
 
 METRICS_FILE = "fleet_metrics.json"
@@ -91,6 +92,14 @@ class NestedFedAvg(ModelController):
             self.nested, fleet.cluster_validation, self.nested.model.num_classes or fleet.num_classes
         )
         archive = VersionArchive(self._archive_root())
+        archive.write_model_card(
+            {
+                "config": self.config,
+                "input_spec": input_spec(fleet.cluster_validation.x),
+                "num_classes": probe.num_classes,
+                "shared_names": probe.shared_names,
+            }
+        )
         current_version = archive.current_version()
         if current_version is None:
             current = {name: p.detach().numpy().copy() for name, p in probe.model.named_parameters()}

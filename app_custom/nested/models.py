@@ -61,33 +61,63 @@ def _zero_linear(width: int, num_classes: int) -> nn.Linear:
     return layer
 
 
+def _pool_matrix(length: int, out: int) -> torch.Tensor:
+    """(length, out): column i averages adaptive average pooling's bin i, ``[floor(i L / out),
+    ceil((i + 1) L / out))``."""
+    matrix = torch.zeros(length, out)
+    for i in range(out):
+        start, end = (i * length) // out, -(-(i + 1) * length // out)
+        matrix[start:end, i] = 1.0 / (end - start)
+    return matrix
+
+
+class AvgPoolTo(nn.Module):
+    """Adaptive average pooling to a fixed output size for a fixed input size, as constant matrix
+    products. The same numbers as ``nn.AdaptiveAvgPool1d/2d``, but exportable to any ONNX opset
+    and TensorRT version (the exporter for opset <= 17 refuses adaptive pooling whose output size
+    does not divide the input size)."""
+
+    def __init__(self, in_size: tuple[int, ...], out: int) -> None:
+        super().__init__()
+        if len(in_size) not in (1, 2):
+            raise ValueError(f"AvgPoolTo pools 1 or 2 trailing dimensions, got {in_size}")
+        self.register_buffer("pool_w", _pool_matrix(in_size[-1], out), persistent=False)
+        self.register_buffer(
+            "pool_h", _pool_matrix(in_size[0], out).T.contiguous() if len(in_size) == 2 else None, persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.matmul(x, self.pool_w)
+        return torch.matmul(self.pool_h, x) if self.pool_h is not None else x
+
+
+def _conv_stack(layers: list[nn.Module], shape: tuple[int, ...], out: int, width: int) -> nn.Sequential:
+    """Convolutions, then pooling to ``out`` per spatial dimension, flatten, a linear layer to ``width``."""
+    convs = nn.Sequential(*layers)
+    with torch.no_grad():
+        size = tuple(convs(torch.zeros((1,) + shape)).shape[2:])
+    channels = layers[-2].out_channels  # the last convolution, before its ReLU
+    return nn.Sequential(
+        *layers,
+        AvgPoolTo(size, out),
+        nn.Flatten(),
+        nn.Linear(channels * out ** len(size), width),
+        nn.ReLU(),
+    )
+
+
 def _encoder(modality: str, shape: tuple[int, ...], width: int) -> nn.Module:
     if modality in ("vision", "audio"):
         if len(shape) != 3:
             raise ValueError(f"{modality} input must be (C, H, W), got {shape}")
-        return nn.Sequential(
-            nn.Conv2d(shape[0], 16, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(128, width),
-            nn.ReLU(),
-        )
+        convs = [nn.Conv2d(shape[0], 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU()]
+        return _conv_stack(convs, shape, 2, width)
     if modality == "imu":
         if len(shape) != 2:
             raise ValueError(f"imu input must be (channels, time), got {shape}")
-        return nn.Sequential(
-            nn.Conv1d(shape[0], 16, 5, stride=2, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(16, 32, 5, stride=2, padding=2),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool1d(4),
-            nn.Flatten(),
-            nn.Linear(128, width),
-            nn.ReLU(),
-        )
+        convs = [nn.Conv1d(shape[0], 16, 5, stride=2, padding=2), nn.ReLU()]
+        convs += [nn.Conv1d(16, 32, 5, stride=2, padding=2), nn.ReLU()]
+        return _conv_stack(convs, shape, 4, width)
     if modality in ("nav", "features"):
         if len(shape) != 1:
             raise ValueError(f"{modality} input must be a vector (d,), got {shape}")

@@ -119,3 +119,24 @@ def test_reopening_after_a_crash_between_version_and_pointer_makes_the_newest_ac
     assert reopened.last_round() == 1  # a resumed server starts after the rejected round too
     np.testing.assert_array_equal(reopened.load_server_state(1)["trunk.0.weight"], np.ones((2, 2)))
     assert reopened.load_server_state(2) is None
+
+
+def test_the_model_card_names_what_the_weights_belong_to_and_refuses_another_model(tmp_path):
+    from app_custom.cluster.archive import ArchiveError
+
+    archive = VersionArchive(tmp_path)
+    card = {
+        "config": {"model": {"width": 64}, "seed": 0},
+        "input_spec": {"imu": (6, 50)},
+        "num_classes": 4,
+        "shared_names": ["head.bias"],
+    }
+    archive.write_model_card(card)
+    assert VersionArchive(tmp_path).model_card()["input_spec"] == {"imu": [6, 50]}
+    archive.write_model_card(card | {"config": {"model": {"width": 64}, "seed": 1}})  # a training setting
+    assert archive.model_card()["config"]["seed"] == 1
+    with pytest.raises(ArchiveError, match="another model"):
+        archive.write_model_card(card | {"num_classes": 5})
+    with pytest.raises(ArchiveError, match="another model"):
+        archive.write_model_card(card | {"config": {"model": {"width": 32}}})
+    assert archive.model_card()["num_classes"] == 4

@@ -96,3 +96,25 @@ def test_overlapping_level_patterns_stop_the_job_with_an_error_that_names_the_pa
         SimEnv(num_clients=4, num_threads=4, workspace_root=str(tmp_path)).deploy(job)
     logs = "".join(p.read_text() for p in (tmp_path / "overlap").glob("*/log.txt"))
     assert "parameters claimed by more than one level: adapters." in logs
+
+
+def test_a_release_is_built_from_what_a_real_run_archived(tmp_path):
+    """The archive a FLARE run leaves describes its model (model.json): the OTA release builder needs
+    nothing else, and the released graph reproduces the archived global version."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ota.bundle import load_golden, read_manifest, verify_files
+    from ota.release import build_release
+
+    workspace = _run(tmp_path, "released", rounds=2)
+    archive = workspace / "server/simulate_job/global_versions"
+    card = json.loads((archive / "model.json").read_text())
+    assert card["input_spec"] == {"vision": [1, 8, 8]} and card["num_classes"] == 10
+    assert sorted(card["shared_names"]) == sorted(SHARED)
+    manifest = build_release(archive, tmp_path / "bundle", "jetson-orin-jp6")
+    verify_files(tmp_path / "bundle", read_manifest(tmp_path / "bundle"))
+    assert manifest["global_version"] == json.loads((archive / "current.json").read_text())["version"] >= 1
+    inputs, expected = load_golden(tmp_path / "bundle", manifest)
+    session = ort.InferenceSession(str(tmp_path / "bundle/model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["logits"], inputs)[0], expected, rtol=1e-3, atol=1e-4)

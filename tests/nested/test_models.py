@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from app_custom.nested.models import RobotModel, SensorAdapter
@@ -29,3 +30,13 @@ def test_a_sensor_adapter_can_hold_a_mirrored_camera_and_flipped_imu_axes():
         imu.mix.copy_(torch.from_numpy(flip))
     window = torch.randn(3, 6, 50)
     assert torch.allclose(imu(window * torch.from_numpy(np.diag(flip)).reshape(1, 6, 1)), window)
+
+
+@pytest.mark.parametrize("size,out", [((13,), 4), ((50,), 4), ((8,), 4), ((4, 4), 2), ((7, 5), 3)])
+def test_fixed_pooling_computes_what_adaptive_average_pooling_does(size, out):
+    from app_custom.nested.models import AvgPoolTo
+
+    x = torch.randn((3, 5) + size)
+    reference = torch.nn.AdaptiveAvgPool1d(out) if len(size) == 1 else torch.nn.AdaptiveAvgPool2d(out)
+    torch.testing.assert_close(AvgPoolTo(size, out)(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert AvgPoolTo(size, out).state_dict() == {}  # constants, not parameters: saved states are unchanged
