@@ -6,10 +6,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app_custom.cluster.archive import ACCEPTED, REJECTED, VersionArchive, VersionRecord
-from app_custom.nested.config import NestedConfig
-from app_custom.nested.levels import partition_parameters
-from app_custom.nested.models import build_model
 from ota.bundle import (
     BundleError,
     DeviceProfile,
@@ -21,34 +17,8 @@ from ota.bundle import (
     verify_files,
 )
 from ota.release import ReleaseError, build_release
-from simulator.methods import method_config
 
-SPEC = {"imu": (6, 50), "vision": (1, 8, 8)}
-
-
-def _model(config):
-    torch.manual_seed(config.seed)
-    return build_model(config.model, SPEC, 4)
-
-
-@pytest.fixture
-def archive(tmp_path):
-    """A cluster archive with the model card, the initial version, one accepted and one rejected."""
-    raw = method_config("nested")
-    config = NestedConfig.from_dict(raw)
-    model = _model(config)
-    shared = partition_parameters(model, config.levels).shared_names
-    archive = VersionArchive(tmp_path / "archive")
-    archive.write_model_card({"config": raw, "input_spec": SPEC, "num_classes": 4, "shared_names": shared})
-    params = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name in shared}
-    archive.save(params, VersionRecord(0, ACCEPTED, None, None, 0, {}, "initial weights"))
-    rng = np.random.default_rng(0)
-    trained = {
-        name: value + 0.05 * rng.standard_normal(value.shape).astype(np.float32) for name, value in params.items()
-    }
-    archive.save(trained, VersionRecord(1, ACCEPTED, 0, 0, 8, {"val_acc": 0.9}))
-    archive.save(params, VersionRecord(2, REJECTED, 1, 1, 8, {"val_acc": 0.2}, "accuracy drops"))
-    return archive, config, trained
+from .conftest import model_for
 
 
 def test_a_bundle_holds_one_verified_onnx_file_at_the_class_opset_that_reproduces_the_model(archive, tmp_path):
@@ -84,7 +54,7 @@ def test_a_device_installs_its_own_fast_layers_into_the_graph_and_gets_its_own_m
     out = tmp_path / "bundle"
     manifest = build_release(archive.root, out, "x86-64-cpu")
     # a device whose fast layers moved away from the identity during its own training
-    device = _model(config)
+    device = model_for(config)
     with torch.no_grad():
         for name, p in device.named_parameters():
             if name in trained:

@@ -1,0 +1,255 @@
+"""The fleet's TUF repository (python-tuf metadata): signed releases and signed targeting.
+
+Roles and what each signs:
+
+- ``root`` (2 of 3 offline keys): the keys of every role;
+- ``targets`` (offline key): the release bundles, as ``releases/<release>/<file>``;
+- ``rollout`` (online key, delegated by ``targets`` for ``desired/*`` only, terminating): which
+  release each ring should run, as ``desired/<ring>.json``. This is Uptane's director idea: the
+  online rollout server chooses among releases, but only among those the offline key signed;
+- ``snapshot`` and ``timestamp`` (online keys): one consistent view of all metadata, and its
+  freshness (the timestamp expires after a day: a frozen mirror is noticed).
+
+The layout is TUF's consistent snapshot, served as is over HTTP: ``metadata/N.root.json``,
+``metadata/N.targets.json``, ``metadata/N.rollout.json``, ``metadata/N.snapshot.json``,
+``metadata/timestamp.json``, ``targets/<dir>/<sha256>.<file>``. Files are written atomically and
+``timestamp.json`` last, so a client never sees a half-published state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from .bundle import read_manifest, verify_files
+from .keys import ROOT_THRESHOLD, KeyDir
+from .release import MANIFEST
+
+ROLLOUT = "rollout"
+RELEASES = "releases"
+DESIRED = "desired"
+EXPIRY = {
+    "root": timedelta(days=365),
+    "targets": timedelta(days=90),
+    ROLLOUT: timedelta(days=7),
+    "snapshot": timedelta(days=7),
+    "timestamp": timedelta(days=1),
+}
+_JSON = JSONSerializer(compact=False)
+
+
+class RepositoryError(ValueError):
+    """The repository cannot do what was asked (the message says why); nothing was published."""
+
+
+def _expires(role: str) -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0) + EXPIRY[role]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def release_path(release: str, name: str) -> str:
+    return f"{RELEASES}/{release}/{name}"
+
+
+def desired_path(ring: str) -> str:
+    return f"{DESIRED}/{ring}.json"
+
+
+class Repository:
+    """A TUF repository on disk. Signing keys come from ``keys`` only when an operation needs them."""
+
+    def __init__(self, path: str | os.PathLike, keys: KeyDir | None = None) -> None:
+        self.path = Path(path)
+        self.metadata_dir = self.path / "metadata"
+        self.targets_dir = self.path / "targets"
+        self.keys = keys
+        if not (self.metadata_dir / "timestamp.json").exists():
+            raise RepositoryError(f"{self.path} is not a fleetnest OTA repository (no metadata/timestamp.json)")
+        roots = [int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json")]
+        self.root = Metadata[Root].from_file(str(self.metadata_dir / f"{max(roots)}.root.json"))
+        self.timestamp = Metadata[Timestamp].from_file(str(self.metadata_dir / "timestamp.json"))
+        self.snapshot = self._load("snapshot", self.timestamp.signed.snapshot_meta.version)
+        self.targets = self._load("targets", self.snapshot.signed.meta["targets.json"].version)
+        self.rollout = self._load(ROLLOUT, self.snapshot.signed.meta[f"{ROLLOUT}.json"].version)
+
+    def _load(self, role: str, version: int) -> Metadata:
+        return Metadata.from_file(str(self.metadata_dir / f"{version}.{quote(role, '')}.json"))
+
+    # ---- creation ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, keys: KeyDir) -> Repository:
+        path = Path(path)
+        if (path / "metadata").exists():
+            raise RepositoryError(f"{path} already holds a repository")
+        public = keys.public()
+        root = Metadata(Root(expires=_expires("root")))
+        for role in ("root", "targets", "snapshot", "timestamp"):
+            for key in public[role]:
+                root.signed.add_key(key, role)
+        root.signed.roles["root"].threshold = ROOT_THRESHOLD
+        targets = Metadata(Targets(expires=_expires("targets")))
+        targets.signed.delegations = Delegations(keys={}, roles={})
+        targets.signed.delegations.roles[ROLLOUT] = DelegatedRole(
+            name=ROLLOUT, keyids=[], threshold=1, terminating=True, paths=[f"{DESIRED}/*"]
+        )
+        for key in public[ROLLOUT]:
+            targets.signed.add_key(key, ROLLOUT)
+        rollout = Metadata(Targets(expires=_expires(ROLLOUT)))
+        snapshot = Metadata(Snapshot(expires=_expires("snapshot")))
+        timestamp = Metadata(Timestamp(expires=_expires("timestamp")))
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        meta = tmp / "metadata"
+        meta.mkdir(parents=True)
+        for signer in keys.root_signers():
+            root.sign(signer, append=True)
+        root.signed.verify_delegate("root", root.signed_bytes, root.signatures)
+        targets.sign(keys.signer("targets"))
+        rollout.sign(keys.signer(ROLLOUT))
+        snapshot.signed.meta = {"targets.json": MetaFile(1), f"{ROLLOUT}.json": MetaFile(1)}
+        snapshot.sign(keys.signer("snapshot"))
+        timestamp.signed.snapshot_meta = MetaFile(1)
+        timestamp.sign(keys.signer("timestamp"))
+        for md, name in [(root, "1.root.json"), (targets, "1.targets.json"), (rollout, f"1.{ROLLOUT}.json")]:
+            _atomic_write(meta / name, md.to_bytes(_JSON))
+        _atomic_write(meta / "1.snapshot.json", snapshot.to_bytes(_JSON))
+        _atomic_write(meta / "timestamp.json", timestamp.to_bytes(_JSON))
+        (tmp / "targets").mkdir()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+        return cls(path, keys)
+
+    # ---- publishing ----------------------------------------------------------------------
+    def _keys(self) -> KeyDir:
+        if self.keys is None:
+            raise RepositoryError("this operation signs metadata: give the key folder (--keys)")
+        return self.keys
+
+    def _publish(self, changed: dict[str, tuple[Metadata, Signer]]) -> None:
+        """Bump, sign and write the changed targets roles, then a new snapshot, then the timestamp."""
+        keys = self._keys()
+        for role, (md, signer) in changed.items():
+            md.signed.version += 1
+            md.signed.expires = _expires(role)
+            md.sign(signer)
+            delegator = self.root.signed if role == "targets" else self.targets.signed
+            delegator.verify_delegate(role, md.signed_bytes, md.signatures)
+            _atomic_write(self.metadata_dir / f"{md.signed.version}.{quote(role, '')}.json", md.to_bytes(_JSON))
+            self.snapshot.signed.meta[f"{role}.json"] = MetaFile(md.signed.version)
+        if changed:
+            self.snapshot.signed.version += 1
+            self.snapshot.signed.expires = _expires("snapshot")
+            self.snapshot.sign(keys.signer("snapshot"))
+            _atomic_write(
+                self.metadata_dir / f"{self.snapshot.signed.version}.snapshot.json", self.snapshot.to_bytes(_JSON)
+            )
+        self.refresh_timestamp()
+
+    def refresh_timestamp(self) -> None:
+        """A new timestamp (the server does this well within its one-day expiry)."""
+        self.timestamp.signed.version += 1
+        self.timestamp.signed.expires = _expires("timestamp")
+        self.timestamp.signed.snapshot_meta = MetaFile(self.snapshot.signed.version)
+        self.timestamp.sign(self._keys().signer("timestamp"))
+        _atomic_write(self.metadata_dir / "timestamp.json", self.timestamp.to_bytes(_JSON))
+
+    def _add_target(self, md: Metadata, path: str, local: Path) -> None:
+        target = TargetFile.from_file(path, str(local), ["sha256"])
+        for prefixed in target.get_prefixed_paths():
+            dest = self.targets_dir / prefixed
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        md.signed.targets[path] = target
+
+    def releases(self) -> list[str]:
+        return sorted({path.split("/")[1] for path in self.targets.signed.targets if path.startswith(f"{RELEASES}/")})
+
+    def add_release(self, bundle: str | os.PathLike) -> str:
+        """Sign a verified bundle into the repository (needs the offline targets key)."""
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)
+        verify_files(bundle, manifest)
+        release = manifest["release"]
+        if release in self.releases():
+            raise RepositoryError(f"release {release} is already published: a release is never replaced")
+        signer = self._keys().signer("targets")
+        for name in [MANIFEST, *manifest["files"]]:
+            self._add_target(self.targets, release_path(release, name), bundle / name)
+        self._publish({"targets": (self.targets, signer)})
+        return release
+
+    def set_desired(self, ring: str, document: dict) -> None:
+        """Sign which release ``ring`` should run (the online rollout key); the release must be one
+        the offline targets key signed."""
+        if not ring or "/" in ring or ring.startswith("."):
+            raise RepositoryError(f"bad ring name {ring!r}")
+        release = document.get("release")
+        if release not in self.releases():
+            raise RepositoryError(
+                f"release {release!r} is not signed into the repository; published: {self.releases()}"
+            )
+        signer = self._keys().signer(ROLLOUT)
+        data = json.dumps(document, sort_keys=True).encode()
+        staging = self.path / ".staging"
+        staging.mkdir(exist_ok=True)
+        local = staging / f"{ring}.json"
+        _atomic_write(local, data)
+        self._add_target(self.rollout, desired_path(ring), local)
+        local.unlink()
+        self._publish({ROLLOUT: (self.rollout, signer)})
+
+    def rotate_root(
+        self, old_signers: list[Signer], new_signers: list[Signer], threshold: int = ROOT_THRESHOLD
+    ) -> None:
+        """A new root version trusting ``new_signers``' keys for the root role, signed by a threshold
+        of the old keys and of the new ones (a device that trusts the old root walks to the new)."""
+        if len(new_signers) < threshold:
+            raise RepositoryError(f"{len(new_signers)} new root keys cannot meet a threshold of {threshold}")
+        previous = Metadata[Root].from_bytes(self.root.to_bytes())
+        for keyid in list(self.root.signed.roles["root"].keyids):
+            self.root.signed.revoke_key(keyid, "root")
+        for signer in new_signers:
+            self.root.signed.add_key(signer.public_key, "root")
+        self.root.signed.roles["root"].threshold = threshold
+        self.root.signed.version += 1
+        self.root.signed.expires = _expires("root")
+        self.root.signatures.clear()
+        for signer in [*old_signers, *new_signers]:
+            self.root.sign(signer, append=True)
+        result = self.root.signed.get_root_verification_result(
+            previous.signed, self.root.signed_bytes, self.root.signatures
+        )
+        if not result.verified:
+            self.root = previous
+            raise RepositoryError("the new root is not signed by a threshold of both the old and the new root keys")
+        _atomic_write(self.metadata_dir / f"{self.root.signed.version}.root.json", self.root.to_bytes(_JSON))
+        self.refresh_timestamp()

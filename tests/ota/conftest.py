@@ -1,0 +1,70 @@
+"""An archive as the cluster leaves it, and bundles built from it, for the OTA tests."""
+
+import numpy as np
+import pytest
+import torch
+
+from app_custom.cluster.archive import ACCEPTED, REJECTED, VersionArchive, VersionRecord
+from app_custom.nested.config import NestedConfig
+from app_custom.nested.levels import partition_parameters
+from app_custom.nested.models import build_model
+from simulator.methods import method_config
+
+SPEC = {"imu": (6, 50), "vision": (1, 8, 8)}
+
+
+def model_for(config):
+    torch.manual_seed(config.seed)
+    return build_model(config.model, SPEC, 4)
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A cluster archive with the model card, the initial version, one accepted and one rejected."""
+    raw = method_config("nested")
+    config = NestedConfig.from_dict(raw)
+    model = model_for(config)
+    shared = partition_parameters(model, config.levels).shared_names
+    archive = VersionArchive(tmp_path / "archive")
+    archive.write_model_card({"config": raw, "input_spec": SPEC, "num_classes": 4, "shared_names": shared})
+    params = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name in shared}
+    archive.save(params, VersionRecord(0, ACCEPTED, None, None, 0, {}, "initial weights"))
+    rng = np.random.default_rng(0)
+    trained = {
+        name: value + 0.05 * rng.standard_normal(value.shape).astype(np.float32) for name, value in params.items()
+    }
+    archive.save(trained, VersionRecord(1, ACCEPTED, 0, 0, 8, {"val_acc": 0.9}))
+    archive.save(params, VersionRecord(2, REJECTED, 1, 1, 8, {"val_acc": 0.2}, "accuracy drops"))
+    return archive, config, trained
+
+
+@pytest.fixture
+def bundle(archive, tmp_path):
+    """A release bundle of the archive's version 1 for simulated devices."""
+    from ota.release import build_release
+
+    archive, _, _ = archive
+    build_release(archive.root, tmp_path / "bundle", "x86-64-cpu")
+    return tmp_path / "bundle"
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on a free localhost port serving a folder; yields (folder, base url)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

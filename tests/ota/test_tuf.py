@@ -1,0 +1,141 @@
+"""The fleet's TUF repository against python-tuf's client over real HTTP: releases signed offline,
+targeting signed online, and the attacks TUF exists for, each refused with a reason."""
+
+import json
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, TargetFile
+
+from ota import keys as fleet_keys
+from ota.client import ReleaseClient, UpdateRefused
+from ota.repository import ROLLOUT, Repository, RepositoryError
+
+
+@pytest.fixture
+def repo(bundle, http_root, tmp_path):
+    folder, url = http_root
+    keys = fleet_keys.generate(tmp_path / "keys")
+    repository = Repository.create(folder / "repo", keys)
+    release = repository.add_release(bundle)
+    repository.set_desired("canary", {"release": release})
+    trusted_root = (folder / "repo/metadata/1.root.json").read_bytes()
+    return repository, keys, release, f"{url}/repo", trusted_root
+
+
+def _client(repo, tmp_path, name="device"):
+    repository, _, _, url, trusted_root = repo
+    return ReleaseClient(url, tmp_path / name, trusted_root)
+
+
+def _file(repository, path):
+    info = repository.targets.signed.targets.get(path) or repository.rollout.signed.targets[path]
+    return repository.targets_dir / info.get_prefixed_paths()[0]
+
+
+def test_a_device_reads_its_ring_targeting_and_downloads_the_signed_release(repo, tmp_path):
+    repository, keys, release, _, _ = repo
+    client = _client(repo, tmp_path)
+    assert client.desired("canary") == {"release": release}
+    assert client.desired("wide") is None  # nothing targeted at that ring
+    manifest = json.loads(client.fetch(client.release_file(release, "manifest.json")))
+    assert manifest["release"] == release
+    path = client.download(client.release_file(release, "model.onnx"), tmp_path / "model.onnx")
+    assert path.stat().st_size == manifest["files"]["model.onnx"]["bytes"]
+    # the private keys are files only their owner can read
+    assert (keys.path / "offline/targets.pem").stat().st_mode & 0o077 == 0
+    with pytest.raises(fleet_keys.KeyFileError, match="never overwritten"):
+        fleet_keys.generate(keys.path)
+
+
+def test_a_tampered_or_oversized_artifact_is_refused(repo, tmp_path):
+    repository, _, release, _, _ = repo
+    stored = _file(repository, f"releases/{release}/model.onnx")
+    good = stored.read_bytes()
+    stored.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    client = _client(repo, tmp_path)
+    with pytest.raises(UpdateRefused, match="does not match its signed length or hash"):
+        client.download(client.release_file(release, "model.onnx"), tmp_path / "m.onnx")
+    stored.write_bytes(good + b"\0" * 1_000_000)  # endless data: more than the signed length
+    with pytest.raises(UpdateRefused, match="longer than its signed length|signed length or hash"):
+        client.download(client.release_file(release, "model.onnx"), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_frozen_rolled_back_or_mixed_metadata_is_refused(repo, tmp_path):
+    repository, keys, release, _, _ = repo
+    meta = repository.metadata_dir
+    _client(repo, tmp_path).desired("canary")  # the device has seen the current metadata
+    # rollback: an older timestamp, validly signed, replayed by a mirror
+    old_timestamp = (meta / "timestamp.json").read_bytes()
+    repository.refresh_timestamp()
+    _client(repo, tmp_path).refresh()
+    (meta / "timestamp.json").write_bytes(old_timestamp)
+    with pytest.raises(UpdateRefused, match="rollback"):
+        _client(repo, tmp_path).refresh()
+    # freeze: a validly signed timestamp that has expired
+    repository.refresh_timestamp()
+    frozen = Metadata.from_bytes((meta / "timestamp.json").read_bytes())
+    frozen.signed.version += 1
+    frozen.signed.expires = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
+    frozen.sign(keys.signer("timestamp"))
+    (meta / "timestamp.json").write_bytes(frozen.to_bytes())
+    with pytest.raises(UpdateRefused, match="expired"):
+        _client(repo, tmp_path, "fresh-device").refresh()
+    # mix-and-match: the current snapshot's targets file swapped for another (validly signed) version
+    repository.refresh_timestamp()
+    current = repository.snapshot.signed.meta["targets.json"].version
+    shutil.copyfile(meta / f"{current - 1}.targets.json", meta / f"{current}.targets.json")
+    with pytest.raises(UpdateRefused, match="Expected targets v"):
+        _client(repo, tmp_path, "third-device").desired("canary")
+
+
+def test_targeting_signed_by_the_online_key_alone_cannot_name_an_unsigned_release(repo, tmp_path):
+    repository, keys, release, _, _ = repo
+    with pytest.raises(RepositoryError, match="not signed into the repository"):
+        repository.set_desired("canary", {"release": "v999999-evil"})
+    # a compromised rollout server signs targeting for a release no offline key signed ...
+    evil = repository.path / ".staging/evil.json"
+    evil.parent.mkdir(exist_ok=True)
+    evil.write_text(json.dumps({"release": "v999999-evil"}))
+    repository._add_target(repository.rollout, "desired/canary.json", evil)
+    # ... and even lists the release's files under its own (online) role
+    repository._add_target(repository.rollout, "releases/v999999-evil/manifest.json", evil)
+    repository._publish({ROLLOUT: (repository.rollout, keys.signer(ROLLOUT))})
+    client = _client(repo, tmp_path)
+    with pytest.raises(UpdateRefused, match="names release 'v999999-evil', which no offline key signed"):
+        client.desired("canary")
+
+
+def test_a_foreign_key_or_an_unsigned_release_file_is_refused(repo, tmp_path):
+    repository, _, release, _, _ = repo
+    meta = repository.metadata_dir
+    forged = Metadata.from_bytes((meta / "timestamp.json").read_bytes())
+    forged.signed.version += 1
+    forged.sign(CryptoSigner.generate_ed25519())
+    (meta / "timestamp.json").write_bytes(forged.to_bytes())
+    with pytest.raises(UpdateRefused, match="not signed by the trusted keys"):
+        _client(repo, tmp_path).refresh()
+    repository.refresh_timestamp()
+    with pytest.raises(UpdateRefused, match="has no signed file"):
+        _client(repo, tmp_path, "other").release_file(release, "extra.bin")
+    assert isinstance(_client(repo, tmp_path, "x").release_file(release, "golden.safetensors"), TargetFile)
+
+
+def test_root_keys_rotate_and_a_device_that_trusts_the_first_root_follows(repo, tmp_path):
+    repository, keys, release, _, _ = repo
+    old = keys.root_signers()
+    new = [CryptoSigner.generate_ed25519() for _ in range(3)]
+    with pytest.raises(RepositoryError, match="cannot meet a threshold"):
+        repository.rotate_root(old, new[:1], threshold=2)
+    repository.rotate_root(old[:2], new[:2])
+    newer = [CryptoSigner.generate_ed25519() for _ in range(3)]
+    repository.rotate_root(new[:2], newer[:2])
+    client = _client(repo, tmp_path)  # bootstrapped with root version 1
+    assert client.desired("canary") == {"release": release}
+    assert json.loads((tmp_path / "device/tuf/root.json").read_text())["signed"]["version"] == 3
+    # a rotation signed by the new keys only (the old threshold missing) is refused at the source
+    with pytest.raises(RepositoryError, match="threshold of both"):
+        repository.rotate_root([], [CryptoSigner.generate_ed25519() for _ in range(3)])
