@@ -122,6 +122,17 @@ class ReleaseClient:
         finally:
             scratch.unlink(missing_ok=True)
 
+    def download_resumable(self, info: TargetFile, dest: str | os.PathLike) -> Path:
+        """A large release file into ``dest`` through ``ota.download`` (resumes a partial file),
+        checked against the signed length and sha256 from the verified metadata."""
+        from .download import DownloadError, download
+
+        url = f"{self.repo_url}/targets/{info.get_prefixed_paths()[0]}"
+        try:
+            return download(url, dest, info.length, info.hashes["sha256"])
+        except DownloadError as e:
+            raise UpdateRefused(str(e)) from e
+
     def download(self, info: TargetFile, dest: str | os.PathLike) -> Path:
         """A release file into ``dest``, verified against its signed length and sha256."""
         try:
