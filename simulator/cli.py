@@ -51,6 +51,78 @@ def _ota_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ota_fail(verb: str, error: Exception) -> int:
+    print(f"fleetnest ota {verb}: {error}", file=sys.stderr)
+    return 1
+
+
+def _ota_keygen(args: argparse.Namespace) -> int:
+    from ota.keys import KeyFileError, generate
+
+    try:
+        keys = generate(args.keys)
+    except (KeyFileError, OSError) as e:
+        return _ota_fail("keygen", e)
+    print(f"keys in {keys.path}: move offline/ to offline storage once the repository is initialised")
+    return 0
+
+
+def _ota_init(args: argparse.Namespace) -> int:
+    from ota.keys import KeyDir, KeyFileError
+    from ota.repository import Repository, RepositoryError
+
+    try:
+        repository = Repository.create(args.repo, KeyDir(Path(args.keys)))
+    except (KeyFileError, RepositoryError, OSError) as e:
+        return _ota_fail("init", e)
+    print(f"repository in {repository.path}; devices ship with {repository.metadata_dir / '1.root.json'}")
+    return 0
+
+
+def _ota_publish(args: argparse.Namespace) -> int:
+    from ota.bundle import BundleError
+    from ota.keys import KeyDir, KeyFileError
+    from ota.repository import Repository, RepositoryError
+
+    try:
+        release = Repository(args.repo, KeyDir(Path(args.keys))).add_release(args.bundle)
+    except (BundleError, KeyFileError, RepositoryError, OSError) as e:
+        return _ota_fail("publish", e)
+    print(f"published {release}")
+    return 0
+
+
+def _ota_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from ota.keys import KeyDir
+    from ota.repository import Repository, RepositoryError
+    from ota.server import RepositoryServer
+
+    try:
+        server = RepositoryServer(args.repo, args.host, args.port)
+        repository = Repository(args.repo, KeyDir(Path(args.keys))) if args.keys else None
+    except (ValueError, RepositoryError, OSError) as e:
+        return _ota_fail("serve", e)
+    stop = threading.Event()
+
+    def keep_fresh() -> None:  # the timestamp expires after a day: renew it well before
+        while not stop.wait(args.timestamp_every_s):
+            repository.refresh_timestamp()
+
+    if repository is not None:
+        repository.refresh_timestamp()
+        threading.Thread(target=keep_fresh, daemon=True).start()
+    print(f"serving {args.repo} at {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetnest", description="Nested federated learning for robot fleets.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -89,6 +161,25 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     build.add_argument("--max-validation-ms", type=float, default=100.0, help="refuse a slower candidate (p99)")
     build.set_defaults(run=_ota_build)
+    keygen = ota.add_parser("keygen", help="generate the fleet's signing keys (offline and online roles)")
+    keygen.add_argument("--keys", required=True, help="folder to create the keys in (must not hold keys)")
+    keygen.set_defaults(run=_ota_keygen)
+    init = ota.add_parser("init", help="create the TUF repository (root, targets, rollout, snapshot, timestamp)")
+    init.add_argument("--repo", required=True)
+    init.add_argument("--keys", required=True)
+    init.set_defaults(run=_ota_init)
+    publish = ota.add_parser("publish", help="sign a bundle into the repository (needs the offline targets key)")
+    publish.add_argument("--repo", required=True)
+    publish.add_argument("--keys", required=True)
+    publish.add_argument("--bundle", required=True)
+    publish.set_defaults(run=_ota_publish)
+    serve = ota.add_parser("serve", help="serve the repository over HTTP (Range requests)")
+    serve.add_argument("--repo", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--keys", default=None, help="online keys: renew the timestamp while serving")
+    serve.add_argument("--timestamp-every-s", type=float, default=6 * 3600)
+    serve.set_defaults(run=_ota_serve)
     return parser
 
 

@@ -139,3 +139,34 @@ def test_root_keys_rotate_and_a_device_that_trusts_the_first_root_follows(repo, 
     # a rotation signed by the new keys only (the old threshold missing) is refused at the source
     with pytest.raises(RepositoryError, match="threshold of both"):
         repository.rotate_root([], [CryptoSigner.generate_ed25519() for _ in range(3)])
+
+
+def test_keygen_init_publish_and_serve_from_the_command_line(bundle, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import urllib3
+
+    from simulator.cli import main
+
+    keys, repo = str(tmp_path / "k"), str(tmp_path / "r")
+    assert main(["ota", "keygen", "--keys", keys]) == 0
+    assert main(["ota", "keygen", "--keys", keys]) == 1
+    assert "never overwritten" in capsys.readouterr().err
+    assert main(["ota", "publish", "--repo", repo, "--keys", keys, "--bundle", str(bundle)]) == 1
+    assert "not a fleetnest OTA repository" in capsys.readouterr().err
+    assert main(["ota", "init", "--repo", repo, "--keys", keys]) == 0
+    assert main(["ota", "publish", "--repo", repo, "--keys", keys, "--bundle", str(bundle)]) == 0
+    assert "published v000001-x86-64-cpu" in capsys.readouterr().out
+    assert main(["ota", "publish", "--repo", repo, "--keys", keys, "--bundle", str(bundle)]) == 1
+    assert "never replaced" in capsys.readouterr().err
+    before = json.loads((tmp_path / "r/metadata/timestamp.json").read_text())["signed"]["version"]
+    command = [sys.executable, "-m", "simulator.cli", "ota", "serve", "--repo", repo, "--keys", keys, "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split(" at ")[1].strip()
+        timestamp = json.loads(urllib3.PoolManager().request("GET", f"{url}/metadata/timestamp.json").data)
+        assert timestamp["signed"]["version"] == before + 1  # renewed on start with the online key
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
