@@ -45,6 +45,11 @@ def read_manifest(bundle: str | Path) -> dict:
         raise BundleError(f"{bundle}: no {MANIFEST}") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: corrupt manifest ({e})") from e
+    return check_manifest(manifest, path)
+
+
+def check_manifest(manifest: object, path: str | Path) -> dict:
+    """The manifest's structure, format and required files (``path`` names it in errors)."""
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: corrupt manifest (not a JSON object)")
     for key, kind in _REQUIRED.items():

@@ -97,11 +97,26 @@ class ReleaseClient:
         info = self.target(desired_path(ring))
         if info is None:
             return None
-        document = json.loads(self.fetch(info))
+        try:
+            document = json.loads(self.fetch(info))
+        except ValueError as e:
+            raise UpdateRefused(f"targeting for {ring} is not JSON: {e}") from e
         release = document.get("release") if isinstance(document, dict) else None
         if not isinstance(release, str) or self.target(release_path(release, MANIFEST)) is None:
             raise UpdateRefused(f"targeting for {ring} names release {release!r}, which no offline key signed")
         return document
+
+    def ring(self, device_id: str) -> str:
+        """This device's ring, from the signed ring layout (``desired/rings.json``)."""
+        from .rings import LAYOUT, RingError, check_layout, ring_of
+
+        info = self.target(desired_path(LAYOUT))
+        if info is None:
+            raise UpdateRefused("the repository has no signed ring layout yet")
+        try:
+            return ring_of(device_id, check_layout(json.loads(self.fetch(info))))
+        except (RingError, ValueError) as e:
+            raise UpdateRefused(f"the signed ring layout is malformed: {e}") from e
 
     def release_file(self, release: str, name: str) -> TargetFile:
         info = self.target(release_path(release, name))

@@ -42,6 +42,7 @@ from tuf.api.serialization.json import JSONSerializer
 from .bundle import read_manifest, verify_files
 from .keys import ROOT_THRESHOLD, KeyDir
 from .release import MANIFEST
+from .rings import LAYOUT, RingError, check_layout
 
 ROLLOUT = "rollout"
 RELEASES = "releases"
@@ -210,13 +211,24 @@ class Repository:
     def set_desired(self, ring: str, document: dict) -> None:
         """Sign which release ``ring`` should run (the online rollout key); the release must be one
         the offline targets key signed."""
-        if not ring or "/" in ring or ring.startswith("."):
+        if not ring or "/" in ring or ring.startswith(".") or ring == LAYOUT:
             raise RepositoryError(f"bad ring name {ring!r}")
         release = document.get("release")
         if release not in self.releases():
             raise RepositoryError(
                 f"release {release!r} is not signed into the repository; published: {self.releases()}"
             )
+        self._sign_desired(ring, document)
+
+    def set_layout(self, layout: dict) -> None:
+        """Sign the ring layout devices place themselves with (``desired/rings.json``)."""
+        try:
+            check_layout(layout)
+        except RingError as e:
+            raise RepositoryError(str(e)) from e
+        self._sign_desired(LAYOUT, layout)
+
+    def _sign_desired(self, ring: str, document: dict) -> None:
         signer = self._keys().signer(ROLLOUT)
         data = json.dumps(document, sort_keys=True).encode()
         staging = self.path / ".staging"

@@ -123,6 +123,49 @@ def _ota_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+EX_TEMPFAIL = 75  # staged, the switch waits for the mission lock
+
+
+def _ota_update(args: argparse.Namespace) -> int:
+    from ota.bundle import DeviceProfile
+    from ota.client import ReleaseClient, UpdateRefused
+    from ota.release import RUNTIME_VERSION
+    from ota.updater import HealthPolicy, Updater
+
+    state = Path(args.state)
+    root_file = Path(args.trusted_root) if args.trusted_root else state / "trusted_root.json"
+    if not root_file.exists() and not (state / "tuf" / "root.json").exists():
+        return _ota_fail(
+            "update", f"no trusted root: give --trusted-root (the fleet's 1.root.json) or put it at {root_file}"
+        )
+    trusted = root_file.read_bytes() if root_file.exists() else b""
+    fast = None
+    if args.fast:
+        from safetensors.numpy import load_file
+
+        fast = load_file(args.fast)
+    validation = None
+    if args.validation:
+        import numpy as np
+
+        with np.load(args.validation, allow_pickle=False) as arrays:
+            validation = ({k[2:]: arrays[k] for k in arrays.files if k.startswith("x.")}, arrays["y"])
+    try:
+        client = ReleaseClient(args.repo, state, trusted)
+        ring = args.ring or client.ring(args.device_id)
+        profile = DeviceProfile(args.device_class, RUNTIME_VERSION, args.l4t, args.tensorrt)
+        updater = Updater(state, client, profile, ring, fast, validation, HealthPolicy(args.latency_budget_ms))
+        outcome = updater.run_once()
+    except UpdateRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    except (RuntimeError, OSError) as e:
+        return _ota_fail("update", e)
+    line = f"{outcome.status}: {outcome.release or '-'} (ring {ring}): {outcome.reason}"
+    print(line, file=sys.stdout if outcome.ok else sys.stderr)
+    return 0 if outcome.ok else EX_TEMPFAIL if outcome.status == "staged" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetnest", description="Nested federated learning for robot fleets.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -180,6 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keys", default=None, help="online keys: renew the timestamp while serving")
     serve.add_argument("--timestamp-every-s", type=float, default=6 * 3600)
     serve.set_defaults(run=_ota_serve)
+    update = ota.add_parser(
+        "update",
+        help="device side: one check-and-install cycle (exit 0 installed or up to date, 1 refused or rolled "
+        "back, 75 staged while a mission runs)",
+    )
+    update.add_argument("--repo", required=True, help="repository URL (its metadata/ and targets/ below it)")
+    update.add_argument("--state", required=True, help="state directory; the active model is STATE/current")
+    update.add_argument("--device-id", required=True)
+    update.add_argument("--device-class", required=True)
+    update.add_argument(
+        "--trusted-root", default=None, help="the fleet's root metadata (default STATE/trusted_root.json)"
+    )
+    update.add_argument("--ring", default=None, help="override the ring (default: from the signed ring layout)")
+    update.add_argument("--fast", default=None, help="this device's fast layers (safetensors) to install")
+    update.add_argument("--validation", default=None, help="local validation data (.npz: x.<modality>, y)")
+    update.add_argument("--l4t", type=int, default=None, help="L4T major release of this device")
+    update.add_argument("--tensorrt", default=None, help="TensorRT version on this device (none: onnxruntime)")
+    update.add_argument("--latency-budget-ms", type=float, default=30.0)
+    update.set_defaults(run=_ota_update)
     return parser
 
 

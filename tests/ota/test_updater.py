@@ -1,0 +1,157 @@
+"""The device updater end to end: a real repository served over HTTP, `fleetnest ota update` cycles,
+refusals, the mission lock, a health-check rollback, and a kill at every phase."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from app_custom.cluster.archive import ACCEPTED, VersionRecord
+from ota import keys as fleet_keys
+from ota.bundle import read_manifest, verify_files
+from ota.release import build_release
+from ota.repository import Repository
+from ota.rings import make_layout
+from ota.server import RepositoryServer
+from simulator.cli import main
+
+
+@pytest.fixture
+def fleet(archive, tmp_path):
+    """An archive with versions 1 and 3, a repository with the ring layout, served over HTTP."""
+    archive, _, trained = archive
+    archive.save({k: v * 1.01 for k, v in trained.items()}, VersionRecord(3, ACCEPTED, 1, 2, 8, {"val_acc": 0.92}))
+    keys = fleet_keys.generate(tmp_path / "keys")
+    repository = Repository.create(tmp_path / "repo", keys)
+    repository.set_layout(make_layout("fleet-salt", [("canary", 0.5), ("rest", 1.0)]))
+    server = RepositoryServer(tmp_path / "repo").start()
+    yield archive, repository, server.url, tmp_path
+    server.stop()
+
+
+def publish(fleet, version, device_class="x86-64-cpu", break_golden=False):
+    archive, repository, _, tmp_path = fleet
+    out = tmp_path / f"bundle-{version}-{device_class}-{break_golden}"
+    build_release(archive.root, out, device_class, version=version)
+    if break_golden:  # a broken build pipeline: golden outputs that the shipped graph does not give
+        golden = load_file(str(out / "golden.safetensors"))
+        golden["output.logits"] = golden["output.logits"] + 1.0
+        save_file(golden, str(out / "golden.safetensors"))
+        manifest = json.loads((out / "manifest.json").read_text())
+        import hashlib
+
+        data = (out / "golden.safetensors").read_bytes()
+        manifest["files"]["golden.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        manifest["release"] += "-broken"
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return repository.add_release(out)
+
+
+def target(fleet, release, rings=("canary", "rest")):
+    for ring in rings:
+        fleet[1].set_desired(ring, {"release": release})
+
+
+def update(fleet, device="robot-1", *extra, env=None):
+    _, repository, url, tmp_path = fleet
+    state = tmp_path / "devices" / device
+    args = ["ota", "update", "--repo", url, "--state", str(state), "--device-id", device]
+    args += ["--device-class", "x86-64-cpu", "--trusted-root", str(repository.metadata_dir / "1.root.json"), *extra]
+    if env is None:
+        return main(args), state
+    command = [sys.executable, "-m", "simulator.cli", *args]
+    return subprocess.run(command, env=os.environ | env, capture_output=True, text=True), state
+
+
+def active(state):
+    """The release the device runs, after checking that ``current`` is a complete verified bundle."""
+    if not (state / "current").exists():
+        return None
+    manifest = read_manifest(state / "current")
+    verify_files(state / "current", manifest)
+    assert (state / "current" / "model.personal.onnx").stat().st_size > 0
+    return manifest["release"]
+
+
+def test_install_stay_up_to_date_move_forward_and_refuse_to_go_back(fleet, capsys):
+    first = publish(fleet, 1)
+    target(fleet, first)
+    code, state = update(fleet)
+    assert code == 0 and active(state) == first and "installed" in capsys.readouterr().out
+    assert update(fleet)[0] == 0 and "already running" in capsys.readouterr().out
+    second = publish(fleet, 3)
+    target(fleet, second)
+    assert update(fleet)[0] == 0 and active(state) == second
+    assert os.readlink(state / "current") == "slots/b"
+    target(fleet, first)  # the rollout server asks for an older release: the version floor refuses
+    assert update(fleet)[0] == 1
+    assert "not newer than the committed version 3 (rollback refused)" in capsys.readouterr().err
+    assert active(state) == second
+
+
+def test_a_release_for_another_device_class_is_refused(fleet, capsys):
+    other = publish(fleet, 1, device_class="jetson-orin-jp6")
+    target(fleet, other)
+    code, state = update(fleet)
+    assert code == 1 and "is for jetson-orin-jp6, this device is x86-64-cpu" in capsys.readouterr().err
+    assert active(state) is None
+
+
+def test_the_mission_lock_stages_the_release_and_the_switch_waits(fleet):
+    first = publish(fleet, 1)
+    target(fleet, first)
+    state = fleet[3] / "devices" / "robot-1"
+    state.mkdir(parents=True)
+    (state / "mission.lock").touch()
+    code, _ = update(fleet)
+    assert code == 75 and active(state) is None
+    (state / "mission.lock").unlink()
+    assert update(fleet)[0] == 0 and active(state) == first
+
+
+def test_a_release_that_fails_its_health_check_is_rolled_back_and_not_retried(fleet, capsys):
+    good = publish(fleet, 1)
+    target(fleet, good)
+    _, state = update(fleet)
+    bad = publish(fleet, 3, break_golden=True)
+    target(fleet, bad)
+    code, _ = update(fleet)
+    err = capsys.readouterr().err
+    assert code == 1 and "rolled-back" in err and "golden outputs differ" in err
+    assert active(state) == good
+    assert update(fleet)[0] == 1 and "refused before" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("phase", ["downloading", "verifying", "staging", "switching", "health-checking"])
+def test_a_kill_at_any_phase_leaves_a_complete_verified_model_and_the_next_cycle_finishes(fleet, phase):
+    first = publish(fleet, 1)
+    target(fleet, first)
+    _, state = update(fleet)
+    second = publish(fleet, 3)
+    target(fleet, second)
+    killed, _ = update(fleet, "robot-1", env={"FLEETNEST_OTA_CRASH_AT": phase})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert active(state) in (first, second)  # a complete, verified bundle either way
+    assert not (state / "slots/.a.tmp").exists() or active(state) == first
+    code, _ = update(fleet)
+    assert code == 0 and active(state) == second
+    assert json.loads((state / "state.json").read_text())["floor"] == 3
+
+
+def test_devices_place_themselves_in_rings_from_the_signed_layout(fleet):
+    from ota.client import ReleaseClient
+    from ota.rings import ring_of
+
+    _, repository, url, tmp_path = fleet
+    client = ReleaseClient(url, tmp_path / "ringcheck", (repository.metadata_dir / "1.root.json").read_bytes())
+    layout = make_layout("fleet-salt", [("canary", 0.5), ("rest", 1.0)])
+    rings = [client.ring(f"robot-{i}") for i in range(40)]
+    assert rings == [ring_of(f"robot-{i}", layout) for i in range(40)]
+    assert 8 <= rings.count("canary") <= 32 and set(rings) == {"canary", "rest"}
+    assert np.mean([ring_of(f"d{i}", make_layout("s")) == "canary" for i in range(4000)]) == pytest.approx(
+        0.05, abs=0.02
+    )
