@@ -220,6 +220,13 @@ class Repository:
             )
         self._sign_desired(ring, document)
 
+    def desired(self, ring: str) -> dict | None:
+        """The signed targeting document of ``ring`` (or the layout for ``rings``), as published."""
+        info = self.rollout.signed.targets.get(desired_path(ring))
+        if info is None:
+            return None
+        return json.loads((self.targets_dir / info.get_prefixed_paths()[0]).read_bytes())
+
     def set_layout(self, layout: dict) -> None:
         """Sign the ring layout devices place themselves with (``desired/rings.json``)."""
         try:

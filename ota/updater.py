@@ -54,7 +54,9 @@ class MissionInProgress(RuntimeError):
 
 @dataclass
 class Outcome:
-    status: str  # "up-to-date" | "installed" | "staged" (mission) | "refused" | "rolled-back"
+    # "up-to-date" | "installed" | "staged" (mission lock) | "refused" (this release, for good) |
+    # "rolled-back" (failed its health check) | "unavailable" (repository or network: try again)
+    status: str
     release: str | None
     reason: str
 
@@ -169,10 +171,13 @@ class Updater:
     # ---- one cycle -----------------------------------------------------------------------
     def run_once(self) -> Outcome:
         self.recover()
+        self._targeted: str | None = None
         try:
             return self._cycle()
         except UpdateRefused as e:
-            return self._finish("refused", None, str(e))
+            if self._targeted is not None and self._targeted in self.state["refused"]:
+                return self._finish("refused", self._targeted, str(e))
+            return self._finish("unavailable", self._targeted, str(e))
         except MissionInProgress as e:
             return self._finish("staged", self.state.get("pending", {}).get("release"), str(e))
 
@@ -181,11 +186,13 @@ class Updater:
         return Outcome(status, release, reason)
 
     def _cycle(self) -> Outcome:
+        self.client.refresh()  # new metadata every cycle (TUF refreshes once per Updater instance)
         desired = self.client.desired(self.ring)
         committed = self.state["committed"]
         if desired is None:
             return Outcome("up-to-date", committed and committed["release"], f"nothing targeted at ring {self.ring}")
         release = desired["release"]
+        self._targeted = release
         if committed and committed["release"] == release:
             return Outcome("up-to-date", release, "already running the targeted release")
         if release in self.state["refused"]:
@@ -197,7 +204,9 @@ class Updater:
             raise UpdateRefused(f"{release}: {e}") from e
         if manifest.get("release") != release:
             raise UpdateRefused(f"the manifest of {release} names release {manifest.get('release')!r}")
-        if not isinstance(manifest.get("global_version"), int) or manifest["global_version"] <= self.state["floor"]:
+        if not isinstance(manifest.get("global_version"), int):
+            raise self._refuse(release, "the manifest has no integer global_version")
+        if manifest["global_version"] <= self.state["floor"] and not self._rollback_allowed(desired, release):
             raise self._refuse(
                 release,
                 f"global version {manifest.get('global_version')} is not newer than the committed "
@@ -255,14 +264,24 @@ class Updater:
             self.state["refused"][release] = f"health check failed: {reason}"
             self._save(phase="idle", pending=None)
             return self._finish("rolled-back", release, f"health check failed: {reason}")
+        history = [h for h in self.state.get("history", []) if h["release"] != release]
+        history.append({"release": release, "global_version": manifest["global_version"]})
         self._save(
             phase="idle",
             pending=None,
             committed={"release": release, "slot": slot, "global_version": manifest["global_version"]},
-            floor=manifest["global_version"],
+            floor=max(self.state["floor"], manifest["global_version"]),
+            history=history,
         )
         shutil.rmtree(staging, ignore_errors=True)
         return self._finish("installed", release, "; ".join(["health check passed", *notes]))
+
+    def _rollback_allowed(self, desired: dict, release: str) -> bool:
+        """A signed rollback moves the device off exactly the release it runs, back to one it
+        committed before; nothing else goes below the version floor."""
+        committed = self.state["committed"]
+        history = [entry["release"] for entry in self.state.get("history", [])]
+        return bool(committed) and desired.get("rollback_from") == committed["release"] and release in history
 
     def _refuse(self, release: str, reason: str) -> UpdateRefused:
         self.state["refused"][release] = reason
@@ -290,11 +309,12 @@ class Updater:
             return False, f"golden outputs differ by up to {diff:.3g}"
         single = {name: value[:1] for name, value in inputs.items()}
         times = []
-        for _ in range(25):
+        for _ in range(55):
             started = time.perf_counter()
             personal.run(None, single)
             times.append((time.perf_counter() - started) * 1000)
-        p99 = sorted(times)[int(0.99 * (len(times) - 1))]
+        times = sorted(times[5:])  # the first runs warm caches up
+        p99 = times[int(0.99 * (len(times) - 1))]
         if p99 > self.policy.latency_budget_ms:
             return False, f"latency p99 {p99:.1f} ms > budget {self.policy.latency_budget_ms} ms"
         if self.validation is not None:

@@ -155,3 +155,30 @@ def test_devices_place_themselves_in_rings_from_the_signed_layout(fleet):
     assert np.mean([ring_of(f"d{i}", make_layout("s")) == "canary" for i in range(4000)]) == pytest.approx(
         0.05, abs=0.02
     )
+
+
+def test_a_model_slower_than_the_latency_budget_is_rolled_back(fleet, capsys):
+    good = publish(fleet, 1)
+    target(fleet, good)
+    _, state = update(fleet)
+    newer = publish(fleet, 3)
+    target(fleet, newer)
+    code, _ = update(fleet, "robot-1", "--latency-budget-ms", "0.001")
+    assert code == 1 and "latency p99" in capsys.readouterr().err
+    assert active(state) == good
+
+
+def test_a_signed_rollback_moves_a_device_back_only_to_a_release_it_ran(fleet, capsys):
+    first = publish(fleet, 1)
+    target(fleet, first)
+    _, state = update(fleet)
+    second = publish(fleet, 3)
+    target(fleet, second)
+    update(fleet)
+    _, newcomer = update(fleet, "robot-3")  # joined the fleet on the newer release
+    for ring in ("canary", "rest"):
+        fleet[1].set_desired(ring, {"release": first, "rollback_from": second})
+    assert update(fleet)[0] == 0 and active(state) == first
+    capsys.readouterr()
+    assert update(fleet, "robot-3")[0] == 1 and active(newcomer) == second
+    assert "rollback refused" in capsys.readouterr().err
