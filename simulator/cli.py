@@ -113,6 +113,21 @@ def _ota_serve(args: argparse.Namespace) -> int:
     if repository is not None:
         repository.refresh_timestamp()
         threading.Thread(target=keep_fresh, daemon=True).start()
+    broker = None
+    if args.mqtt and args.db and args.keys:  # the rollout server: reports in, targeting hints out
+        from ota.mqtt import RolloutBroker
+
+        controller = _controller(args)
+        host, _, port = args.mqtt.partition(":")
+        broker = RolloutBroker(
+            host,
+            int(port or 1883),
+            on_report=lambda r: controller.report(
+                r["device"], r["ring"], r["release"], r["status"], r.get("reason", "")
+            ),
+            current_targeting=lambda: {r: d for r in controller.rings if (d := controller.repository.desired(r))},
+        ).start()
+        controller.notify = broker.publish_desired
     print(f"serving {args.repo} at {server.url}", flush=True)
     try:
         server.serve_forever()
@@ -120,10 +135,87 @@ def _ota_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         stop.set()
+        if broker is not None:
+            broker.stop()
     return 0
 
 
 EX_TEMPFAIL = 75  # staged, the switch waits for the mission lock
+
+
+def _controller(args: argparse.Namespace, notify=None):
+    from ota.keys import KeyDir
+    from ota.repository import Repository
+    from ota.rings import LAYOUT, check_layout
+    from ota.rollout import RolloutController
+
+    repository = Repository(args.repo, KeyDir(Path(args.keys)))
+    layout = repository.desired(LAYOUT)
+    if layout is None:
+        raise ValueError("the repository has no ring layout yet: run `fleetnest ota rings` first")
+    rings = [ring["name"] for ring in check_layout(layout)["rings"]]
+    return RolloutController(args.db, repository, rings, notify=notify)
+
+
+def _mqtt_notify(spec: str | None):
+    """A one-shot publisher of targeting hints (the serve command keeps a connection instead)."""
+    if not spec:
+        return None
+    import paho.mqtt.client as mqtt
+
+    host, _, port = spec.partition(":")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.connect(host, int(port or 1883))
+    client.loop_start()
+
+    def notify(ring: str, desired: dict) -> None:
+        import json
+
+        client.publish(f"fleetnest/desired/{ring}", json.dumps(desired), qos=1, retain=True).wait_for_publish(10)
+
+    return notify
+
+
+def _ota_rings(args: argparse.Namespace) -> int:
+    from ota.keys import KeyDir, KeyFileError
+    from ota.repository import Repository, RepositoryError
+    from ota.rings import DEFAULT_RINGS, RingError, make_layout
+
+    try:
+        rings = DEFAULT_RINGS
+        if args.rings:
+            rings = [(name, float(share)) for name, share in (item.split(":") for item in args.rings.split(","))]
+        Repository(args.repo, KeyDir(Path(args.keys))).set_layout(make_layout(args.salt, rings))
+    except (KeyFileError, RepositoryError, RingError, ValueError, OSError) as e:
+        return _ota_fail("rings", e)
+    print(f"signed ring layout: {', '.join(f'{n} {s:.0%}' for n, s in rings)}")
+    return 0
+
+
+def _ota_rollout(args: argparse.Namespace) -> int:
+    from ota.keys import KeyFileError
+    from ota.repository import RepositoryError
+    from ota.rollout import RolloutError, describe
+
+    try:
+        controller = _controller(args, _mqtt_notify(args.mqtt))
+        if args.action == "start":
+            if not args.release:
+                raise RolloutError("rollout start needs --release")
+            print(f"rollout {controller.start(args.release)} of {args.release} started")
+        elif args.action == "status":
+            print(describe(controller.status()))
+        elif args.action == "rollback":
+            if not args.release:
+                raise RolloutError("rollout rollback needs --release (an earlier release the fleet completed)")
+            controller.rollback(args.release)
+            print(f"fleet rolled back to {args.release}")
+        else:
+            getattr(controller, args.action)()
+            print(f"rollout {args.action}: {controller.status()['state']}")
+    except (RolloutError, RepositoryError, KeyFileError, ValueError, OSError) as e:
+        return _ota_fail(f"rollout {args.action}", e)
+    return 0
 
 
 def _ota_update(args: argparse.Namespace) -> int:
@@ -222,7 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--keys", default=None, help="online keys: renew the timestamp while serving")
     serve.add_argument("--timestamp-every-s", type=float, default=6 * 3600)
+    serve.add_argument("--db", default=None, help="rollout state (SQLite): with --mqtt, take device reports")
+    serve.add_argument("--mqtt", default=None, help="host:port of the MQTT broker")
     serve.set_defaults(run=_ota_serve)
+    rings = ota.add_parser("rings", help="sign the ring layout devices place themselves with")
+    rings.add_argument("--repo", required=True)
+    rings.add_argument("--keys", required=True)
+    rings.add_argument("--salt", required=True, help="any fixed string; changing it reshuffles the rings")
+    rings.add_argument("--rings", default="", help="name:cumulative_share,... (default canary:0.05,ring-10:0.1,...)")
+    rings.set_defaults(run=_ota_rings)
+    rollout = ota.add_parser("rollout", help="start, watch, pause, resume, abort or roll back a rollout")
+    rollout.add_argument("action", choices=["start", "status", "pause", "resume", "abort", "rollback"])
+    rollout.add_argument("--repo", required=True)
+    rollout.add_argument("--keys", required=True, help="the online keys (rollout, snapshot, timestamp)")
+    rollout.add_argument("--db", required=True, help="the rollout state (SQLite)")
+    rollout.add_argument("--release", default=None)
+    rollout.add_argument("--mqtt", default=None, help="host:port of the broker to push targeting hints to")
+    rollout.set_defaults(run=_ota_rollout)
     update = ota.add_parser(
         "update",
         help="device side: one check-and-install cycle (exit 0 installed or up to date, 1 refused or rolled "
