@@ -79,6 +79,21 @@ def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -
     return float(np.average(correct, weights=data.weight)), float(np.average(loss, weights=data.weight))
 
 
+def significantly_worse(before: np.ndarray, after: np.ndarray, alpha: float = 0.05) -> bool:
+    """Whether ``after`` (per-sample correctness) is worse than ``before`` on the same samples by more
+    than chance explains: an exact one-sided McNemar test on the samples they disagree on.
+
+    The device's merge check: a merged version is served unless it is significantly worse on the
+    device's own data. Requiring it to be at least as accurate there instead left devices with 16
+    samples on a stale version for good (the served model fits its 16 samples; a better new
+    version, refit for a few steps, often misses one of them)."""
+    from scipy.stats import binomtest
+
+    lost = int(np.sum(before & ~after))
+    gained = int(np.sum(~before & after))
+    return lost > 0 and binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue < alpha
+
+
 class NestedLearner:
     """Trains one device's nested model on its own data."""
 
@@ -129,7 +144,7 @@ class NestedLearner:
         if first or not self.config.training.merge_check:
             return True
         own = self.data.train
-        return evaluate(self.model, own)[0] >= evaluate(self.served, own)[0]
+        return not significantly_worse(per_sample(self.served, own)[0], per_sample(self.model, own)[0])
 
     def _refit_fast(self, steps: int) -> None:
         """A few steps on the fast levels only, so they follow the new slow layers before serving."""

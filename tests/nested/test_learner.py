@@ -108,6 +108,17 @@ def test_the_merge_check_keeps_serving_the_previous_version_when_the_merge_is_wo
     )
 
 
+def test_the_merge_check_refuses_only_a_significant_loss_on_own_data():
+    from app_custom.nested.learner import significantly_worse
+
+    before = np.array([True] * 16)
+    assert not significantly_worse(before, np.array([True] * 15 + [False]))  # one miss of 16: chance
+    assert significantly_worse(before, np.array([True] * 10 + [False] * 6))  # six lost, none gained
+    old = np.array([True] * 10 + [False] * 6)
+    swapped = np.array([False] * 3 + [True] * 7 + [True] * 3 + [False] * 3)  # three lost, three gained
+    assert not significantly_worse(old, swapped) and not significantly_worse(old, before)
+
+
 def test_an_identity_prior_keeps_the_fast_layers_of_a_small_device_near_the_start():
     free = _learner(_with_training(local_epochs=5))
     raw = {**NESTED, "levels": [{**NESTED["levels"][0], "prox": 1e4}, NESTED["levels"][1]]}
