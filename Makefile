@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench job clean
+.PHONY: demo test lint bench bench-ota job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: job
 
 bench: $(STAMP)
 	$(PY) benchmarks/personalization.py
+
+bench-ota: $(STAMP)
+	$(PY) benchmarks/ota.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

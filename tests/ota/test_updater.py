@@ -8,15 +8,14 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
 
 from app_custom.cluster.archive import ACCEPTED, VersionRecord
 from ota import keys as fleet_keys
 from ota.bundle import read_manifest, verify_files
-from ota.release import build_release
 from ota.repository import Repository
 from ota.rings import make_layout
 from ota.server import RepositoryServer
+from ota.simulation import build_bundle
 from simulator.cli import main
 
 
@@ -36,19 +35,7 @@ def fleet(archive, tmp_path):
 def publish(fleet, version, device_class="x86-64-cpu", break_golden=False):
     archive, repository, _, tmp_path = fleet
     out = tmp_path / f"bundle-{version}-{device_class}-{break_golden}"
-    build_release(archive.root, out, device_class, version=version)
-    if break_golden:  # a broken build pipeline: golden outputs that the shipped graph does not give
-        golden = load_file(str(out / "golden.safetensors"))
-        golden["output.logits"] = golden["output.logits"] + 1.0
-        save_file(golden, str(out / "golden.safetensors"))
-        manifest = json.loads((out / "manifest.json").read_text())
-        import hashlib
-
-        data = (out / "golden.safetensors").read_bytes()
-        manifest["files"]["golden.safetensors"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        manifest["release"] += "-broken"
-        (out / "manifest.json").write_text(json.dumps(manifest))
-    return repository.add_release(out)
+    return repository.add_release(build_bundle(archive.root, out, version, device_class, break_golden))
 
 
 def target(fleet, release, rings=("canary", "rest")):
