@@ -292,16 +292,19 @@ class Updater:
     def health_check(self, slot: Path, manifest: dict) -> tuple[bool, str]:
         """The engine loads; the shipped graph reproduces the golden outputs; the personal model
         answers within the latency budget; local validation is not worse than the previous model."""
-        import onnxruntime as ort
+        from .engines import prepare_engine
 
+        shapes = {name: tuple(shape) for name, shape in manifest["model"]["input_spec"].items()}
+        cache = self.dir / "engines"
         try:
             inputs, expected = load_golden(slot, manifest)
-            reference = ort.InferenceSession(str(slot / "model.onnx"), providers=["CPUExecutionProvider"])
-            personal = ort.InferenceSession(str(slot / PERSONAL), providers=["CPUExecutionProvider"])
+            reference, note = prepare_engine(slot / "model.onnx", shapes, cache, self.policy.precision)
+            personal, _ = prepare_engine(slot / PERSONAL, shapes, cache, self.policy.precision)
         except Exception as e:
             return False, f"the engine does not load: {e}"
+        self.engine_note = note
         tolerance = manifest["golden"]["tolerance"][self.policy.precision]
-        got = reference.run([manifest["model"]["output"]], inputs)[0]
+        got = reference.run(inputs)
         if got.shape != expected.shape or not np.allclose(
             got, expected, rtol=tolerance["rtol"], atol=tolerance["atol"]
         ):
@@ -311,7 +314,7 @@ class Updater:
         times = []
         for _ in range(55):
             started = time.perf_counter()
-            personal.run(None, single)
+            personal.run(single)
             times.append((time.perf_counter() - started) * 1000)
         times = sorted(times[5:])  # the first runs warm caches up
         p99 = times[int(0.99 * (len(times) - 1))]
@@ -319,16 +322,14 @@ class Updater:
             return False, f"latency p99 {p99:.1f} ms > budget {self.policy.latency_budget_ms} ms"
         if self.validation is not None:
             x, y = self.validation
-            new_acc = _accuracy(personal, manifest, x, y)
+            new_acc = _accuracy(personal, x, y)
             previous = self.state["committed"]
             if previous is not None:
-                old = ort.InferenceSession(
-                    str(self.dir / "slots" / previous["slot"] / PERSONAL), providers=["CPUExecutionProvider"]
-                )
-                old_acc = _accuracy(old, manifest, x, y)
+                old, _ = prepare_engine(self.dir / "slots" / previous["slot"] / PERSONAL, shapes, cache)
+                old_acc = _accuracy(old, x, y)
                 if new_acc < old_acc - self.policy.max_acc_drop:
                     return False, f"local validation accuracy {new_acc:.3f} < previous {old_acc:.3f} - tolerance"
-        return True, f"p99 {p99:.2f} ms"
+        return True, f"{note}; p99 {p99:.2f} ms"
 
 
 def _reference_private(slot: Path, manifest: dict) -> dict[str, np.ndarray]:
@@ -342,6 +343,5 @@ def _reference_private(slot: Path, manifest: dict) -> dict[str, np.ndarray]:
     return {wanted[i.name]: numpy_helper.to_array(i) for i in graph.graph.initializer if i.name in wanted}
 
 
-def _accuracy(session, manifest: dict, x: dict[str, np.ndarray], y: np.ndarray) -> float:
-    logits = session.run([manifest["model"]["output"]], {name: x[name] for name in manifest["model"]["inputs"]})[0]
-    return float((logits.argmax(axis=1) == y).mean())
+def _accuracy(engine, x: dict[str, np.ndarray], y: np.ndarray) -> float:
+    return float((engine.run(x).argmax(axis=1) == y).mean())

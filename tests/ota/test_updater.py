@@ -169,3 +169,23 @@ def test_a_signed_rollback_moves_a_device_back_only_to_a_release_it_ran(fleet, c
     capsys.readouterr()
     assert update(fleet, "robot-3")[0] == 1 and active(newcomer) == second
     assert "rollback refused" in capsys.readouterr().err
+
+
+def test_a_tampered_artifact_leaves_the_device_on_its_model_with_the_reason(fleet, capsys):
+    good = publish(fleet, 1)
+    target(fleet, good)
+    _, state = update(fleet)
+    newer = publish(fleet, 3)
+    repository = fleet[1]
+    stored = (
+        repository.targets_dir
+        / repository.targets.signed.targets[f"releases/{newer}/model.onnx"].get_prefixed_paths()[0]
+    )
+    data = bytearray(stored.read_bytes())
+    data[100] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    target(fleet, newer)
+    capsys.readouterr()
+    assert update(fleet)[0] == 1
+    assert "does not match its signed sha256" in capsys.readouterr().err
+    assert active(state) == good and not list((state / "downloads").rglob("*.part"))
