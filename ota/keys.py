@@ -68,6 +68,29 @@ class KeyDir:
         return [self.signer(f"root-{i}") for i in range(1, ROOT_KEYS + 1) if self.private(f"root-{i}").exists()]
 
 
+def replace_key(keys: KeyDir, name: str) -> CryptoSigner:
+    """A new key for ``name`` (``targets``, ``snapshot``, ``timestamp``, ``rollout``): the old private
+    key is kept beside it as ``<name>.pem.retired-<n>`` and ``public.json`` lists only the new one.
+    The repository must then publish metadata that trusts it (``Repository.rotate_key``)."""
+    if name.startswith("root-") or name not in OFFLINE_ROLES + ONLINE_ROLES:
+        raise KeyFileError(
+            f"replace_key handles {list(OFFLINE_ROLES + ONLINE_ROLES)}; root keys rotate with rotate_root"
+        )
+    path = keys.private(name)
+    retired = 1
+    while path.with_name(f"{path.name}.retired-{retired}").exists():
+        retired += 1
+    os.replace(path, path.with_name(f"{path.name}.retired-{retired}"))
+    signer = CryptoSigner.generate_ed25519()
+    _write_private(path, signer)
+    public = json.loads(keys.public_file.read_text())
+    public[name] = {signer.public_key.keyid: signer.public_key.to_dict()}
+    tmp = keys.public_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(public, indent=2, sort_keys=True))
+    os.replace(tmp, keys.public_file)
+    return signer
+
+
 def _write_private(path: Path, signer: CryptoSigner) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never overwrite a key

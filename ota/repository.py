@@ -246,6 +246,45 @@ class Repository:
         local.unlink()
         self._publish({ROLLOUT: (self.rollout, signer)})
 
+    def rotate_key(self, role: str, root_signers: list[Signer]) -> None:
+        """Trust the key now in the key folder for ``role`` instead of the old one (after
+        ``keys.replace_key``): a new root version (signed by a root threshold) for targets, snapshot
+        and timestamp, a new targets version (the offline key) for the delegated rollout role; then
+        the role's metadata is signed again with the new key. Devices follow on their next check."""
+        keys = self._keys()
+        new_key = keys.public()[role][0]
+        if role == ROLLOUT:
+            for keyid in list(self.targets.signed.delegations.roles[ROLLOUT].keyids):
+                self.targets.signed.revoke_key(keyid, ROLLOUT)
+            self.targets.signed.add_key(new_key, ROLLOUT)
+            self._publish(
+                {"targets": (self.targets, keys.signer("targets")), ROLLOUT: (self.rollout, keys.signer(ROLLOUT))}
+            )
+            return
+        if role not in ("targets", "snapshot", "timestamp"):
+            raise RepositoryError(f"cannot rotate {role!r} this way (root keys: rotate_root)")
+        previous = Metadata[Root].from_bytes(self.root.to_bytes())
+        for keyid in list(self.root.signed.roles[role].keyids):
+            self.root.signed.revoke_key(keyid, role)
+        self.root.signed.add_key(new_key, role)
+        self.root.signed.version += 1
+        self.root.signed.expires = _expires("root")
+        self.root.signatures.clear()
+        for signer in root_signers:
+            self.root.sign(signer, append=True)
+        if not self.root.signed.get_root_verification_result(
+            previous.signed, self.root.signed_bytes, self.root.signatures
+        ).verified:
+            self.root = previous
+            raise RepositoryError("the new root is not signed by a threshold of the root keys")
+        _atomic_write(self.metadata_dir / f"{self.root.signed.version}.root.json", self.root.to_bytes(_JSON))
+        # everything the rotated role signs is signed again, with the new key
+        self._publish(
+            {"targets": (self.targets, keys.signer("targets"))}
+            if role == "targets"
+            else {ROLLOUT: (self.rollout, keys.signer(ROLLOUT))}
+        )
+
     def rotate_root(
         self, old_signers: list[Signer], new_signers: list[Signer], threshold: int = ROOT_THRESHOLD
     ) -> None:

@@ -79,6 +79,21 @@ def _ota_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ota_rotate(args: argparse.Namespace) -> int:
+    from ota.keys import KeyDir, KeyFileError, replace_key
+    from ota.repository import Repository, RepositoryError
+
+    keys = KeyDir(Path(args.keys))
+    try:
+        repository = Repository(args.repo, keys)
+        replace_key(keys, args.role)
+        repository.rotate_key(args.role, keys.root_signers())
+    except (KeyFileError, RepositoryError, OSError) as e:
+        return _ota_fail("rotate", e)
+    print(f"{args.role} key rotated: devices trust the new key from their next check")
+    return 0
+
+
 def _ota_publish(args: argparse.Namespace) -> int:
     from ota.bundle import BundleError
     from ota.keys import KeyDir, KeyFileError
@@ -308,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--keys", required=True)
     publish.add_argument("--bundle", required=True)
     publish.set_defaults(run=_ota_publish)
+    rotate = ota.add_parser(
+        "rotate", help="replace a role's key (needs the root keys, and the targets key for rollout)"
+    )
+    rotate.add_argument("--repo", required=True)
+    rotate.add_argument("--keys", required=True)
+    rotate.add_argument("--role", required=True, choices=["targets", "snapshot", "timestamp", "rollout"])
+    rotate.set_defaults(run=_ota_rotate)
     serve = ota.add_parser("serve", help="serve the repository over HTTP (Range requests)")
     serve.add_argument("--repo", required=True)
     serve.add_argument("--host", default="127.0.0.1")

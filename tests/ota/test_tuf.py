@@ -170,3 +170,31 @@ def test_keygen_init_publish_and_serve_from_the_command_line(bundle, tmp_path, c
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("role", ["targets", "snapshot", "timestamp", "rollout"])
+def test_a_role_key_rotates_devices_follow_and_the_old_key_no_longer_counts(repo, tmp_path, role):
+    repository, keys, release, _, _ = repo
+    device = _client(repo, tmp_path)
+    assert device.desired("canary") == {"release": release}  # trusts the first root and keys
+    old = keys.signer(role)
+    fleet_keys.replace_key(keys, role)
+    with pytest.raises(fleet_keys.KeyFileError, match="root keys rotate with rotate_root"):
+        fleet_keys.replace_key(keys, "root-1")
+    repository.rotate_key(role, keys.root_signers()[:2])
+    assert _client(repo, tmp_path).desired("canary") == {"release": release}  # the same device, next check
+    # metadata of that role signed with the retired key is refused from now on
+    meta = repository.metadata_dir
+    name = "timestamp.json" if role == "timestamp" else None
+    if name is None:
+        version = (
+            repository.snapshot.signed.version
+            if role == "snapshot"
+            else repository.snapshot.signed.meta[f"{role}.json"].version
+        )
+        name = f"{version}.{role}.json"
+    forged = Metadata.from_bytes((meta / name).read_bytes())
+    forged.sign(old)
+    (meta / name).write_bytes(forged.to_bytes())
+    with pytest.raises(UpdateRefused, match="not signed by the trusted keys|signed by 0/1"):
+        _client(repo, tmp_path, "new-device").desired("canary")  # fetches every file afresh
