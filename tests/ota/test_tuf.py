@@ -198,3 +198,13 @@ def test_a_role_key_rotates_devices_follow_and_the_old_key_no_longer_counts(repo
     (meta / name).write_bytes(forged.to_bytes())
     with pytest.raises(UpdateRefused, match="not signed by the trusted keys|signed by 0/1"):
         _client(repo, tmp_path, "new-device").desired("canary")  # fetches every file afresh
+
+
+def test_the_rotate_command(repo, capsys):
+    from simulator.cli import main
+
+    repository, keys, release, _, _ = repo
+    args = ["ota", "rotate", "--repo", str(repository.path), "--keys", str(keys.path)]
+    assert main([*args, "--role", "snapshot"]) == 0 and "snapshot key rotated" in capsys.readouterr().out
+    assert (keys.path / "online/snapshot.pem.retired-1").exists()
+    assert Repository(repository.path).root.signed.version == 2
