@@ -189,3 +189,52 @@ def test_a_tampered_artifact_leaves_the_device_on_its_model_with_the_reason(flee
     assert update(fleet)[0] == 1
     assert "does not match its signed sha256" in capsys.readouterr().err
     assert active(state) == good and not list((state / "downloads").rglob("*.part"))
+
+
+@pytest.mark.parametrize("attack", ["freeze", "mix-and-match", "unsigned-release", "endless-data"])
+def test_metadata_attacks_leave_the_device_on_its_model_with_the_reason(fleet, capsys, attack):
+    import shutil
+    from datetime import datetime, timedelta, timezone
+
+    from tuf.api.metadata import Metadata
+
+    from ota.repository import ROLLOUT
+
+    _, repository, _, tmp_path = fleet
+    good = publish(fleet, 1)
+    target(fleet, good)
+    _, state = update(fleet)
+    newer = publish(fleet, 3)
+    target(fleet, newer)
+    meta = repository.metadata_dir
+    keys = fleet_keys.KeyDir(tmp_path / "keys")
+    if attack == "freeze":
+        frozen = Metadata.from_bytes((meta / "timestamp.json").read_bytes())
+        frozen.signed.version += 1
+        frozen.signed.expires = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
+        frozen.sign(keys.signer("timestamp"))
+        (meta / "timestamp.json").write_bytes(frozen.to_bytes())
+        expected = "expired"
+    elif attack == "mix-and-match":
+        current = repository.snapshot.signed.meta[f"{ROLLOUT}.json"].version
+        shutil.copyfile(meta / f"{current - 1}.{ROLLOUT}.json", meta / f"{current}.{ROLLOUT}.json")
+        expected = "Expected rollout v"
+    elif attack == "unsigned-release":
+        evil = repository.path / ".staging/evil.json"
+        evil.parent.mkdir(exist_ok=True)
+        evil.write_text('{"release": "v999999-x86-64-cpu"}')
+        for ring in ("canary", "rest"):
+            repository._add_target(repository.rollout, f"desired/{ring}.json", evil)
+        repository._publish({ROLLOUT: (repository.rollout, keys.signer(ROLLOUT))})
+        expected = "which no offline key signed"
+    else:  # the server sends more than the signed length of a release file
+        stored = (
+            repository.targets_dir
+            / repository.targets.signed.targets[f"releases/{newer}/model.onnx"].get_prefixed_paths()[0]
+        )
+        stored.write_bytes(stored.read_bytes() + b"\0" * 100_000)
+        expected = "endless data"
+    capsys.readouterr()
+    assert update(fleet)[0] == 1
+    assert expected in capsys.readouterr().err
+    assert active(state) == good
