@@ -179,7 +179,7 @@ class Updater:
                 return self._finish("refused", self._targeted, str(e))
             return self._finish("unavailable", self._targeted, str(e))
         except MissionInProgress as e:
-            return self._finish("staged", self.state.get("pending", {}).get("release"), str(e))
+            return self._finish("staged", (self.state.get("pending") or {}).get("release"), str(e))
 
     def _finish(self, status: str, release: str | None, reason: str) -> Outcome:
         self._save(last_result=f"{status}: {reason}")
@@ -197,9 +197,9 @@ class Updater:
             return Outcome("up-to-date", release, "already running the targeted release")
         if release in self.state["refused"]:
             raise UpdateRefused(f"{release} was refused before: {self.state['refused'][release]}")
-        manifest_info = self.client.release_file(release, MANIFEST)
+        manifest_bytes = self.client.fetch(self.client.release_file(release, MANIFEST))
         try:
-            manifest = check_manifest(json.loads(self.client.fetch(manifest_info)), f"{release}/{MANIFEST}")
+            manifest = check_manifest(json.loads(manifest_bytes), f"{release}/{MANIFEST}")
         except (BundleError, ValueError) as e:
             raise UpdateRefused(f"{release}: {e}") from e
         if manifest.get("release") != release:
@@ -220,7 +220,7 @@ class Updater:
         self._save(phase="downloading", pending={"release": release})
         staging = self.dir / "downloads" / release
         staging.mkdir(parents=True, exist_ok=True)
-        (staging / MANIFEST).write_bytes(json.dumps(manifest).encode())
+        (staging / MANIFEST).write_bytes(manifest_bytes)  # the signed bytes, as verified
         for name in manifest["files"]:
             self.client.download_resumable(self.client.release_file(release, name), staging / name)
             _crashpoint("downloading")
