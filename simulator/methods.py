@@ -11,8 +11,8 @@ which parameters are shared and how the levels are scheduled:
   close to the shared model); ``slow`` = encoders, trunk and head, shared,
   every ``SLOW_PERIOD`` steps. After a merge the private levels refit for ``MERGE_ADAPT_STEPS``
   steps and the device serves only merged versions (local training runs in a working copy),
-  and only when the merged version is at least as accurate on its own data as the one it
-  serves (``merge_check``: otherwise it keeps serving the previous one).
+  unless the merged version is significantly less accurate on its own data than the one it
+  serves (``merge_check``, an exact McNemar test: then it keeps serving the previous one).
 - ``local``: every parameter private (local-only training).
 - ``fedavg``: every parameter shared (FedAvg).
 - ``fedrep``: head private, body shared; alternating schedule, head epochs first (FedRep,
