@@ -18,9 +18,14 @@ The layout is TUF's consistent snapshot, served as is over HTTP: ``metadata/N.ro
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
 import shutil
+import threading
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
@@ -83,6 +88,17 @@ def desired_path(ring: str) -> str:
     return f"{DESIRED}/{ring}.json"
 
 
+def _writes(method: Callable) -> Callable:
+    """A repository change: done under the repository's lock, from the metadata on disk."""
+
+    @functools.wraps(method)
+    def locked(self: Repository, *args, **kwargs):
+        with self._locked():
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class Repository:
     """A TUF repository on disk. Signing keys come from ``keys`` only when an operation needs them."""
 
@@ -93,6 +109,33 @@ class Repository:
         self.keys = keys
         if not (self.metadata_dir / "timestamp.json").exists():
             raise RepositoryError(f"{self.path} is not a fleetnest OTA repository (no metadata/timestamp.json)")
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._reload()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time across processes and threads (the server renewing the timestamp, an
+        operator starting a rollout), each starting from what is on disk, not from a stale copy."""
+        with self._thread_lock:
+            if self._depth:  # re-entered by the same writer
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            with open(self.path / ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._depth = 1
+                try:
+                    self._reload()
+                    yield
+                finally:
+                    self._depth = 0
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _reload(self) -> None:
         roots = [int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json")]
         self.root = Metadata[Root].from_file(str(self.metadata_dir / f"{max(roots)}.root.json"))
         self.timestamp = Metadata[Timestamp].from_file(str(self.metadata_dir / "timestamp.json"))
@@ -171,10 +214,14 @@ class Repository:
             _atomic_write(
                 self.metadata_dir / f"{self.snapshot.signed.version}.snapshot.json", self.snapshot.to_bytes(_JSON)
             )
-        self.refresh_timestamp()
+        self._write_timestamp()
 
+    @_writes
     def refresh_timestamp(self) -> None:
         """A new timestamp (the server does this well within its one-day expiry)."""
+        self._write_timestamp()
+
+    def _write_timestamp(self) -> None:
         self.timestamp.signed.version += 1
         self.timestamp.signed.expires = _expires("timestamp")
         self.timestamp.signed.snapshot_meta = MetaFile(self.snapshot.signed.version)
@@ -194,6 +241,7 @@ class Repository:
     def releases(self) -> list[str]:
         return sorted({path.split("/")[1] for path in self.targets.signed.targets if path.startswith(f"{RELEASES}/")})
 
+    @_writes
     def add_release(self, bundle: str | os.PathLike) -> str:
         """Sign a verified bundle into the repository (needs the offline targets key)."""
         bundle = Path(bundle)
@@ -208,6 +256,7 @@ class Repository:
         self._publish({"targets": (self.targets, signer)})
         return release
 
+    @_writes
     def set_desired(self, ring: str, document: dict) -> None:
         """Sign which release ``ring`` should run (the online rollout key); the release must be one
         the offline targets key signed."""
@@ -227,6 +276,7 @@ class Repository:
             return None
         return json.loads((self.targets_dir / info.get_prefixed_paths()[0]).read_bytes())
 
+    @_writes
     def set_layout(self, layout: dict) -> None:
         """Sign the ring layout devices place themselves with (``desired/rings.json``)."""
         try:
@@ -246,6 +296,7 @@ class Repository:
         local.unlink()
         self._publish({ROLLOUT: (self.rollout, signer)})
 
+    @_writes
     def rotate_key(self, role: str, root_signers: list[Signer]) -> None:
         """Trust the key now in the key folder for ``role`` instead of the old one (after
         ``keys.replace_key``): a new root version (signed by a root threshold) for targets, snapshot
@@ -285,6 +336,7 @@ class Repository:
             else {ROLLOUT: (self.rollout, keys.signer(ROLLOUT))}
         )
 
+    @_writes
     def rotate_root(
         self, old_signers: list[Signer], new_signers: list[Signer], threshold: int = ROOT_THRESHOLD
     ) -> None:
@@ -310,4 +362,4 @@ class Repository:
             self.root = previous
             raise RepositoryError("the new root is not signed by a threshold of both the old and the new root keys")
         _atomic_write(self.metadata_dir / f"{self.root.signed.version}.root.json", self.root.to_bytes(_JSON))
-        self.refresh_timestamp()
+        self._write_timestamp()

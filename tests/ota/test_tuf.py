@@ -100,10 +100,11 @@ def test_targeting_signed_by_the_online_key_alone_cannot_name_an_unsigned_releas
     evil = repository.path / ".staging/evil.json"
     evil.parent.mkdir(exist_ok=True)
     evil.write_text(json.dumps({"release": "v999999-evil"}))
-    repository._add_target(repository.rollout, "desired/canary.json", evil)
-    # ... and even lists the release's files under its own (online) role
-    repository._add_target(repository.rollout, "releases/v999999-evil/manifest.json", evil)
-    repository._publish({ROLLOUT: (repository.rollout, keys.signer(ROLLOUT))})
+    with repository._locked():
+        repository._add_target(repository.rollout, "desired/canary.json", evil)
+        # ... and even lists the release's files under its own (online) role
+        repository._add_target(repository.rollout, "releases/v999999-evil/manifest.json", evil)
+        repository._publish({ROLLOUT: (repository.rollout, keys.signer(ROLLOUT))})
     client = _client(repo, tmp_path)
     with pytest.raises(UpdateRefused, match="names release 'v999999-evil', which no offline key signed"):
         client.desired("canary")
@@ -208,3 +209,16 @@ def test_the_rotate_command(repo, capsys):
     assert main([*args, "--role", "snapshot"]) == 0 and "snapshot key rotated" in capsys.readouterr().out
     assert (keys.path / "online/snapshot.pem.retired-1").exists()
     assert Repository(repository.path).root.signed.version == 2
+
+
+def test_two_writers_never_publish_a_stale_view(repo, tmp_path):
+    """The server renewing the timestamp and an operator's rollout command are separate processes
+    with their own Repository objects: each change starts from what is on disk."""
+    repository, keys, release, _, _ = repo
+    server_side = Repository(repository.path, keys)
+    operator_side = Repository(repository.path, keys)
+    _client(repo, tmp_path).desired("canary")
+    operator_side.set_desired("wide", {"release": release})
+    server_side.refresh_timestamp()  # its in-memory snapshot predates the operator's change
+    client = _client(repo, tmp_path)
+    assert client.desired("wide") == {"release": release} and client.desired("canary") == {"release": release}

@@ -223,9 +223,10 @@ def test_metadata_attacks_leave_the_device_on_its_model_with_the_reason(fleet, c
         evil = repository.path / ".staging/evil.json"
         evil.parent.mkdir(exist_ok=True)
         evil.write_text('{"release": "v999999-x86-64-cpu"}')
-        for ring in ("canary", "rest"):
-            repository._add_target(repository.rollout, f"desired/{ring}.json", evil)
-        repository._publish({ROLLOUT: (repository.rollout, keys.signer(ROLLOUT))})
+        with repository._locked():
+            for ring in ("canary", "rest"):
+                repository._add_target(repository.rollout, f"desired/{ring}.json", evil)
+            repository._publish({ROLLOUT: (repository.rollout, keys.signer(ROLLOUT))})
         expected = "which no offline key signed"
     else:  # the server sends more than the signed length of a release file
         stored = (
