@@ -7,7 +7,6 @@ the one the fleet's keys signed, and this module decides whether it is well form
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 from safetensors.numpy import load_file
 
-from .release import FORMAT, GOLDEN, GRAPH, MANIFEST, OUTPUT, WEIGHTS
+from .layout import FORMAT, GOLDEN, GRAPH, MANIFEST, OUTPUT, WEIGHTS, file_sha256
 
 
 class BundleError(ValueError):
@@ -79,11 +78,7 @@ def verify_files(bundle: str | Path, manifest: dict) -> None:
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise BundleError(f"{bundle}: {name} is {size} bytes, the manifest says {entry.get('bytes')}")
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             raise BundleError(f"{bundle}: {name} does not match its sha256 (tampered or corrupt)")
 
 

@@ -17,7 +17,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater
 
-from .release import MANIFEST
+from .layout import MANIFEST
 from .repository import desired_path, release_path
 
 _REASONS = [

@@ -9,25 +9,18 @@ and the file only takes its final name once its length and sha256 match the sign
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import urllib3
+
+from .layout import file_sha256
 
 CHUNK = 256 * 1024
 
 
 class DownloadError(RuntimeError):
     """The file could not be fetched or does not match what was signed (the message says which)."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(
@@ -41,7 +34,7 @@ def download(
 ) -> Path:
     """Fetch ``url`` into ``dest`` unless it is already there and verified; returns ``dest``."""
     dest = Path(dest)
-    if dest.exists() and dest.stat().st_size == length and _sha256(dest) == sha256:
+    if dest.exists() and dest.stat().st_size == length and file_sha256(dest) == sha256:
         return dest
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +72,7 @@ def download(
             response.release_conn()
     if have != length:
         raise DownloadError(f"{url}: got {have} of {length} bytes; a retry resumes")
-    if _sha256(part) != sha256:
+    if file_sha256(part) != sha256:
         part.unlink()
         raise DownloadError(f"{url}: the file does not match its signed sha256 (tampered or corrupt); discarded")
     os.replace(part, dest)

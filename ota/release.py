@@ -19,7 +19,6 @@ not used) must stay within ``max_validation_ms``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -40,18 +39,12 @@ from app_custom.nested.models import RobotModel, build_model
 from app_custom.nested.slow_delta import merge_slow
 
 from .device_classes import DeviceClass, device_class
+from .layout import FORMAT, GOLDEN, GRAPH, MANIFEST, OUTPUT, RUNTIME_VERSION, WEIGHTS, file_sha256
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-WEIGHTS = "slow.safetensors"
-GRAPH = "model.onnx"
-GOLDEN = "golden.safetensors"
 PARAM_PREFIX = "net."
-OUTPUT = "logits"
 GOLDEN_BATCH = 8
 # how far an engine's outputs on the golden inputs may be from the reference model's
 GOLDEN_TOLERANCE = {"fp32": {"rtol": 1e-3, "atol": 1e-4}, "fp16": {"rtol": 2e-2, "atol": 2e-2}}
-RUNTIME_VERSION = "0.1.0"  # the oldest device runtime that reads this bundle format
 
 
 class ReleaseError(ValueError):
@@ -156,14 +149,6 @@ def validate_with_onnxruntime(graph: bytes, golden: dict[str, np.ndarray], runs:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_durably(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -236,7 +221,7 @@ def build_release(
         "golden": {"batch": GOLDEN_BATCH, "tolerance": GOLDEN_TOLERANCE},
         "validation": validation,
         "files": {
-            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
             for name in (WEIGHTS, GRAPH, GOLDEN)
         },
     }

@@ -46,7 +46,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from .bundle import read_manifest, verify_files
 from .keys import ROOT_THRESHOLD, KeyDir
-from .release import MANIFEST
+from .layout import MANIFEST
 from .rings import LAYOUT, RingError, check_layout
 
 ROLLOUT = "rollout"

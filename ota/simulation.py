@@ -16,8 +16,9 @@ from . import keys as fleet_keys
 from .agent import DeviceAgent
 from .bundle import DeviceProfile
 from .client import ReleaseClient
+from .layout import RUNTIME_VERSION
 from .mqtt import DeviceLink, RolloutBroker
-from .release import RUNTIME_VERSION, build_release
+from .release import build_release
 from .repository import Repository
 from .rings import make_layout
 from .rollout import Policy, RolloutController

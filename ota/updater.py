@@ -42,7 +42,7 @@ from .bundle import (
     verify_files,
 )
 from .client import ReleaseClient, UpdateRefused
-from .release import MANIFEST
+from .layout import MANIFEST
 
 PERSONAL = "model.personal.onnx"
 MAX_ATTEMPTS = 2

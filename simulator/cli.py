@@ -236,7 +236,7 @@ def _ota_rollout(args: argparse.Namespace) -> int:
 def _ota_update(args: argparse.Namespace) -> int:
     from ota.bundle import DeviceProfile
     from ota.client import ReleaseClient, UpdateRefused
-    from ota.release import RUNTIME_VERSION
+    from ota.layout import RUNTIME_VERSION
     from ota.updater import HealthPolicy, Updater
 
     state = Path(args.state)
