@@ -81,14 +81,15 @@ def method_summary(log: dict) -> dict:
         by_round.append(sum(accs) / len(accs) if accs else None)
     by_round.append(sum(per_device) / len(per_device))
     statuses = [entry.get("status") for entry in log["rounds"]]
+    drops = _drops(log, "acc_after_merge")
     return {
         "mean_acc": sum(per_device) / len(per_device),
         "worst_acc": min(per_device),
         "per_device_acc": per_device,
         "acc_by_round": by_round,
-        "max_drop_after_merge": max(_drops(log, "acc_after_merge"), default=None),
+        "max_drop_after_merge": max(drops, default=None),
         "max_drop_naive_overwrite": max(_drops(log, "acc_naive_overwrite"), default=None),
-        "drops_after_merge": _drops(log, "acc_after_merge"),
+        "drops_after_merge": drops,
         "versions": {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected")},
         "rejected_updates": sum(len(entry.get("rejected", {})) for entry in log["rounds"]),
     }

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import LabelledSet
-from app_custom.nested.learner import _to_torch, per_sample
+from app_custom.nested.learner import _to_torch, mcnemar_worse_p, per_sample
 from app_custom.nested.levels import partition_parameters
 from app_custom.nested.models import build_model, input_spec
 from app_custom.nested.slow_delta import merge_slow
@@ -128,10 +128,7 @@ class ValidationGate:
         if candidate.correct.shape != current.correct.shape:
             raise ValueError("candidate and current were scored on different validation sets")
         drop = float(current.correct.mean() - candidate.correct.mean())
-        lost = int(np.sum(current.correct & ~candidate.correct))
-        gained = int(np.sum(~current.correct & candidate.correct))
-        # exact McNemar, one-sided: is losing ``lost`` of the ``lost + gained`` disagreements chance?
-        p_acc = stats.binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue if lost else 1.0
+        p_acc = mcnemar_worse_p(current.correct, candidate.correct)
         diff = candidate.loss - current.loss
         rise = float(diff.mean())
         p_loss = 1.0

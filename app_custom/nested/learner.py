@@ -79,6 +79,16 @@ def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -
     return float(np.average(correct, weights=data.weight)), float(np.average(loss, weights=data.weight))
 
 
+def mcnemar_worse_p(before: np.ndarray, after: np.ndarray) -> float:
+    """One-sided exact McNemar p-value that ``after`` (per-sample correctness) is worse than
+    ``before`` on the same samples: is losing ``lost`` of the disagreements chance?"""
+    from scipy.stats import binomtest
+
+    lost = int(np.sum(before & ~after))
+    gained = int(np.sum(~before & after))
+    return float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue) if lost else 1.0
+
+
 def significantly_worse(before: np.ndarray, after: np.ndarray, alpha: float = 0.05) -> bool:
     """Whether ``after`` (per-sample correctness) is worse than ``before`` on the same samples by more
     than chance explains: an exact one-sided McNemar test on the samples they disagree on.
@@ -87,11 +97,7 @@ def significantly_worse(before: np.ndarray, after: np.ndarray, alpha: float = 0.
     device's own data. Requiring it to be at least as accurate there instead left devices with 16
     samples on a stale version for good (the served model fits its 16 samples; a better new
     version, refit for a few steps, often misses one of them)."""
-    from scipy.stats import binomtest
-
-    lost = int(np.sum(before & ~after))
-    gained = int(np.sum(~before & after))
-    return lost > 0 and binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue < alpha
+    return mcnemar_worse_p(before, after) < alpha
 
 
 class NestedLearner:
