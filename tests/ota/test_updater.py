@@ -43,6 +43,16 @@ def target(fleet, release, rings=("canary", "rest")):
         fleet[1].set_desired(ring, {"release": release})
 
 
+def running_first_with_newer_targeted(fleet, **newer):
+    """robot-1 installed release 1; release 3 is then published and targeted: (first, newer, state)."""
+    first = publish(fleet, 1)
+    target(fleet, first)
+    _, state = update(fleet)
+    second = publish(fleet, 3, **newer)
+    target(fleet, second)
+    return first, second, state
+
+
 def update(fleet, device="robot-1", *extra, env=None):
     _, repository, url, tmp_path = fleet
     state = tmp_path / "devices" / device
@@ -101,11 +111,7 @@ def test_the_mission_lock_stages_the_release_and_the_switch_waits(fleet):
 
 
 def test_a_release_that_fails_its_health_check_is_rolled_back_and_not_retried(fleet, capsys):
-    good = publish(fleet, 1)
-    target(fleet, good)
-    _, state = update(fleet)
-    bad = publish(fleet, 3, break_golden=True)
-    target(fleet, bad)
+    good, bad, state = running_first_with_newer_targeted(fleet, break_golden=True)
     code, _ = update(fleet)
     err = capsys.readouterr().err
     assert code == 1 and "rolled-back" in err and "golden outputs differ" in err
@@ -115,11 +121,7 @@ def test_a_release_that_fails_its_health_check_is_rolled_back_and_not_retried(fl
 
 @pytest.mark.parametrize("phase", ["downloading", "verifying", "staging", "switching", "health-checking"])
 def test_a_kill_at_any_phase_leaves_a_complete_verified_model_and_the_next_cycle_finishes(fleet, phase):
-    first = publish(fleet, 1)
-    target(fleet, first)
-    _, state = update(fleet)
-    second = publish(fleet, 3)
-    target(fleet, second)
+    first, second, state = running_first_with_newer_targeted(fleet)
     killed, _ = update(fleet, "robot-1", env={"FLEETNEST_OTA_CRASH_AT": phase})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert active(state) in (first, second)  # a complete, verified bundle either way
@@ -145,22 +147,14 @@ def test_devices_place_themselves_in_rings_from_the_signed_layout(fleet):
 
 
 def test_a_model_slower_than_the_latency_budget_is_rolled_back(fleet, capsys):
-    good = publish(fleet, 1)
-    target(fleet, good)
-    _, state = update(fleet)
-    newer = publish(fleet, 3)
-    target(fleet, newer)
+    good, newer, state = running_first_with_newer_targeted(fleet)
     code, _ = update(fleet, "robot-1", "--latency-budget-ms", "0.001")
     assert code == 1 and "latency p99" in capsys.readouterr().err
     assert active(state) == good
 
 
 def test_a_signed_rollback_moves_a_device_back_only_to_a_release_it_ran(fleet, capsys):
-    first = publish(fleet, 1)
-    target(fleet, first)
-    _, state = update(fleet)
-    second = publish(fleet, 3)
-    target(fleet, second)
+    first, second, state = running_first_with_newer_targeted(fleet)
     update(fleet)
     _, newcomer = update(fleet, "robot-3")  # joined the fleet on the newer release
     for ring in ("canary", "rest"):
@@ -172,10 +166,7 @@ def test_a_signed_rollback_moves_a_device_back_only_to_a_release_it_ran(fleet, c
 
 
 def test_a_tampered_artifact_leaves_the_device_on_its_model_with_the_reason(fleet, capsys):
-    good = publish(fleet, 1)
-    target(fleet, good)
-    _, state = update(fleet)
-    newer = publish(fleet, 3)
+    good, newer, state = running_first_with_newer_targeted(fleet)
     repository = fleet[1]
     stored = (
         repository.targets_dir
@@ -184,7 +175,6 @@ def test_a_tampered_artifact_leaves_the_device_on_its_model_with_the_reason(flee
     data = bytearray(stored.read_bytes())
     data[100] ^= 0xFF
     stored.write_bytes(bytes(data))
-    target(fleet, newer)
     capsys.readouterr()
     assert update(fleet)[0] == 1
     assert "does not match its signed sha256" in capsys.readouterr().err
@@ -201,11 +191,7 @@ def test_metadata_attacks_leave_the_device_on_its_model_with_the_reason(fleet, c
     from ota.repository import ROLLOUT
 
     _, repository, _, tmp_path = fleet
-    good = publish(fleet, 1)
-    target(fleet, good)
-    _, state = update(fleet)
-    newer = publish(fleet, 3)
-    target(fleet, newer)
+    good, newer, state = running_first_with_newer_targeted(fleet)
     meta = repository.metadata_dir
     keys = fleet_keys.KeyDir(tmp_path / "keys")
     if attack == "freeze":
