@@ -16,7 +16,7 @@ and seed, so they compare like for like. Writes ``benchmarks/results/personaliza
 
 Accuracies are means over seeds of each seed's mean / worst per-device accuracy; forgetting is
 the largest drop over all seeds. Usage: ``python benchmarks/personalization.py [--seeds 0,1,2]
-[--datasets digits,basic_motions] [--regimes ...] [--rounds 10] [--devices 8]``.
+[--datasets digits,basic_motions] [--regimes ...] [--rounds 10] [--devices 8] [--jobs 2]``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -114,23 +115,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (each keeps ~1 core busy)")
     parser.add_argument("--work", default="/tmp/fleetnest-bench", help="FLARE workspaces and per-run reports")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.time()
     planned = [(d, r) for d in args.datasets.split(",") for r in args.regimes.split(",")]
+    runs = [(d, r, seed) for d, r in planned for seed in seeds]
     results: dict = {}
-    for done, (dataset, regime) in enumerate(planned, start=1):
-        reports = []
-        for seed in seeds:
-            experiment = Experiment(dataset, regime, args.devices, args.rounds, seed, METHODS)
-            reports.append(run_experiment(experiment, Path(args.work) / f"{dataset}-{regime}-{seed}"))
-        results.setdefault(dataset, {})[regime] = summarise(reports)
-        # written after every cell, so a run cut short still leaves a file that says what it holds
-        payload = _payload(args, seeds, started, results, [f"{d}/{r}" for d, r in planned[done:]])
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=2))
+    reports: dict[tuple[str, str, int], dict] = {}
+    payload = _payload(args, seeds, started, results, [f"{d}/{r}" for d, r in planned])
+
+    def run(cell_seed: tuple[str, str, int]) -> tuple[tuple[str, str, int], dict]:
+        dataset, regime, seed = cell_seed
+        experiment = Experiment(dataset, regime, args.devices, args.rounds, seed, METHODS)
+        return cell_seed, run_experiment(experiment, Path(args.work) / f"{dataset}-{regime}-{seed}")
+
+    # Each experiment is FLARE processes that keep about one core busy: ``--jobs`` runs that many at once.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for key, report in pool.map(run, runs):
+            reports[key] = report
+            for dataset, regime in planned:
+                cell = [reports.get((dataset, regime, seed)) for seed in seeds]
+                if None not in cell and regime not in results.get(dataset, {}):
+                    results.setdefault(dataset, {})[regime] = summarise(cell)
+            # written after every cell, so a run cut short still leaves a file that says what it holds
+            missing = [f"{d}/{r}" for d, r in planned if r not in results.get(d, {})]
+            payload = _payload(args, seeds, started, results, missing)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload["checks"], indent=2))
     return 0
 

@@ -111,10 +111,11 @@ def make_fleet(
     data: Dataset = load(dataset)
     rng = np.random.default_rng(seed)
     rest, held = _split_groups(data.groups, CLUSTER_SHARE, rng)
-    cluster = LabelledSet(take(data.x, held), data.y[held])
+    cluster = LabelledSet(take(data.x, held), data.y[held], groups=data.groups[held])
     if regime == "env_shift":
         parts = np.array_split(np.arange(len(held)), REFERENCE_ROBOTS)
-        cluster = LabelledSet(concat([_Sensors(cluster.x, rng)(take(cluster.x, part)) for part in parts]), cluster.y)
+        shifted = concat([_Sensors(cluster.x, rng)(take(cluster.x, part)) for part in parts])
+        cluster = LabelledSet(shifted, cluster.y, groups=cluster.groups)
     y_rest, g_rest = data.y[rest], data.groups[rest]
     if regime == "label_skew":
         owned_groups = _assign_label_skew(y_rest, g_rest, num_devices, alpha, rng)

@@ -12,7 +12,10 @@ which parameters are shared and how the levels are scheduled:
   every ``SLOW_PERIOD`` steps. After a merge the private levels refit for ``MERGE_ADAPT_STEPS``
   steps and the device serves only merged versions (local training runs in a working copy),
   unless the merged version is significantly less accurate on its own data than the one it
-  serves (``merge_check``, an exact McNemar test: then it keeps serving the previous one).
+  serves (``merge_check``, an exact McNemar test: then it keeps serving the previous one). The
+  refit happens in the served copy only; training goes on from the device's fast layers as they
+  were. The device serves its own fast layers only while they beat the shared model alone on its
+  own data (``personalization_check``); else the shared model with identity fast layers.
 - ``local``: every parameter private (local-only training).
 - ``fedavg``: every parameter shared (FedAvg).
 - ``fedrep``: head private, body shared; alternating schedule, head epochs first (FedRep,
@@ -62,6 +65,7 @@ def method_config(method: str, seed: int = 0) -> dict[str, Any]:
             "merge_adapt_steps": MERGE_ADAPT_STEPS,
             "serve_trained": False,
             "merge_check": True,
+            "personalization_check": True,
         }
     elif method == "local":
         levels = [{"name": "fast", "patterns": ["*"], "period": 1, "lr": LR, "shared": False}]

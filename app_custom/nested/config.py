@@ -146,6 +146,10 @@ class TrainingConfig:
     # as accurate on the device's own training data (its local health check); else keep serving
     # the previous version while training goes on from the new one.
     merge_check: bool = False
+    # With serve_trained false: serve the device's own fast layers only while they are significantly
+    # more accurate on its own data than the identity (the shared model alone); else serve the shared
+    # model with identity fast layers. Training keeps the device's fast layers either way.
+    personalization_check: bool = False
 
     @staticmethod
     def from_dict(raw: Any, where: str = "training") -> TrainingConfig:
@@ -160,15 +164,20 @@ class TrainingConfig:
             "merge_adapt_steps",
             "serve_trained",
             "merge_check",
+            "personalization_check",
         }
         _no_unknown(raw, allowed, where)
         serve_trained = raw.get("serve_trained", True)
         merge_check = raw.get("merge_check", False)
-        for key, value in (("serve_trained", serve_trained), ("merge_check", merge_check)):
+        personalization_check = raw.get("personalization_check", False)
+        flags = {"serve_trained": serve_trained, "merge_check": merge_check}
+        flags["personalization_check"] = personalization_check
+        for key, value in flags.items():
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
-        if merge_check and serve_trained:
-            raise ConfigError(f"{where}.merge_check needs serve_trained: false (a separate served model)")
+        for key in ("merge_check", "personalization_check"):
+            if flags[key] and serve_trained:
+                raise ConfigError(f"{where}.{key} needs serve_trained: false (a separate served model)")
         momentum = _number(raw, "momentum", where, 0.9, 0.0)
         if momentum >= 1.0:
             raise ConfigError(f"{where}.momentum: expected < 1, got {momentum}")
@@ -182,6 +191,7 @@ class TrainingConfig:
             merge_adapt_steps=_int(raw, "merge_adapt_steps", where, 0, 0),
             serve_trained=serve_trained,
             merge_check=merge_check,
+            personalization_check=personalization_check,
         )
 
 

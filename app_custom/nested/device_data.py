@@ -36,17 +36,25 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class LabelledSet:
     """Samples and labels; ``weight`` (optional, >= 0 per sample) makes accuracy a weighted mean, as
-    for a test set that stands for a device's label mix drawn from a pool with another mix."""
+    for a test set that stands for a device's label mix drawn from a pool with another mix;
+    ``groups`` (optional, one id per sample) names the recording each sample was cut from, so that
+    a statistical test treats a recording's correlated windows as one unit, not as many."""
 
     x: Inputs
     y: Array
     weight: Array | None = None
+    groups: Array | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def subset(self, index: Array) -> LabelledSet:
-        return LabelledSet(take(self.x, index), self.y[index], None if self.weight is None else self.weight[index])
+        return LabelledSet(
+            take(self.x, index),
+            self.y[index],
+            None if self.weight is None else self.weight[index],
+            None if self.groups is None else self.groups[index],
+        )
 
     @property
     def effective_size(self) -> float:
@@ -105,7 +113,7 @@ def _count(x: Inputs) -> int:
     return counts.pop()
 
 
-def _check_set(x: Any, y: Any, where: str, weight: Any = None) -> LabelledSet:
+def _check_set(x: Any, y: Any, where: str, weight: Any = None, groups: Any = None) -> LabelledSet:
     x = _check_x(x, f"{where}.x")
     if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}.y: expected a 1-D int64 array, got {getattr(y, 'shape', type(y).__name__)}")
@@ -121,7 +129,9 @@ def _check_set(x: Any, y: Any, where: str, weight: Any = None) -> LabelledSet:
         weight = weight.astype(np.float64)
         if not np.isfinite(weight).all() or (weight < 0).any() or weight.sum() <= 0:
             raise DataError(f"{where}.weight: weights must be finite, >= 0 and not all 0")
-    return LabelledSet(x, y.astype(np.int64), weight)
+    if groups is not None and (not isinstance(groups, np.ndarray) or groups.shape != y.shape):
+        raise DataError(f"{where}.groups: expected one group id per sample, shape {y.shape}")
+    return LabelledSet(x, y.astype(np.int64), weight, groups)
 
 
 def check_device(raw: Any, index: int) -> DeviceData:
@@ -166,7 +176,8 @@ def check_fleet(fleet: Any) -> FleetData:
         for i, d in enumerate(fleet.devices)
     ]
     _check_same_shapes(devices)
-    cluster = _check_set(fleet.cluster_validation.x, fleet.cluster_validation.y, "cluster validation")
+    validation = fleet.cluster_validation
+    cluster = _check_set(validation.x, validation.y, "cluster validation", groups=validation.groups)
     if _shapes(cluster.x) != _shapes(devices[0].train.x):
         raise DataError(f"cluster validation: sample shape {_shapes(cluster.x)} differs from the devices'")
     named = [(f"device {i} {part}", getattr(d, part)) for i, d in enumerate(devices) for part in ("train", "test")]

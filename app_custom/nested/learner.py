@@ -26,6 +26,13 @@ from .models import build_model, input_spec
 from .schedule import MultiFrequencySchedule
 from .slow_delta import Tensors, install, merge_slow, slow_delta, state_of
 
+# A device serves its own fast layers when the shared model alone is worse on its own data with
+# one-sided McNemar p below this. Lenient on purpose: the fast layers were fit to that data (the
+# comparison favours them), and devices with real skew show gains at p << 0.2; at 0.05 devices
+# of label-skewed fleets with 40 correlated windows lost 1-2 points of mean accuracy, at 0.5
+# scarce-data devices kept adapters fit to noise (benchmarks, 6 seeds).
+PERSONAL_ALPHA = 0.2
+
 
 class IncompatibleState(ValueError):
     """A saved device state belongs to another model architecture or level layout."""
@@ -140,17 +147,49 @@ class NestedLearner:
         self.schedule.reset({level.name for level in self.config.shared_levels})
         self._received = {name: np.array(global_slow[name], dtype=np.float32) for name in self.shared_names}
         self.global_version = version
-        if not first:
-            self._refit_fast(self.config.training.merge_adapt_steps)
-        if not self.config.training.serve_trained and self._passes_merge_check(first):
-            self.served = copy.deepcopy(self.model)
+        steps = 0 if first else self.config.training.merge_adapt_steps
+        if self.config.training.serve_trained:
+            self._refit_fast(steps)
+        else:
+            merged = self._refit_copy(steps)
+            if self.config.training.personalization_check and not first:
+                merged = self._personal_or_shared(merged)
+            if self._passes_merge_check(first, merged):
+                self.served = merged
         return MergeReport(acc_before=acc_before, acc_after=self.test_accuracy(), acc_naive=acc_naive)
 
-    def _passes_merge_check(self, first: bool) -> bool:
+    def _refit_copy(self, steps: int) -> torch.nn.Module:
+        """The merged model with its fast levels refit, as a copy: the training model keeps its fast
+        layers as they were. Refit fast layers fed into the next round's training let the slow
+        layers learn around adapters overfit to a few samples (with 16 samples per device the
+        global model lost 10-40 points against training without the refit)."""
+        if steps == 0 or not self.private_names:
+            return copy.deepcopy(self.model)
+        private = state_of(self.model, self.private_names)
+        schedule = copy.deepcopy(self.schedule.state_dict())
+        self._refit_fast(steps)
+        merged = copy.deepcopy(self.model)
+        install(self.model, private)
+        self.schedule.load_state_dict(schedule)
+        return merged
+
+    def _personal_or_shared(self, merged: torch.nn.Module) -> torch.nn.Module:
+        """``merged`` if its fast layers earn their place: significantly more accurate on the device's
+        own data than the shared model alone (identity fast layers). They were fit to that data, so
+        the comparison favours them; a device with 16 samples of the fleet's distribution rarely
+        shows a significant gain and serves the shared model instead of adapters fit to noise."""
+        shared_only = copy.deepcopy(merged)
+        install(shared_only, self._initial_private)
+        own = self.data.train
+        if mcnemar_worse_p(per_sample(merged, own)[0], per_sample(shared_only, own)[0]) < PERSONAL_ALPHA:
+            return merged
+        return shared_only
+
+    def _passes_merge_check(self, first: bool, merged: torch.nn.Module) -> bool:
         if first or not self.config.training.merge_check:
             return True
         own = self.data.train
-        return not significantly_worse(per_sample(self.served, own)[0], per_sample(self.model, own)[0])
+        return not significantly_worse(per_sample(self.served, own)[0], per_sample(merged, own)[0])
 
     def _refit_fast(self, steps: int) -> None:
         """A few steps on the fast levels only, so they follow the new slow layers before serving."""

@@ -45,10 +45,10 @@ def test_a_version_is_never_overwritten_and_temporaries_are_cleaned(tmp_path):
     assert not (tmp_path / ".tmp-v000001").exists()
 
 
-def _scores(correct, loss):
+def _scores(correct, loss, groups=None):
     from app_custom.cluster.gate import Scores
 
-    return Scores(np.array(correct, dtype=bool), np.array(loss, dtype=np.float64))
+    return Scores(np.array(correct, dtype=bool), np.array(loss, dtype=np.float64), groups)
 
 
 def test_gate_rejects_a_significant_regression_past_the_tolerance():
@@ -58,9 +58,13 @@ def test_gate_rejects_a_significant_regression_past_the_tolerance():
     # a 10-point drop: 10 samples lost, none gained (McNemar p ~ 0.001)
     verdict = gate.assess(_scores([True] * 70 + [False] * 30, [0.5] * n), current)
     assert not verdict.accepted and "accuracy drops" in verdict.reason
-    # one sample lost (a one-point drop, not significant) and 0.4 more loss on every sample
-    verdict = gate.assess(_scores([True] * 79 + [False] * 21, [0.9] * n), current)
+    # three samples lost (past the 2-point tolerance, McNemar p = 0.125) and 0.4 more loss on every
+    # sample: the significant loss rise confirms the accuracy drop
+    verdict = gate.assess(_scores([True] * 77 + [False] * 23, [0.9] * n), current)
     assert not verdict.accepted and "loss rises" in verdict.reason
+    # one sample lost (within the tolerance) and the same loss rise: a confidence change, accepted
+    verdict = gate.assess(_scores([True] * 79 + [False] * 21, [0.9] * n), current)
+    assert verdict.accepted, verdict.reason
     # the same loss rise at unchanged accuracy: more confident where right and where wrong
     verdict = gate.assess(_scores([True] * 80 + [False] * 20, [0.9] * n), current)
     assert verdict.accepted, verdict.reason
@@ -89,6 +93,37 @@ def test_gate_accepts_a_drop_that_chance_explains_on_a_small_validation_set():
     assert not gate.assess(big_candidate, big_current).accepted
     with pytest.raises(ValueError, match="different validation sets"):
         gate.assess(_scores([True] * 10, [0.1] * 10), current)
+
+
+def test_gate_counts_a_recording_once_not_once_per_window():
+    """8 recordings of 6 windows each: two recordings flipping all their windows is 12 windows lost,
+    which counted per window is overwhelming (McNemar p < 0.001) but is two recordings of eight."""
+    gate = ValidationGate(max_acc_drop=0.05, max_loss_rise=0.25)
+    groups = np.repeat(np.arange(8), 6)
+    current = _scores([True] * 48, [0.3] * 48, groups)
+    candidate = _scores([False] * 12 + [True] * 36, [0.3] * 12 + [0.3] * 36, groups)
+    assert not gate.assess(_scores(candidate.correct, candidate.loss), _scores(current.correct, current.loss)).accepted
+    verdict = gate.assess(candidate, current)
+    assert verdict.accepted, verdict.reason
+    # six recordings of eight lost: a regression whichever unit is counted
+    candidate = _scores([False] * 36 + [True] * 12, [2.0] * 36 + [0.3] * 12, groups)
+    assert not gate.assess(candidate, current).accepted
+
+
+def test_the_probe_halves_never_split_a_recording():
+    from app_custom.cluster.gate import SlowLayerValidator
+    from app_custom.nested.config import NestedConfig
+    from simulator.fleets import make_fleet
+    from simulator.methods import method_config
+
+    fleet = make_fleet("basic_motions", "label_skew", 4, seed=0)
+    validation = fleet.cluster_validation
+    assert validation.groups is not None and len(np.unique(validation.groups)) < len(validation)
+    validator = SlowLayerValidator(NestedConfig.from_dict(method_config("fedrep")), validation, fleet.num_classes)
+    assert not set(validator._fit.groups) & set(validator._eval.groups)
+    initial = {n: p.detach().numpy().copy() for n, p in validator.model.named_parameters()}
+    scores = validator.score({n: initial[n] for n in validator.shared_names})
+    assert sorted(scores.groups.tolist()) == sorted(validation.groups.tolist())
 
 
 def test_the_cluster_scores_the_shared_model_directly_when_it_holds_the_head_else_by_a_probe():

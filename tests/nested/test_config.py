@@ -21,6 +21,8 @@ def _with(**changes):
         (_with(training={"schedule": "random"}), r"training.schedule: expected one of"),
         (_with(training={"batch_size": "32"}), r"training.batch_size: expected an integer"),
         (_with(model={"kind": "transformer"}), r"model.kind"),
+        (_with(training={"personalization_check": True}), r"personalization_check needs serve_trained: false"),
+        (_with(training={"serve_trained": False, "personalization_check": 1}), r"expected true or false"),
         (_with(extra=1), r"unknown key\(s\) \['extra'\]"),
         ("levels: fast", "expected a mapping"),
     ],

@@ -165,3 +165,41 @@ def test_a_restart_takes_the_learning_rates_of_the_new_configuration(tmp_path):
     restarted = _learner(faster)
     restarted.load(tmp_path / "state.pt")
     assert restarted.schedule.optimizers["fast"].param_groups[0]["lr"] == 0.5
+
+
+def test_the_refit_after_a_merge_is_served_but_not_trained_on():
+    """The fast levels refit to new slow layers in the served copy only: fed into the next round's
+    training, adapters refit to 16 samples made the slow layers learn around them (the global model
+    of a scarce-data fleet lost 10-40 points)."""
+    learner = _learner(_with_training(serve_trained=False, merge_adapt_steps=5))
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    trained_fast = state_of(learner.model, learner.private_names)
+    learner.receive_global(state_of(learner.model, learner.shared_names), 1)
+    kept = state_of(learner.model, learner.private_names)
+    assert all(np.array_equal(trained_fast[k], kept[k]) for k in kept)  # the training model's fast layers
+    served = state_of(learner.served, learner.private_names)
+    assert not all(np.array_equal(served[k], kept[k]) for k in kept)  # the served copy's, refit
+    served_slow = state_of(learner.served, learner.shared_names)
+    model_slow = state_of(learner.model, learner.shared_names)
+    assert all(np.array_equal(served_slow[k], model_slow[k]) for k in model_slow)
+
+
+def test_a_device_serves_its_fast_layers_only_when_they_beat_the_shared_model_on_its_own_data():
+    from app_custom.nested.slow_delta import install
+
+    learner = _learner(_with_training(serve_trained=False, personalization_check=True, local_epochs=5))
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    merged_slow = state_of(learner.model, learner.shared_names)
+    # fast layers that break the model: the shared model alone serves
+    broken = {
+        k: np.full(v.shape, 7.0, dtype=np.float32) for k, v in state_of(learner.model, learner.private_names).items()
+    }
+    install(learner.model, broken)
+    learner.receive_global(merged_slow, 1)
+    served = state_of(learner.served, learner.private_names)
+    assert all(np.array_equal(served[k], learner._initial_private[k]) for k in served)
+    # the training model keeps the device's fast layers, whatever is served
+    kept = state_of(learner.model, learner.private_names)
+    assert all(np.array_equal(kept[k], broken[k]) for k in kept)
