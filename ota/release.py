@@ -13,8 +13,10 @@ A bundle is a folder:
   (``compatibility``), how it was validated, and the size and sha256 of every file.
 
 The candidate is validated before release: the exported graph must reproduce torch's outputs on the
-golden inputs, and its inference (batch 1, onnxruntime on the build machine; torch-tensorrt is
-not used) must stay within ``max_validation_ms``.
+golden inputs, and its median inference time (batch 1, onnxruntime on the build machine;
+torch-tensorrt is not used) must stay within ``max_validation_ms``. The median, not the tail: the
+build machine is not the device (the device checks its own p99 against its budget), and on a
+shared build host the tail measures the host (a 0.05 ms graph showed a 108 ms p99 under load).
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def build_release(
     graph = export_onnx(model, target.opset)
     golden = golden_data(model, seed=version)
     validation = validate_with_onnxruntime(graph, golden)
-    if validation["p99_ms"] > max_validation_ms:
-        raise ReleaseError(f"validation inference p99 {validation['p99_ms']:.1f} ms > {max_validation_ms} ms")
+    if validation["p50_ms"] > max_validation_ms:
+        raise ReleaseError(f"validation inference median {validation['p50_ms']:.1f} ms > {max_validation_ms} ms")
 
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)

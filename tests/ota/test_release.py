@@ -90,6 +90,9 @@ def test_only_accepted_trained_versions_of_a_described_archive_are_released(arch
         build_release(archive.root, tmp_path / "b0", "x86-64-cpu", version=0)
     with pytest.raises(ValueError, match="unknown device class 'toaster'"):
         build_release(archive.root, tmp_path / "bt", "toaster")
+    with pytest.raises(ReleaseError, match="median .* > 1e-06 ms"):
+        build_release(archive.root, tmp_path / "slow", "x86-64-cpu", max_validation_ms=1e-6)
+    assert not (tmp_path / "slow").exists()
     build_release(archive.root, tmp_path / "b1", "x86-64-cpu")
     with pytest.raises(ReleaseError, match="never overwritten"):
         build_release(archive.root, tmp_path / "b1", "x86-64-cpu")
