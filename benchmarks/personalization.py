@@ -15,7 +15,7 @@ and seed, so they compare like for like. Writes ``benchmarks/results/personaliza
      "checks": {"all_pass": bool, ...}}
 
 Accuracies are means over seeds of each seed's mean / worst per-device accuracy; forgetting is
-the largest drop over all seeds. Usage: ``python benchmarks/personalization.py [--seeds 0,1,2]
+the largest drop over all seeds. Usage: ``python benchmarks/personalization.py [--seeds 0,1,2,3,4,5]
 [--datasets digits,basic_motions] [--regimes ...] [--rounds 10] [--devices 8] [--jobs 2]``.
 """
 
@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="digits,basic_motions")
     parser.add_argument("--regimes", default=",".join(REGIMES))
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4,5")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (each keeps ~1 core busy)")
+    parser.add_argument("--jobs", type=int, default=2, help="experiments run at once (each keeps ~1 core busy)")
     parser.add_argument("--work", default="/tmp/fleetnest-bench", help="FLARE workspaces and per-run reports")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
