@@ -78,9 +78,9 @@ class SlowLayerValidator:
         # neighbour in the other would let the probe score what it was fitted on
         groups = validation.groups if validation.groups is not None else np.arange(len(validation))
         unique = np.random.default_rng(seed).permutation(np.unique(groups))
-        in_fit = np.isin(groups, unique[: len(unique) // 2])
         if len(unique) < 4:
             raise ValueError(f"the cluster validation set needs >= 4 recordings, got {len(unique)}")
+        in_fit = np.isin(groups, unique[: len(unique) // 2])
         self._fit, self._eval = validation.subset(np.flatnonzero(in_fit)), validation.subset(np.flatnonzero(~in_fit))
 
     def _features(self, data: LabelledSet) -> np.ndarray:

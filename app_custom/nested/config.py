@@ -170,8 +170,11 @@ class TrainingConfig:
         serve_trained = raw.get("serve_trained", True)
         merge_check = raw.get("merge_check", False)
         personalization_check = raw.get("personalization_check", False)
-        flags = {"serve_trained": serve_trained, "merge_check": merge_check}
-        flags["personalization_check"] = personalization_check
+        flags = {
+            "serve_trained": serve_trained,
+            "merge_check": merge_check,
+            "personalization_check": personalization_check,
+        }
         for key, value in flags.items():
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")

@@ -181,7 +181,7 @@ class NestedLearner:
         shared_only = copy.deepcopy(merged)
         install(shared_only, self._initial_private)
         own = self.data.train
-        if mcnemar_worse_p(per_sample(merged, own)[0], per_sample(shared_only, own)[0]) < PERSONAL_ALPHA:
+        if significantly_worse(per_sample(merged, own)[0], per_sample(shared_only, own)[0], PERSONAL_ALPHA):
             return merged
         return shared_only
 
