@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-ota job clean
+.PHONY: demo test lint bench bench-ota bench-privacy job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Re-export the job folder so its custom code matches app_custom/.
+# Re-export the job folders so their custom code matches app_custom/.
 job: $(STAMP)
 	$(PY) jobs/nested_fedavg/job.py --refresh
+	$(PY) jobs/nested_private/job.py --refresh
 
 demo: job
 	$(VENV)/bin/fleetnest simulate --devices 8 --rounds 8 --out demo_out
@@ -32,6 +33,9 @@ bench: $(STAMP)
 
 bench-ota: $(STAMP)
 	$(PY) benchmarks/ota.py
+
+bench-privacy: $(STAMP)
+	$(PY) benchmarks/privacy.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .fleets import REGIMES
 from .methods import METHODS
+from .privacy_options import add_privacy_arguments, privacy_of
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -18,6 +19,15 @@ def _simulate(args: argparse.Namespace) -> int:
     if unknown:
         print(f"fleetnest simulate: unknown method(s) {unknown}; known: {list(METHODS)}", file=sys.stderr)
         return 2
+    try:
+        privacy = privacy_of(args, args.devices, args.rounds)
+        if privacy is not None:
+            from app_custom.privacy.private_update import PrivacySettings
+
+            PrivacySettings.from_dict(privacy)  # a bad combination fails here, not in every FLARE client
+    except ValueError as e:
+        print(f"fleetnest simulate: {e}", file=sys.stderr)
+        return 2
     experiment = Experiment(
         dataset=args.dataset,
         regime=args.regime,
@@ -25,6 +35,7 @@ def _simulate(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         seed=args.seed,
         methods=methods,
+        privacy=privacy,
     )
     try:
         run_experiment(experiment, Path(args.out))
@@ -294,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0)
     simulate.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     simulate.add_argument("--out", required=True, help="output folder for report.json, plots and FLARE workspaces")
+    add_privacy_arguments(simulate)
     simulate.set_defaults(run=_simulate)
 
     ota = verbs.add_parser("ota", help="signed over-the-air releases of global versions").add_subparsers(

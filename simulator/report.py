@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from app_custom.flare.fast_layer_guard import RESULT_KEYS
+from app_custom.flare.fast_layer_guard import RESULT_KEYS, SECAGG_KEY
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import FleetData
 from app_custom.nested.levels import partition_parameters
@@ -60,14 +60,67 @@ def shared_shapes(config: NestedConfig, fleet: FleetData) -> dict[str, tuple[int
 
 def fast_values_sent(shapes: dict[str, tuple[int, ...]], audit: list[dict]) -> int:
     """Values in outbound results that are not shared-level parameters (must be 0): every value of
-    a parameter that is not exactly a shared one, and one per extra payload beside the DXO."""
+    a parameter that is not exactly a shared one, and one per extra payload beside the DXO. A
+    secure-aggregation message counts by what it decoded as: a masked vector longer than the
+    shared parameters counts the excess, a message that is no device message counts every byte."""
     sent = 0
+    shared_values = sum(math.prod(shape) for shape in shapes.values())
     for record in audit:
         sent += len(set(record["keys"]) - RESULT_KEYS)
         for key, shape in record["params"].items():
-            if tuple(shape) != shapes.get(key):
+            if key == SECAGG_KEY and "secagg" in record:
+                secagg = record["secagg"]
+                if secagg["type"] is None:
+                    sent += secagg["bytes"]
+                elif secagg["type"] == "MaskedInput":
+                    sent += max(0, secagg["length"] - shared_values)
+            elif tuple(shape) != shapes.get(key):
                 sent += math.prod(shape) if shape else 1
     return sent
+
+
+def privacy_summary(log: dict) -> dict | None:
+    """Epsilon per device per round (as the devices' own ledgers report it) and what secure
+    aggregation did each round; None for a run without privacy."""
+    rounds = log["rounds"]
+    if not any("dp_epsilon" in m for entry in rounds for m in entry["devices"].values()):
+        return None
+    per_round = [
+        {device: m["dp_epsilon"] for device, m in sorted(entry["devices"].items()) if "dp_epsilon" in m}
+        for entry in rounds
+    ]
+    deltas = {m["dp_delta"] for entry in rounds for m in entry["devices"].values() if "dp_delta" in m}
+    final = per_round[-1] if per_round else {}
+    return {
+        "delta": deltas.pop() if len(deltas) == 1 else sorted(deltas),
+        "epsilon_per_device_per_round": per_round,
+        "final_epsilon_max": max(final.values(), default=None),
+        "skipped_over_budget": sum(len(entry.get("dp_skipped", {})) for entry in rounds),
+        "secure_aggregation": {
+            "rounds_aborted": sum("aborted" in entry.get("secagg", {}) for entry in rounds),
+            "survivors_per_round": [len(entry.get("secagg", {}).get("survivors", [])) for entry in rounds],
+            "rejected_messages": sum(len(entry.get("secagg", {}).get("rejections", [])) for entry in rounds),
+        },
+    }
+
+
+def upload_bytes_per_update(audit: list[dict]) -> list[float]:
+    """Bytes one device uploads per contributed update: a plain training result's float32 values,
+    or, under secure aggregation, every protocol message it sent (key advert, sealed shares,
+    masked vector, unmask shares) spread over the masked vectors it contributed."""
+    if any("secagg" in record for record in audit):
+        sizes = []
+        for site in sorted({record["site"] for record in audit}):
+            mine = [record["secagg"] for record in audit if record["site"] == site and "secagg" in record]
+            vectors = sum(m["type"] == "MaskedInput" for m in mine)
+            if vectors:
+                sizes.append(sum(m["bytes"] for m in mine) / vectors)
+        return sizes
+    return [
+        sum(math.prod(shape) for shape in record["params"].values()) * FLOAT32_BYTES
+        for record in audit
+        if record.get("task") == "train" and record["params"]
+    ]
 
 
 def method_summary(log: dict) -> dict:
@@ -92,6 +145,7 @@ def method_summary(log: dict) -> dict:
         "drops_after_merge": drops,
         "versions": {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected")},
         "rejected_updates": sum(len(entry.get("rejected", {})) for entry in log["rounds"]),
+        "privacy": privacy_summary(log),
     }
 
 
@@ -102,11 +156,7 @@ def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[
         for method, (_, audit) in runs.items()
     )
     nested_audit = runs.get("nested", (None, []))[1]
-    update_sizes = [
-        sum(math.prod(shape) for shape in record["params"].values()) * FLOAT32_BYTES
-        for record in nested_audit
-        if record.get("task") == "train" and record["params"]
-    ]
+    update_sizes = upload_bytes_per_update(nested_audit)
     nested = methods.get("nested", {})
     return {
         "setup": {
@@ -120,6 +170,7 @@ def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[
             # per-device number (Kish's effective size where the test set is weighted)
             "test_samples_per_device": [round(device.test.effective_size, 1) for device in fleet.devices],
         },
+        "privacy": experiment.privacy,
         "methods": methods,
         "fast_params_sent": fast_sent,
         "bytes_per_update": max(update_sizes) if update_sizes else 0,

@@ -31,6 +31,7 @@ from app_custom.nested.device_data import load_fleet
 from .methods import METHODS, method_config
 
 SHIPPED_FLEET_FN = "simulator.fleets:make_fleet"
+PRIVATE_METHODS = ("nested", "fedavg", "fedrep")  # those that send something (local-only sends nothing)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Experiment:
     rounds: int = 10
     seed: int = 0
     methods: tuple[str, ...] = METHODS
+    # PrivacySettings as a mapping: DP and secure aggregation for every method that shares layers
+    privacy: dict | None = None
 
     @property
     def is_plugin(self) -> bool:
@@ -128,6 +131,7 @@ def _deploy(experiment: Experiment, method: str, out: Path) -> None:
         data=data,
         num_rounds=experiment.rounds,
         min_clients=devices,
+        privacy=experiment.privacy if method in PRIVATE_METHODS else None,
     )
     SimEnv(num_clients=devices, num_threads=devices, workspace_root=str(out / "workspace")).deploy(job)
 

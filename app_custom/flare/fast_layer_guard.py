@@ -8,6 +8,10 @@ else (a fast-layer key, an unknown key, a nested or non-array value, an array hi
 metrics or meta, an extra payload, a payload on an error reply) rejects the whole result: the
 reasons are logged and the result is replaced by an empty ``TASK_RESULT_FILTER_ERROR`` reply,
 so nothing of it leaves (and the audit after this filter records the refusal).
+
+A private learner's result instead carries one secure-aggregation message (a uint8 array under
+``SECAGG_KEY``): it passes only if it decodes as a message a device sends (key advert, sealed
+shares, masked vector of ring elements, unmask shares) and nothing else is beside it.
 """
 
 from __future__ import annotations
@@ -24,19 +28,48 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from app_custom.nested.config import NestedConfig
+from app_custom.privacy.secagg import KeyAdvert, MaskedInput, ShareBundle, UnmaskShares
+from app_custom.privacy.wire import WireError, decode_message
 
 RESULT_KEYS = {ReservedHeaderKey.HEADERS, "DXO"}
 PARAM_KINDS = {DataKind.WEIGHTS, DataKind.WEIGHT_DIFF}
 # meta fields a learner result may carry besides the metrics, all scalars
 SCALAR_META = {"global_version", FLMetaKey.NUM_STEPS_CURRENT_ROUND}
+# short text fields: why a private device sent no update
+TEXT_META = {"dp_skip_reason"}
+MAX_TEXT = 400
+# The private learner's only array: one secure-aggregation message, as uint8 (see
+# private_learner_executor). It may leave only as one of the device-to-aggregator messages.
+SECAGG_KEY = "__secagg_message__"
+DEVICE_MESSAGES = (KeyAdvert, ShareBundle, MaskedInput, UnmaskShares)
 
 
 def _is_scalar(value: object) -> bool:
     return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
 
 
+def secagg_message_problems(value: object) -> list[str]:
+    """Problems with a secure-aggregation message array (empty list: a well-formed device message)."""
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+        return [f"{SECAGG_KEY!r} is not a 1-D uint8 array"]
+    raw = value.tobytes()
+    errors = []
+    for kind in DEVICE_MESSAGES:
+        try:
+            decode_message(raw, kind)
+            return []
+        except WireError as err:
+            errors.append(str(err))
+    return [f"{SECAGG_KEY!r} is not a device secure-aggregation message ({errors[-1]})"]
+
+
 def leaving_keys_problems(config: NestedConfig, params: dict, metrics: dict | None) -> list[str]:
     """What among outbound parameters and metrics may not leave the device (empty list: all clear)."""
+    if SECAGG_KEY in params:
+        extra = sorted(set(params) - {SECAGG_KEY})
+        problems = [f"parameters {extra} beside a secure-aggregation message"] if extra else []
+        problems += secagg_message_problems(params[SECAGG_KEY])
+        return problems + _metric_problems(metrics)
     problems = []
     shared = [p for level in config.shared_levels for p in level.patterns]
     private = [p for level in config.private_levels for p in level.patterns]
@@ -47,10 +80,15 @@ def leaving_keys_problems(config: NestedConfig, params: dict, metrics: dict | No
             problems.append(f"parameter {key!r} of no shared level")
         elif value is not None and not isinstance(value, np.ndarray):
             problems.append(f"parameter {key!r} is a {type(value).__name__}, not an array")
-    for name, value in (metrics or {}).items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            problems.append(f"non-scalar metric {name!r} ({type(value).__name__})")
-    return problems
+    return problems + _metric_problems(metrics)
+
+
+def _metric_problems(metrics: dict | None) -> list[str]:
+    return [
+        f"non-scalar metric {name!r} ({type(value).__name__})"
+        for name, value in (metrics or {}).items()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real)
+    ]
 
 
 def result_problems(config: NestedConfig, shareable: Shareable) -> list[str]:
@@ -77,7 +115,10 @@ def result_problems(config: NestedConfig, shareable: Shareable) -> list[str]:
         problems.append(f"metrics are a {type(metrics).__name__}, not a mapping")
         metrics = {}
     for key, value in meta.items():
-        if key not in SCALAR_META:
+        if key in TEXT_META:
+            if not (isinstance(value, str) and len(value) <= MAX_TEXT):
+                problems.append(f"meta field {key!r} is not a text of at most {MAX_TEXT} characters")
+        elif key not in SCALAR_META:
             problems.append(f"unknown meta field {key!r}")
         elif not _is_scalar(value):
             problems.append(f"meta field {key!r} is a {type(value).__name__}, not a scalar")

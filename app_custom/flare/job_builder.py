@@ -13,6 +13,8 @@ from app_custom.flare.fast_layer_guard import FastLayerGuard
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
 from app_custom.flare.nested_controller import NestedFedAvg
 from app_custom.flare.outbound_audit import OutboundAudit
+from app_custom.flare.private_controller import PrivateNestedFedAvg
+from app_custom.flare.private_learner_executor import SECAGG_TASKS, PrivateLearnerExecutor
 
 
 def sorted_task_lists(node):
@@ -33,20 +35,28 @@ def build_nested_job(
     server: dict | None = None,
     guard: bool = True,
     executor: NestedLearnerExecutor | None = None,
+    privacy: dict | None = None,
 ) -> FedJob:
     """A flat job: ``NestedFedAvg`` on the server; on every client the learner, then the outbound
-    chain ``FastLayerGuard`` -> ``OutboundAudit`` on every task result.
+    chain ``FastLayerGuard`` -> ``OutboundAudit`` on every task result. With ``privacy``
+    (``PrivacySettings`` as a mapping) the server is ``PrivateNestedFedAvg`` and the devices
+    ``PrivateLearnerExecutor``: DP-noised deltas, securely aggregated.
 
     ``guard=False`` and a custom ``executor`` exist for the privacy tests, which must see a leak
     get through when the guard is missing.
     """
     job = FedJob(name=name, min_clients=min_clients)
-    controller = NestedFedAvg(
-        config=config, data=data, num_rounds=num_rounds, min_clients=min_clients, **(server or {})
-    )
+    common = dict(config=config, data=data, num_rounds=num_rounds, min_clients=min_clients, **(server or {}))
+    controller = PrivateNestedFedAvg(privacy=privacy, **common) if privacy else NestedFedAvg(**common)
     job.to_server(controller, id="nested_controller")
-    tasks = [TRAIN_TASK, VALIDATE_TASK]
-    learner = executor or NestedLearnerExecutor(config=config, data=data)
+    tasks = [TRAIN_TASK, VALIDATE_TASK] + (list(SECAGG_TASKS) if privacy else [])
+    if executor is None:
+        executor = (
+            PrivateLearnerExecutor(config=config, data=data, privacy=privacy)
+            if privacy
+            else NestedLearnerExecutor(config=config, data=data)
+        )
+    learner = executor
     job.to_clients(learner, id="learner", tasks=tasks)
     # Name the tasks: FLARE 2.9 keys job filter chains by literal task name, so the Job API's
     # default tasks=["*"] matches no task and the filters would silently never run.

@@ -123,30 +123,9 @@ class NestedFedAvg(ModelController):
         for round_ in range(start_round, self.num_rounds):
             if self.abort_signal.triggered:
                 return
-            results = self.send_model_and_wait(
-                task_name=TRAIN_TASK,
-                data=self._global_model(current, record.version, round_),
-                min_responses=self.min_clients,
-                timeout=self.task_timeout,
-            )
             self.aggregator.reset()
-            device_metrics = {}
-            for result in sorted(results, key=lambda r: r.meta.get("client_name", "")):
-                device = result.meta.get("client_name", "?")
-                device_metrics[device] = dict(result.metrics or {})
-                weight = result.meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
-                if result.params_type != ParamsType.DIFF:
-                    rejection = self.aggregator.reject(device, f"params_type must be DIFF, got {result.params_type}")
-                    self.warning(f"round {round_}: rejected update from {device}: {rejection.reason}")
-                    continue
-                rejection = self.aggregator.add(device, result.params or {}, weight, expected)
-                if rejection:
-                    self.warning(f"round {round_}: rejected update from {device}: {rejection.reason}")
-            entry = {
-                "round": round_,
-                "devices": device_metrics,
-                "rejected": {r.contributor: r.reason for r in self.aggregator.rejections},
-            }
+            entry = {"round": round_} | self._collect_round(round_, current, record.version, expected)
+            entry["rejected"] = {r.contributor: r.reason for r in self.aggregator.rejections}
             if self.aggregator.count and expected:
                 candidate = self.aggregator.apply(current)
                 scores = probe.score(candidate)
@@ -183,6 +162,29 @@ class NestedFedAvg(ModelController):
             log["final"] = {r.meta.get("client_name", "?"): dict(r.metrics or {}) for r in results}
             log["final_version"] = record.version
             self._write_log(log)
+
+    def _collect_round(self, round_: int, current: dict, version: int, expected: dict) -> dict:
+        """Send the current version out for training and feed the returned slow deltas to the
+        aggregator; returns the round's log fields (at least ``devices``: metrics per device)."""
+        results = self.send_model_and_wait(
+            task_name=TRAIN_TASK,
+            data=self._global_model(current, version, round_),
+            min_responses=self.min_clients,
+            timeout=self.task_timeout,
+        )
+        device_metrics = {}
+        for result in sorted(results, key=lambda r: r.meta.get("client_name", "")):
+            device = result.meta.get("client_name", "?")
+            device_metrics[device] = dict(result.metrics or {})
+            weight = result.meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
+            if result.params_type != ParamsType.DIFF:
+                rejection = self.aggregator.reject(device, f"params_type must be DIFF, got {result.params_type}")
+                self.warning(f"round {round_}: rejected update from {device}: {rejection.reason}")
+                continue
+            rejection = self.aggregator.add(device, result.params or {}, weight, expected)
+            if rejection:
+                self.warning(f"round {round_}: rejected update from {device}: {rejection.reason}")
+        return {"devices": device_metrics}
 
     def _global_model(self, slow: dict[str, np.ndarray], version: int, round_: int) -> FLModel:
         return FLModel(

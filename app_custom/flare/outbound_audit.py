@@ -2,7 +2,7 @@
 
 Placed after ``FastLayerGuard`` in the result filter chain, it records what actually left
 (return code, every top-level key, data kind, parameter names and shapes, meta and metric
-names), never the values, in
+names; for a secure-aggregation message its type and vector length), never the values, in
 ``<site workspace>/outbound_audit.jsonl``. Operators read it to check the privacy promise; the
 tests read it to prove it.
 """
@@ -20,7 +20,26 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
+from app_custom.flare.fast_layer_guard import DEVICE_MESSAGES, SECAGG_KEY
+from app_custom.privacy.secagg import MaskedInput
+from app_custom.privacy.wire import WireError, decode_message
+
 AUDIT_FILE = "outbound_audit.jsonl"
+
+
+def secagg_summary(value: object) -> dict:
+    """The type of a secure-aggregation message and, for a masked vector, its length and ring."""
+    raw = value.tobytes() if hasattr(value, "tobytes") else b""
+    for kind in DEVICE_MESSAGES:
+        try:
+            message = decode_message(raw, kind)
+        except WireError:
+            continue
+        summary = {"type": kind.__name__, "bytes": len(raw)}
+        if isinstance(message, MaskedInput):
+            summary |= {"length": message.length, "ring_bits": message.ring_bits, "payload_bytes": len(message.payload)}
+        return summary
+    return {"type": None, "bytes": len(raw)}
 
 
 class OutboundAudit(Filter):
@@ -44,6 +63,8 @@ class OutboundAudit(Filter):
                 record["params"] = {str(k): list(getattr(v, "shape", ())) for k, v in dxo.data.items()}
             else:
                 record["params"] = {"<not a mapping>": list(getattr(dxo.data, "shape", ()))}
+            if isinstance(dxo.data, dict) and SECAGG_KEY in dxo.data:
+                record["secagg"] = secagg_summary(dxo.data[SECAGG_KEY])
             record["metrics"] = sorted(meta.pop(FLMetaKey.INITIAL_METRICS, None) or {})
             record["meta"] = sorted(meta)
         workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)

@@ -172,3 +172,19 @@ class PrivacyLedger:
             self._accountant.step(noise_multiplier=self.config.noise_multiplier, sample_rate=self.config.sample_rate)
         else:
             self._accountant.history.append((0.0, self.config.sample_rate, 1))
+
+
+def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
+    """The smallest noise multiplier (Opacus' search, RDP accountant) that keeps a device that
+    contributes to all ``rounds`` within ``epsilon`` at ``delta``; 0 for epsilon = inf."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if math.isinf(epsilon):
+        return 0.0
+    if not epsilon > 0:
+        raise PrivacyConfigError(f"target epsilon must be > 0, got {epsilon!r}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=rounds, accountant="rdp"
+        )
+    )

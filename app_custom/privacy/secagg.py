@@ -214,6 +214,35 @@ class SecAggDevice:
         self._masked = False
         self._unmasked = False
 
+    def export_state(self) -> dict:
+        """Everything the device must keep between stages (its secrets included), for a device
+        whose process does not live through the whole round; ``restore`` reads it back."""
+        return {
+            "id": self.id,
+            "transport_key": crypto.private_bytes(self._transport_key),
+            "masking_seed": self._masking_seed,
+            "self_seed": self._self_seed,
+            "roster": self._roster,
+            "held": {dealer: [list(s), list(m)] for dealer, (s, m) in self._held.items()},
+            "senders": list(self._senders),
+            "masked": self._masked,
+            "unmasked": self._unmasked,
+        }
+
+    @classmethod
+    def restore(cls, state: dict, params: SecAggParams) -> SecAggDevice:
+        device = cls(state["id"], params)
+        device._transport_key = crypto.X25519PrivateKey.from_private_bytes(state["transport_key"])
+        device._masking_seed = state["masking_seed"]
+        device._masking_key = crypto.masking_key(device._masking_seed)
+        device._self_seed = state["self_seed"]
+        device._roster = state["roster"]
+        device._held = {dealer: (tuple(s), tuple(m)) for dealer, (s, m) in state["held"].items()}
+        device._senders = tuple(state["senders"])
+        device._masked = bool(state["masked"])
+        device._unmasked = bool(state["unmasked"])
+        return device
+
     def _header(self, stage: str) -> Header:
         return Header(self.params.context, stage, self.id)
 

@@ -1,15 +1,17 @@
 """Secure-aggregation messages as bytes, and back, checked field by field at the trust boundary.
 
-Layout: a 4-byte big-endian length, a JSON header (every field of the message except a masked
-vector's payload, 32-byte values in base64), then the raw payload. ``decode`` builds only the
-message type the caller expects and raises ``WireError`` naming the first field that is wrong.
+Layout: a 4-byte big-endian length, a JSON header, then one binary blob. Every bytes field of the
+message (keys, commitments, sealed shares, the masked vector) lives in the blob; the header names
+it by ``{"$b": [offset, length]}``, so nothing is inflated by text encoding. ``decode`` builds
+only the message type the caller expects and raises ``WireError`` naming the first field that is
+wrong; every byte of the blob must belong to exactly the fields that reference it, in order.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import fields, is_dataclass
 
 from .secagg import (
@@ -32,27 +34,55 @@ class WireError(ValueError):
     """Bytes that are not a well-formed message of the expected type."""
 
 
-def _plain(value: object) -> object:
+def _plain(value: object, blobs: list[bytes]) -> object:
     if isinstance(value, bytes):
-        return {"$b": base64.b64encode(value).decode()}
+        offset = sum(len(b) for b in blobs)
+        blobs.append(value)
+        return {"$b": [offset, len(value)]}
     if isinstance(value, SessionContext):
         return {"job_id": value.job_id, "round": value.round, "cohort_id": value.cohort_id}
     if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+        return {f.name: _plain(getattr(value, f.name), blobs) for f in fields(value)}
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, blobs) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, blobs) for v in value]
     return value
 
 
-def encode(message: object) -> bytes:
-    payload = message.payload if isinstance(message, MaskedInput) else b""
-    body = _plain(message)
-    if isinstance(message, MaskedInput):
-        body["payload"] = len(payload)
+def encode_message(message: object) -> bytes:
+    blobs: list[bytes] = []
+    body = _plain(message, blobs)
     header = json.dumps({"type": type(message).__name__, "body": body}, separators=(",", ":")).encode()
-    return len(header).to_bytes(_LEN, "big") + header + payload
+    return len(header).to_bytes(_LEN, "big") + header + b"".join(blobs)
+
+
+class _Blob:
+    """The binary part of one message, read field by field in order."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.next = 0
+
+    def take(self, ref: object, where: str, size: int | None) -> bytes:
+        if not (isinstance(ref, dict) and set(ref) == {"$b"} and isinstance(ref["$b"], list) and len(ref["$b"]) == 2):
+            raise WireError(f"{where}: expected a bytes reference")
+        offset, length = ref["$b"]
+        if (
+            isinstance(offset, bool)
+            or isinstance(length, bool)
+            or not isinstance(offset, int)
+            or not isinstance(length, int)
+        ):
+            raise WireError(f"{where}: bad bytes reference")
+        if offset != self.next or length < 0 or offset + length > len(self.data):
+            raise WireError(
+                f"{where}: bytes reference {offset}+{length} does not follow the blob ({len(self.data)} bytes)"
+            )
+        if size is not None and length != size:
+            raise WireError(f"{where}: expected {size} bytes, got {length}")
+        self.next = offset + length
+        return self.data[offset : offset + length]
 
 
 # ---- strict readers --------------------------------------------------------------------------------
@@ -74,16 +104,11 @@ def _int(value: object, where: str) -> int:
     return value
 
 
+_BLOB: ContextVar[_Blob] = ContextVar("blob")
+
+
 def _bytes(value: object, where: str, size: int | None = None) -> bytes:
-    if not (isinstance(value, dict) and set(value) == {"$b"} and isinstance(value["$b"], str)):
-        raise WireError(f"{where}: expected base64 bytes")
-    try:
-        raw = base64.b64decode(value["$b"], validate=True)
-    except ValueError as err:
-        raise WireError(f"{where}: bad base64 ({err})") from err
-    if size is not None and len(raw) != size:
-        raise WireError(f"{where}: expected {size} bytes, got {len(raw)}")
-    return raw
+    return _BLOB.get().take(value, where, size)
 
 
 def _names(value: object, where: str) -> tuple[str, ...]:
@@ -178,6 +203,16 @@ def _unmask(body: object, where: str = "UnmaskShares") -> UnmaskShares:
     )
 
 
+def _masked(body: object, where: str = "MaskedInput") -> MaskedInput:
+    return MaskedInput(
+        _header(_field(body, "header", where), f"{where}.header"),
+        _int(_field(body, "ring_bits", where), f"{where}.ring_bits"),
+        _int(_field(body, "length", where), f"{where}.length"),
+        _bytes(_field(body, "payload", where), f"{where}.payload"),
+        _names(_field(body, "unreadable_shares", where), f"{where}.unreadable_shares"),
+    )
+
+
 def _routed(body: object, where: str = "Routing") -> dict[str, SharesFor]:
     return _mapping(body, where, _shares_for)
 
@@ -192,7 +227,7 @@ READERS: dict[type, Callable] = {
 }
 
 
-def decode(raw: bytes, expected: type) -> object:
+def decode_message(raw: bytes, expected: type) -> object:
     """The message of type ``expected`` that ``raw`` holds, or ``WireError``."""
     if not isinstance(raw, (bytes, bytearray)) or len(raw) < _LEN:
         raise WireError(f"{expected.__name__}: expected bytes, got {type(raw).__name__}")
@@ -207,23 +242,20 @@ def decode(raw: bytes, expected: type) -> object:
     if not isinstance(message, dict) or message.get("type") != expected.__name__:
         got = message.get("type") if isinstance(message, dict) else type(message).__name__
         raise WireError(f"expected a {expected.__name__} message, got {got!r}")
-    body, payload = message.get("body"), raw[_LEN + size :]
-    if expected is MaskedInput:
-        where = "MaskedInput"
-        if _int(_field(body, "payload", where), f"{where}.payload") != len(payload):
-            raise WireError(f"{where}: payload length does not match its header")
-        unreadable = _field(body, "unreadable_shares", where)
-        return MaskedInput(
-            _header(_field(body, "header", where), f"{where}.header"),
-            _int(_field(body, "ring_bits", where), f"{where}.ring_bits"),
-            _int(_field(body, "length", where), f"{where}.length"),
-            payload,
-            _names(unreadable, f"{where}.unreadable_shares"),
-        )
-    if payload:
-        raise WireError(f"{expected.__name__}: unexpected {len(payload)} bytes after the header")
-    if expected is dict:
-        return _routed(body)
-    if expected not in READERS:
-        raise WireError(f"no reader for {expected.__name__}")
-    return READERS[expected](body)
+    body = message.get("body")
+    blob = _Blob(raw[_LEN + size :])
+    token = _BLOB.set(blob)
+    try:
+        if expected is dict:
+            decoded = _routed(body)
+        elif expected is MaskedInput:
+            decoded = _masked(body)
+        elif expected in READERS:
+            decoded = READERS[expected](body)
+        else:
+            raise WireError(f"no reader for {expected.__name__}")
+    finally:
+        _BLOB.reset(token)
+    if blob.next != len(blob.data):
+        raise WireError(f"{expected.__name__}: {len(blob.data) - blob.next} bytes after the last field")
+    return decoded

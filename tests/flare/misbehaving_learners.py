@@ -8,7 +8,9 @@ import numpy as np
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from app_custom.flare.fast_layer_guard import SECAGG_KEY
 from app_custom.flare.learner_executor import NestedLearnerExecutor, device_index
+from app_custom.flare.private_learner_executor import SHARE_TASK, PrivateLearnerExecutor
 
 
 class LeakyLearner(NestedLearnerExecutor):
@@ -40,4 +42,26 @@ class FaultyLearner(NestedLearnerExecutor):
             model.params[name] = np.zeros((3, 3, 3), np.float32)
         else:
             model.params["trunk.extra"] = np.zeros(4, np.float32)
+        return FLModelUtils.to_shareable(model)
+
+
+class SpentDevice(PrivateLearnerExecutor):
+    """A private learner whose device 1 has already spent its epsilon budget (a history of 500 rounds)."""
+
+    def _start(self, fl_ctx):
+        super()._start(fl_ctx)
+        if device_index(fl_ctx.get_identity_name()) == 0:
+            for _ in range(500):
+                self.ledger.record_contribution()
+
+
+class GarblingDevice(PrivateLearnerExecutor):
+    """Device 2 answers the share stage with bytes that are no protocol message; others behave."""
+
+    def execute(self, task_name, shareable, fl_ctx, abort_signal):
+        reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
+        if task_name != SHARE_TASK or device_index(fl_ctx.get_identity_name()) != 1:
+            return reply
+        model = FLModelUtils.from_shareable(reply)
+        model.params[SECAGG_KEY] = np.frombuffer(b"\x00\x00\x00\x02{}garbage", dtype=np.uint8).copy()
         return FLModelUtils.to_shareable(model)

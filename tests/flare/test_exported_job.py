@@ -1,5 +1,6 @@
-"""The committed job folder is exactly what job.py exports, and its components validate their arguments."""
+"""The committed job folders are exactly what their job.py exports, and their components validate their arguments."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -17,19 +18,47 @@ ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "nested_fedavg"
 
 
-def test_committed_job_folder_matches_a_fresh_export(tmp_path):
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """The ``app_custom`` modules a source file imports (absolute and relative imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            if base.startswith("app_custom"):
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)  # "from pkg import module"
+    return found
+
+
+@pytest.mark.parametrize("name", ["nested_fedavg", "nested_private"])
+def test_committed_job_folder_matches_a_fresh_export_and_carries_all_its_code(tmp_path, name):
+    job = ROOT / "jobs" / name
     proc = subprocess.run(
-        [sys.executable, str(JOB / "job.py"), "--export", "--export-dir", str(tmp_path)],
+        [sys.executable, str(job / "job.py"), "--export", "--export-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    fresh = tmp_path / "nested_fedavg"
-    for name in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
-        fresh_config, committed = json.loads((fresh / name).read_text()), json.loads((JOB / name).read_text())
-        assert sorted_task_lists(fresh_config) == sorted_task_lists(committed), name
-    assert (fresh / "app/custom/app_custom/flare/learner_executor.py").exists()
+    fresh = tmp_path / name
+    for config in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
+        fresh_config, committed = json.loads((fresh / config).read_text()), json.loads((job / config).read_text())
+        assert sorted_task_lists(fresh_config) == sorted_task_lists(committed), config
+    # FLARE copies the components' modules and what they import; a module it missed would be
+    # imported from wherever the site happens to have app_custom, or not at all
+    custom = fresh / "app/custom"
+    missing = []
+    for source in custom.rglob("*.py"):
+        package = ".".join(source.relative_to(custom).with_suffix("").parts[:-1])
+        for module in _imported_modules(source, package):
+            as_file = custom / Path(*module.split(".")).with_suffix(".py")
+            as_package = custom / Path(*module.split("."))
+            if not as_file.exists() and not as_package.is_dir() and (ROOT / as_file.relative_to(custom)).exists():
+                missing.append(f"{source.relative_to(custom)} imports {module}")
+    assert missing == []
 
 
 def test_components_reject_malformed_arguments_in_their_constructors():

@@ -74,3 +74,23 @@ def test_every_side_channel_out_of_a_result_is_refused():
     in_header.set_header("cache", fast)
     assert "header 'cache' carries a ndarray" in result_problems(NESTED, in_header)
     assert result_problems(NESTED, make_reply(ReturnCode.EXECUTION_EXCEPTION)) == []
+
+
+def test_a_private_result_may_carry_one_device_protocol_message_and_nothing_beside_it():
+    from app_custom.flare.fast_layer_guard import SECAGG_KEY, result_problems
+    from app_custom.flare.private_learner_executor import as_message_array
+    from tests.privacy.secagg_harness import make_round
+
+    r = make_round(2)
+    advert = as_message_array(r.devices["site-1"].advertise())
+    assert result_problems(NESTED, _result({SECAGG_KEY: advert}, {"dp_epsilon": 1.5})) == []
+    skipped = _result({}, {"dp_epsilon": 9.0}, {"dp_skip_reason": "past the budget 8.0"})
+    assert result_problems(NESTED, skipped) == []
+    leak = _result({SECAGG_KEY: advert, "adapters.head.weight": np.zeros(2, np.float32)})
+    assert any("beside a secure-aggregation message" in p for p in result_problems(NESTED, leak))
+    garbage = _result({SECAGG_KEY: np.frombuffer(b"\x00\x00\x00\x02{}abc", np.uint8).copy()})
+    assert any("not a device secure-aggregation message" in p for p in result_problems(NESTED, garbage))
+    as_floats = _result({SECAGG_KEY: advert.astype(np.float32)})
+    assert any("not a 1-D uint8 array" in p for p in result_problems(NESTED, as_floats))
+    long_reason = _result({}, {}, {"dp_skip_reason": "x" * 5000})
+    assert any("dp_skip_reason" in p for p in result_problems(NESTED, long_reason))

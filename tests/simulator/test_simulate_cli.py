@@ -80,3 +80,39 @@ def test_a_broken_plugin_gets_a_clear_error(tmp_path):
     )
     assert proc.returncode == 1
     assert "device 0: missing ['y_train', 'x_test', 'y_test']" in proc.stderr
+
+
+def test_simulate_with_dp_and_secure_aggregation_reports_accuracy_and_epsilon(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [FLEETNEST, "simulate", "--devices", "4", "--rounds", "2", "--methods", "nested,local"]
+        + ["--dp-epsilon", "8", "--secure-agg", "--fleet-size", "40", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["privacy"]["secure_aggregation"] is True
+    assert report["privacy"]["dp"]["noise_multiplier"] > 0
+    nested = report["methods"]["nested"]
+    assert 0.0 <= nested["mean_acc"] <= 1.0
+    privacy = nested["privacy"]
+    assert privacy["delta"] == 1e-5
+    assert len(privacy["epsilon_per_device_per_round"]) == 2
+    assert 0 < privacy["final_epsilon_max"] <= 8.0  # the noise was chosen for epsilon 8 after all rounds
+    assert privacy["secure_aggregation"]["survivors_per_round"] == [4, 4]
+    assert report["methods"]["local"]["privacy"] is None  # local-only sends nothing to protect
+    assert report["fast_params_sent"] == 0
+    assert 0 < report["bytes_per_update"] < 0.5 * 4 * 17866 * 1.2
+
+
+def test_bad_privacy_options_are_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run(
+        [FLEETNEST, "simulate", "--secure-agg", "--dp-mode", "local", "--ring-bits", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "ring" in proc.stderr

@@ -1,0 +1,254 @@
+"""The device learner with DP and secure aggregation, as a FLARE ``Executor``.
+
+The ``train`` task trains exactly as ``NestedLearnerExecutor`` does; then, instead of the slow
+delta, the device answers with its secure-aggregation key advert. Its delta is clipped, noised
+and quantized on the device and leaves it only masked, in the ``secagg_mask`` stage. A device
+whose next contribution would take it past its epsilon budget trains (its fast layers keep
+learning) but answers with its reason and no advert. Without secure aggregation (``dp.mode``
+``local``) the train result is the fully noised delta itself.
+
+Every protocol message travels as one uint8 array under ``SECAGG_KEY``; ``FastLayerGuard``
+lets through only that array, and only when it decodes as a device-to-aggregator message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+from app_custom.flare.fast_layer_guard import SECAGG_KEY
+from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
+from app_custom.privacy.dp import PrivacyLedger, privatize
+from app_custom.privacy.private_update import PrivacySettings, flatten, prepare_update, unflatten
+from app_custom.privacy.quantization import QuantizationError
+from app_custom.privacy.secagg import (
+    ProtocolError,
+    Roster,
+    SecAggDevice,
+    SecAggParams,
+    SharesFor,
+    UnmaskRequest,
+)
+from app_custom.privacy.secagg_crypto import SessionContext
+from app_custom.privacy.session_store import discard_session, load_session, save_session
+from app_custom.privacy.wire import WireError, decode_message, encode_message
+
+SHARE_TASK, MASK_TASK, UNMASK_TASK = "secagg_share", "secagg_mask", "secagg_unmask"
+SECAGG_TASKS = (SHARE_TASK, MASK_TASK, UNMASK_TASK)
+LEDGER_FILE = "fleetnest_privacy_ledger.json"
+SESSION_FILE = "fleetnest_secagg_session.json"
+
+
+def as_message_array(message: object) -> np.ndarray:
+    return np.frombuffer(encode_message(message), dtype=np.uint8).copy()
+
+
+def message_bytes(params: dict | None) -> bytes:
+    value = (params or {}).get(SECAGG_KEY)
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+        raise WireError(f"expected a uint8 array under {SECAGG_KEY!r}")
+    return value.tobytes()
+
+
+def secagg_params(settings: PrivacySettings, spec: dict, length: int) -> tuple[SecAggParams, tuple[str, ...]]:
+    """The round's protocol parameters from the ``secagg`` entry the aggregator sends with the model."""
+    if not isinstance(spec, dict):
+        raise WireError("the task carries no secagg round description")
+    cohort = spec.get("cohort")
+    if not isinstance(cohort, list) or not cohort or not all(isinstance(d, str) for d in cohort):
+        raise WireError(f"secagg.cohort must be a list of device ids, got {cohort!r}")
+    context = SessionContext(spec.get("job_id"), spec.get("round"), spec.get("cohort_id"))
+    params = SecAggParams(
+        context,
+        settings.ring(len(cohort)),
+        length,
+        neighbours=settings.neighbours,
+        max_dropout=settings.max_dropout,
+        min_survivors=min_survivors(settings, len(cohort)),
+    )
+    return params, tuple(cohort)
+
+
+def min_survivors(settings: PrivacySettings, cohort: int) -> int:
+    """A sum is released only over at least this many devices: the DP noise shares assume them."""
+    if settings.dp.mode == "distributed" and settings.dp.noise_multiplier > 0:
+        return max(2, min(settings.dp.contributors_assumed, cohort))
+    return min(2, cohort)
+
+
+class PrivateLearnerExecutor(NestedLearnerExecutor):
+    def __init__(
+        self,
+        config: dict,
+        data: dict,
+        privacy: dict,
+        train_task: str = TRAIN_TASK,
+        validate_task: str = VALIDATE_TASK,
+        persist_state: bool = True,
+        torch_threads: int = 1,
+    ) -> None:
+        """Args:
+        config, data, persist_state, torch_threads: as for ``NestedLearnerExecutor``.
+        privacy: ``PrivacySettings`` as a JSON mapping: ``{"dp": {...}, "secure_aggregation": true, ...}``.
+        """
+        super().__init__(config, data, train_task, validate_task, persist_state, torch_threads)
+        self.privacy = privacy
+        self.settings = PrivacySettings.from_dict(privacy)
+        self.ledger = PrivacyLedger(self.settings.dp)
+        self._ledger_path: Path | None = None
+        self._session_path: Path | None = None
+        self._spec: dict | None = None
+        self._session: SecAggDevice | None = None
+        self._levels: np.ndarray | None = None
+        self._rng = np.random.default_rng(secrets.randbits(128))  # DP noise and stochastic rounding
+
+    def _start(self, fl_ctx: FLContext) -> None:
+        super()._start(fl_ctx)
+        if self.persist_state:
+            workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+            root = Path(workspace.get_root_dir()) if workspace else Path.cwd()
+            self._ledger_path = root / LEDGER_FILE
+            self._session_path = root / SESSION_FILE
+            if self._ledger_path.exists():
+                history = json.loads(self._ledger_path.read_text())["history"]
+                self.ledger = PrivacyLedger(self.settings.dp, history)
+                self.log_info(
+                    fl_ctx, f"privacy ledger resumed: {self.ledger.rounds} rounds, epsilon {self.ledger.epsilon():.3f}"
+                )
+
+    def _save_ledger(self) -> None:
+        if self._ledger_path is None:
+            return
+        tmp = self._ledger_path.with_name(self._ledger_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"history": self.ledger.history, "epsilon": self.ledger.epsilon()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._ledger_path)
+
+    def _save_session(self) -> None:
+        if self._session_path is None:
+            return
+        if self._session is None:
+            discard_session(self._session_path)
+        else:
+            save_session(self._session_path, self._spec, self._session, self._levels)
+
+    def _load_session(self) -> None:
+        """This round's session from disk, when this process did not run its earlier stages."""
+        if self._session is not None or self._session_path is None or not self._session_path.exists():
+            return
+        length_of = lambda spec, length: secagg_params(self.settings, spec, length)[0]  # noqa: E731
+        self._spec, self._session, self._levels = load_session(self._session_path, length_of)
+
+    def _privacy_metrics(self) -> dict[str, float]:
+        return {
+            "dp_epsilon": self.ledger.epsilon(),
+            "dp_delta": self.settings.dp.delta,
+            "dp_rounds": self.ledger.rounds,
+        }
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        try:
+            if task_name in SECAGG_TASKS:
+                return self._stage(task_name, shareable, fl_ctx)
+            if task_name == self.train_task:
+                return self._train(shareable, fl_ctx, abort_signal)
+            return super().execute(task_name, shareable, fl_ctx, abort_signal)
+        except (WireError, ProtocolError, QuantizationError, ValueError, RuntimeError) as err:
+            # a malformed or out-of-order protocol message: this device drops out of the round
+            self._session, self._levels = None, None
+            self._save_session()
+            self.log_error(fl_ctx, f"{task_name}: {err}; leaving this round's secure aggregation")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        self._session, self._levels = None, None
+        self._save_session()  # a new round: whatever was left of the last one is void
+        incoming = FLModelUtils.from_shareable(shareable)
+        trained = super().execute(self.train_task, shareable, fl_ctx, abort_signal)
+        if trained.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+            return trained
+        result = FLModelUtils.from_shareable(trained)
+        metrics = dict(result.metrics or {})
+        meta = {"global_version": (result.meta or {}).get("global_version")}
+        shapes = {name: tuple(v.shape) for name, v in (incoming.params or {}).items()}
+        reason = self.ledger.over_budget_reason()
+        if reason:
+            self.log_warning(fl_ctx, f"sending no update this round: {reason}")
+            meta["dp_skip_reason"] = reason
+            metrics |= self._privacy_metrics() | {"dp_contributed": 0}
+            return FLModelUtils.to_shareable(
+                FLModel(params_type=ParamsType.FULL, params={}, metrics=metrics, meta=meta)
+            )
+        if not self.settings.secure_aggregation:  # local DP: the noised delta itself is the release
+            noised, norm = self._noised(result.params, shapes)
+            self.ledger.record_contribution()
+            self._save_ledger()
+            metrics |= self._privacy_metrics() | {"dp_contributed": 1, "delta_norm": norm}
+            return FLModelUtils.to_shareable(
+                FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta | result.meta)
+            )
+        length = sum(int(np.prod(s)) for s in shapes.values())
+        params, cohort = secagg_params(self.settings, (incoming.meta or {}).get("secagg"), length)
+        me = fl_ctx.get_identity_name()
+        if me not in cohort:
+            raise ProtocolError("aggregator", "advertise", f"{me} is not in the round's cohort")
+        self._levels, norm = prepare_update(result.params, shapes, self.settings, len(cohort), self._rng)
+        self._session = SecAggDevice(me, params)
+        self._spec = incoming.meta["secagg"]
+        self._save_session()
+        metrics |= self._privacy_metrics() | {"delta_norm": norm}
+        return self._reply(self._session.advertise(), metrics, meta)
+
+    def _noised(self, delta: dict, shapes: dict) -> tuple[dict, float]:
+        noised, norm = privatize(flatten(delta, shapes), self.settings.dp, self._rng)
+        return unflatten(noised, shapes), norm
+
+    def _stage(self, task_name: str, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        self._load_session()
+        if self._session is None:
+            raise RuntimeError(f"{task_name} without a secure-aggregation session (restarted, or skipped the round)")
+        incoming = FLModelUtils.from_shareable(shareable)
+        raw = message_bytes(incoming.params)
+        if task_name == SHARE_TASK:
+            bundle = self._session.share_keys(decode_message(raw, Roster))
+            self._save_session()
+            return self._reply(bundle)
+        if task_name == MASK_TASK:
+            routed = decode_message(raw, dict)
+            mine = routed.get(self._session.id)
+            if not isinstance(mine, SharesFor):
+                raise ProtocolError("aggregator", MASK_TASK, f"no shares routed to {self._session.id}")
+            # charge the budget before the masked vector leaves: a crash after sending cannot under-count
+            self.ledger.record_contribution()
+            self._save_ledger()
+            message = self._session.masked_input(mine, self._levels)
+            self._levels = None
+            self._save_session()
+            return self._reply(message, self._privacy_metrics() | {"dp_contributed": 1})
+        answer = self._session.unmask(decode_message(raw, UnmaskRequest))
+        self._session = None
+        self._save_session()
+        return self._reply(answer)
+
+    @staticmethod
+    def _reply(message: object, metrics: dict | None = None, meta: dict | None = None) -> Shareable:
+        return FLModelUtils.to_shareable(
+            FLModel(
+                params_type=ParamsType.FULL,
+                params={SECAGG_KEY: as_message_array(message)},
+                metrics=metrics or {},
+                meta=meta or {},
+            )
+        )

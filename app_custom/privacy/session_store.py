@@ -1,0 +1,74 @@
+"""A device's secure-aggregation session on disk, between the stages of one round.
+
+FLARE may run a device's stages in different processes (the simulator swaps clients in and out;
+a real device may restart), so the session's secrets, the shares it holds and its quantized
+delta are written after every stage: atomically, readable by the owner only, and deleted when
+the round ends. A session file of another round is never used: the aggregator's next message
+names its round and the stale file is discarded.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .quantization import pack, unpack
+from .secagg import Roster, SecAggDevice, SecAggParams
+from .wire import decode_message, encode_message
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def save_session(path: Path, spec: dict, device: SecAggDevice, levels: np.ndarray | None) -> None:
+    state = device.export_state()
+    document = {
+        "spec": spec,
+        "length": device.params.length,
+        "id": state["id"],
+        "transport_key": _b64(state["transport_key"]),
+        "masking_seed": _b64(state["masking_seed"]),
+        "self_seed": _b64(state["self_seed"]),
+        "roster": None if state["roster"] is None else _b64(encode_message(state["roster"])),
+        "held": state["held"],
+        "senders": state["senders"],
+        "masked": state["masked"],
+        "unmasked": state["unmasked"],
+        "levels": None if levels is None else _b64(pack(levels, device.params.ring)),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(document, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_session(path: Path, params_of) -> tuple[dict, SecAggDevice, np.ndarray | None]:
+    """(spec, device, levels); ``params_of(spec, length)`` rebuilds the round's ``SecAggParams``."""
+    document = json.loads(path.read_text())
+    params: SecAggParams = params_of(document["spec"], document["length"])
+    state = {
+        "id": document["id"],
+        "transport_key": base64.b64decode(document["transport_key"]),
+        "masking_seed": base64.b64decode(document["masking_seed"]),
+        "self_seed": base64.b64decode(document["self_seed"]),
+        "roster": None if document["roster"] is None else decode_message(base64.b64decode(document["roster"]), Roster),
+        "held": document["held"],
+        "senders": document["senders"],
+        "masked": document["masked"],
+        "unmasked": document["unmasked"],
+    }
+    levels = document["levels"]
+    levels = None if levels is None else unpack(base64.b64decode(levels), params.ring, params.length)
+    return document["spec"], SecAggDevice.restore(state, params), levels
+
+
+def discard_session(path: Path) -> None:
+    path.unlink(missing_ok=True)

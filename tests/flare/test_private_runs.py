@@ -1,0 +1,95 @@
+"""The private job in FLARE's simulator: only masked vectors leave, epsilon is accounted, bad
+protocol messages are attributed, and a device over budget sits the round out."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+from nvflare.recipe.sim_env import SimEnv
+
+from app_custom.flare.job_builder import build_nested_job
+from app_custom.flare.outbound_audit import AUDIT_FILE
+from simulator.report import fast_values_sent
+
+from .misbehaving_learners import GarblingDevice, SpentDevice
+from .test_simulator_runs import CONFIG, DATA, SHARED
+
+pytestmark = pytest.mark.integration
+
+DP = {"clip_norm": 4.0, "noise_multiplier": 0.7, "delta": 1e-5, "fleet_size": 40, "cohort_size": 4}
+PRIVACY = {"dp": DP, "ring_bits": 15}
+
+
+def _run(tmp_path: Path, name: str, rounds: int = 2, privacy: dict = PRIVACY, **job_args) -> Path:
+    job = build_nested_job(
+        name=name, config=CONFIG, data=DATA, num_rounds=rounds, min_clients=4, privacy=privacy, **job_args
+    )
+    SimEnv(num_clients=4, num_threads=4, workspace_root=str(tmp_path)).deploy(job)
+    return tmp_path / name
+
+
+def _audit(workspace: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for path in sorted(workspace.glob(f"site-*/{AUDIT_FILE}"))
+        for line in path.read_text().splitlines()
+    ]
+
+
+def _log(workspace: Path) -> dict:
+    return json.loads((workspace / "server/simulate_job/global_versions/fleet_metrics.json").read_text())
+
+
+def independent_epsilon(rounds: int) -> float:
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    q = DP["cohort_size"] / DP["fleet_size"]
+    accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(DP["noise_multiplier"])), rounds)
+    return accountant.get_epsilon(DP["delta"])
+
+
+def test_with_privacy_on_only_masked_vectors_leave_and_epsilon_matches_an_independent_accountant(tmp_path):
+    workspace = _run(tmp_path, "private", rounds=2)
+    audit = _audit(workspace)
+    assert fast_values_sent(SHARED, audit) == 0
+    masked = [r["secagg"] for r in audit if r.get("secagg", {}).get("type") == "MaskedInput"]
+    assert len(masked) == 2 * 4
+    values = sum(math.prod(shape) for shape in SHARED.values())
+    assert all(m["length"] == values and m["ring_bits"] == 15 for m in masked)
+    # nothing but protocol messages and scalars: no float array leaves any device
+    for record in audit:
+        assert set(record["params"]) <= {"__secagg_message__"}, record
+    log = _log(workspace)
+    for entry in log["rounds"]:
+        assert entry["secagg"]["survivors"] == ["site-1", "site-2", "site-3", "site-4"]
+        assert entry["secagg"]["rejections"] == []
+        assert entry["status"] in ("accepted", "rejected")
+    for round_, entry in enumerate(log["rounds"], start=1):
+        for metrics in entry["devices"].values():
+            assert metrics["dp_delta"] == DP["delta"]
+            assert metrics["dp_epsilon"] == pytest.approx(independent_epsilon(round_), rel=0.01)
+    versions = sorted((workspace / "server/simulate_job/global_versions").glob("v*/meta.json"))
+    assert len(versions) == 3  # the initial version and one candidate per round, archived like the plain job's
+
+
+def test_a_device_over_its_budget_sends_nothing_and_the_round_goes_on_without_it(tmp_path):
+    privacy = {"dp": DP | {"epsilon_budget": 10.0}}
+    executor = SpentDevice(config=CONFIG, data=DATA, privacy=privacy)
+    workspace = _run(tmp_path, "spent", rounds=1, privacy=privacy, executor=executor)
+    entry = _log(workspace)["rounds"][0]
+    assert "past the budget 10.0" in entry["dp_skipped"]["site-1"]
+    assert entry["secagg"]["survivors"] == ["site-2", "site-3", "site-4"]
+    spent = [r for r in _audit(workspace) if r["site"] == "site-1" and r["task"] == "train"]
+    assert spent and all(r["params"] == {} for r in spent)  # no advert, no vector
+
+
+def test_a_garbled_protocol_message_is_rejected_and_attributed_and_the_round_completes(tmp_path):
+    executor = GarblingDevice(config=CONFIG, data=DATA, privacy=PRIVACY)
+    workspace = _run(tmp_path, "garbled", rounds=1, executor=executor, guard=False)
+    entry = _log(workspace)["rounds"][0]
+    rejections = entry["secagg"]["rejections"]
+    assert [(r["sender"], r["stage"]) for r in rejections] == [("site-2", "share")]
+    assert entry["secagg"]["survivors"] == ["site-1", "site-3", "site-4"]
+    assert entry["status"] in ("accepted", "rejected")
