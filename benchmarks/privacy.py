@@ -21,7 +21,8 @@ Writes ``benchmarks/results/privacy.json``::
   on the shipped digits data: plain against secure aggregation with quantization and no noise,
   and the accuracy at epsilon 1, 4, 8 and infinity for a stated fleet.
 
-Usage: ``python benchmarks/privacy.py [--quick]``.
+Usage: ``python benchmarks/privacy.py [--quick] [--parts secagg,quantization,dp]`` (sections not
+named are kept from the existing file).
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ def secagg_cases(cohorts: list[int], dropouts: list[float], length: int, train_s
                 "server_total_s": cost["server_total_s"],
                 "device_protocol_s": cost["device_protocol_s"],
                 "upload_bytes": cost["upload_bytes"],
+                # what the per-neighbour messages weigh against a larger model: the masked vector
+                # scales with the slow layers, the keys and shares do not
+                "protocol_overhead_bytes": cost["upload_bytes"] - (length * settings.ring_bits + 7) // 8,
+                "upload_bytes_ratio_vs_fp32_at_1M_values": settings.ring_bits / 32
+                + (cost["upload_bytes"] - (length * settings.ring_bits + 7) // 8) / 4e6,
                 "graph": f"SecAgg+ degree {settings.neighbours}" if settings.neighbours else "complete",
                 "ring_bits": settings.ring_bits,
                 "wall_s": time.perf_counter() - started,
@@ -218,54 +224,68 @@ def run_fleet(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small cohorts and one seed (a smoke run)")
+    parser.add_argument(
+        "--parts", default="secagg,quantization,dp", help="which sections to measure; the others are kept from the file"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    unknown = parts - {"secagg", "quantization", "dp"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}")
     started = time.perf_counter()
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() and parts != {"secagg", "quantization", "dp"} else {}
     config = method_config("nested")
     train_s, encode_s, length = training_round_s(config)
     fleet = load_fleet(FLEET_FN, {"dataset": "digits", "regime": "label_skew", "num_devices": 8, "seed": 0})
     assert length == sum(math.prod(s) for s in shared_shapes(NestedConfig.from_dict(config), fleet).values())
-    cohorts = [10, 30] if args.quick else [10, 100, 1000]
-    cases = secagg_cases(cohorts, [0.0, 0.1], length, train_s, encode_s)
-    headline = max(cases, key=lambda c: (c["cohort"], c["dropout"]))
-
     seeds = [0] if args.quick else [0, 1, 2]
     clip = 8.0
-    no_noise = PrivacySettings.from_dict(
-        {"dp": {"clip_norm": clip, "noise_multiplier": 0.0, "delta": 1e-5, "fleet_size": 8, "cohort_size": 8}}
-    )
-    plain = [run_fleet("digits", "label_skew", 8, 8, 10, s, None) for s in seeds]
-    quantized = [run_fleet("digits", "label_skew", 8, 8, 10, s, no_noise) for s in seeds]
-    plain_acc = float(np.mean([r["mean_acc"] for r in plain]))
-    secagg_acc = float(np.mean([r["mean_acc"] for r in quantized]))
 
-    fleet_size, cohort, rounds, delta = (40, 20, 5, 1e-5) if args.quick else (200, 100, 10, 1e-5)
-    curve = []
-    for epsilon in (1.0, 4.0, 8.0, math.inf):
-        z = noise_for_epsilon(epsilon, delta, cohort / fleet_size, rounds)
-        dp = {"clip_norm": clip, "noise_multiplier": z, "delta": delta, "fleet_size": fleet_size, "cohort_size": cohort}
-        settings = PrivacySettings.from_dict({"dp": dp, "ring_bits": 16})
-        runs = [run_fleet("digits", "env_shift", fleet_size, cohort, rounds, s, settings) for s in seeds]
-        point = {
-            "epsilon": None if math.isinf(epsilon) else epsilon,
-            "noise_multiplier": z,
-            "mean_acc": float(np.mean([r["mean_acc"] for r in runs])),
-            "worst_acc": float(np.mean([r["worst_acc"] for r in runs])),
-            "accepted_versions": float(np.mean([r["accepted_versions"] for r in runs])),
+    if "secagg" in parts:
+        cohorts = [10, 30] if args.quick else [10, 100, 1000]
+        cases = secagg_cases(cohorts, [0.0, 0.1], length, train_s, encode_s)
+        headline = max(cases, key=lambda c: (c["cohort"], c["dropout"]))
+        report["secagg"] = dict(headline) | {
+            "headline": "the largest cohort with 10 % dropout; every case in 'cases'",
+            "cases": cases,
         }
-        print(json.dumps(point), file=sys.stderr)
-        curve.append(point)
 
-    report = {
-        "secagg": {k: headline[k] for k in headline} | {"cases": cases},
-        "quantization": {
+    if "quantization" in parts:
+        no_noise = PrivacySettings.from_dict(
+            {"dp": {"clip_norm": clip, "noise_multiplier": 0.0, "delta": 1e-5, "fleet_size": 8, "cohort_size": 8}}
+        )
+        plain = [run_fleet("digits", "label_skew", 8, 8, 10, s, None) for s in seeds]
+        quantized = [run_fleet("digits", "label_skew", 8, 8, 10, s, no_noise) for s in seeds]
+        plain_acc = float(np.mean([r["mean_acc"] for r in plain]))
+        secagg_acc = float(np.mean([r["mean_acc"] for r in quantized]))
+        report["quantization"] = {
             "plain_mean_acc": plain_acc,
             "secagg_mean_acc": secagg_acc,
             "diff_points": 100 * (secagg_acc - plain_acc),
             "within_1pt": abs(secagg_acc - plain_acc) <= 0.01,
             "per_seed": {"plain": [r["mean_acc"] for r in plain], "secagg": [r["mean_acc"] for r in quantized]},
-            "setup": "digits label_skew, 8 devices, all in every round, 10 rounds; clip 8, no noise, 14-bit ring",
-        },
-        "dp": {
+            "setup": "digits label_skew, 8 devices, all in every round, 10 rounds; clip 8, no noise,"
+            f" {no_noise.ring_bits}-bit ring; plain weighs devices by samples, secure aggregation weighs each 1",
+        }
+
+    if "dp" in parts:
+        fleet_size, cohort, rounds, delta = (40, 20, 5, 1e-5) if args.quick else (200, 100, 10, 1e-5)
+        curve = []
+        for epsilon in (1.0, 4.0, 8.0, math.inf):
+            z = noise_for_epsilon(epsilon, delta, cohort / fleet_size, rounds)
+            dp = {"clip_norm": clip, "noise_multiplier": z, "delta": delta, "fleet_size": fleet_size}
+            settings = PrivacySettings.from_dict({"dp": dp | {"cohort_size": cohort}, "ring_bits": 16})
+            runs = [run_fleet("digits", "env_shift", fleet_size, cohort, rounds, s, settings) for s in seeds]
+            point = {
+                "epsilon": None if math.isinf(epsilon) else epsilon,
+                "noise_multiplier": z,
+                "mean_acc": float(np.mean([r["mean_acc"] for r in runs])),
+                "worst_acc": float(np.mean([r["worst_acc"] for r in runs])),
+                "accepted_versions": float(np.mean([r["accepted_versions"] for r in runs])),
+            }
+            print(json.dumps(point), file=sys.stderr)
+            curve.append(point)
+        report["dp"] = {
             "fleet_size": fleet_size,
             "cohort_size": cohort,
             "sample_rate": cohort / fleet_size,
@@ -275,15 +295,15 @@ def main() -> int:
             "mode": "distributed (secure aggregation), 16-bit ring",
             "data": "digits env_shift",
             "curve": curve,
-        },
-        "setup": {
-            "slow_delta_values": length,
-            "train_round_s": train_s,
-            "plain_encode_s": encode_s,
-            "seeds": seeds,
-            "machine": "this machine's CPU; medians; the machine is shared and noisy",
-            "wall_s": time.perf_counter() - started,
-        },
+        }
+
+    report["setup"] = report.get("setup", {}) | {
+        "slow_delta_values": length,
+        "train_round_s": train_s,
+        "plain_encode_s": encode_s,
+        "seeds": seeds,
+        "machine": "this machine's CPU; medians; the machine is shared and noisy",
+        f"wall_s_{'_'.join(sorted(parts))}": time.perf_counter() - started,
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -197,7 +197,7 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             self._save_ledger()
             metrics |= self._privacy_metrics() | {"dp_contributed": 1, "delta_norm": norm}
             return FLModelUtils.to_shareable(
-                FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta | result.meta)
+                FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta)
             )
         length = sum(int(np.prod(s)) for s in shapes.values())
         params, cohort = secagg_params(self.settings, (incoming.meta or {}).get("secagg"), length)

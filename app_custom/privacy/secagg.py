@@ -262,6 +262,11 @@ class SecAggDevice:
         self._check_context(roster.context, SHARE)
         if self.id not in roster.neighbours:
             raise ProtocolError("aggregator", SHARE, f"roster leaves out {self.id}")
+        if len(roster.adverts) < self.params.min_survivors:
+            # a sum over fewer devices would not hide this one (nor carry the noise DP assumes)
+            raise ProtocolError(
+                "aggregator", SHARE, f"roster of {len(roster.adverts)}, below {self.params.min_survivors}"
+            )
         if roster.neighbours != neighbour_graph(list(roster.adverts), self.params):
             raise ProtocolError("aggregator", SHARE, "neighbour graph does not follow from the roster")
         mine = roster.adverts[self.id]
@@ -463,7 +468,9 @@ class SecAggAggregator:
         for holder in holders:
             pair = bundle.commitments[holder]
             if not (
-                isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(c, bytes) and len(c) == 32 for c in pair)
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and all(isinstance(c, bytes) and len(c) == crypto.SHARE_COMMITMENT_BYTES for c in pair)
             ):
                 self._reject(sender, SHARE, f"malformed share commitments for {holder}")
                 return

@@ -30,6 +30,7 @@ from . import shamir
 
 SEED_BYTES = shamir.SECRET_BYTES  # one Shamir secret
 KEY_BYTES = 32
+SHARE_COMMITMENT_BYTES = 16  # second-preimage resistance is what matters: 128 bits suffice
 NONCE_BYTES = 12
 Share = shamir.Share
 
@@ -108,7 +109,8 @@ def seed_commitment(seed: bytes, context: SessionContext, device: str) -> bytes:
 
 def share_commitment(share: Share, context: SessionContext, kind: str, dealer: str, holder: str) -> bytes:
     """Published by the dealer, so that the aggregator can check each share a holder returns."""
-    return hashlib.sha256(_label(context, "share-commitment", kind, dealer, holder) + shamir.encode(share)).digest()
+    digest = hashlib.sha256(_label(context, "share-commitment", kind, dealer, holder) + shamir.encode(share))
+    return digest.digest()[:SHARE_COMMITMENT_BYTES]
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import fields, is_dataclass
 
+from . import shamir
 from .secagg import (
     Header,
     KeyAdvert,
@@ -24,7 +25,7 @@ from .secagg import (
     UnmaskRequest,
     UnmaskShares,
 )
-from .secagg_crypto import SessionContext
+from .secagg_crypto import SHARE_COMMITMENT_BYTES, SessionContext
 
 MAX_HEADER_BYTES = 64 << 20
 _LEN = 4
@@ -50,9 +51,32 @@ def _plain(value: object, blobs: list[bytes]) -> object:
     return value
 
 
+def _compact(message: object) -> object:
+    """The per-neighbour parts of a share bundle or unmask answer as one blob each, in the order of
+    a name list: no field names, references or text per neighbour on the wire."""
+    if isinstance(message, ShareBundle):
+        holders = list(message.sealed)
+        return {
+            "header": message.header,
+            "holders": holders,
+            "sealed": b"".join(message.sealed[h] for h in holders),
+            "sealed_sizes": [len(message.sealed[h]) for h in holders],
+            "commitments": b"".join(message.commitments[h][0] + message.commitments[h][1] for h in holders),
+        }
+    if isinstance(message, UnmaskShares):
+        return {
+            "header": message.header,
+            "self_dealers": list(message.self_shares),
+            "self_shares": b"".join(shamir.encode(s) for s in message.self_shares.values()),
+            "masking_dealers": list(message.masking_shares),
+            "masking_shares": b"".join(shamir.encode(s) for s in message.masking_shares.values()),
+        }
+    return message
+
+
 def encode_message(message: object) -> bytes:
     blobs: list[bytes] = []
-    body = _plain(message, blobs)
+    body = _plain(_compact(message), blobs)
     header = json.dumps({"type": type(message).__name__, "body": body}, separators=(",", ":")).encode()
     return len(header).to_bytes(_LEN, "big") + header + b"".join(blobs)
 
@@ -142,12 +166,6 @@ def _header(value: object, where: str) -> Header:
     )
 
 
-def _share(value: object, where: str) -> tuple[int, int]:
-    if not (isinstance(value, list) and len(value) == 2):
-        raise WireError(f"{where}: expected a share [x, y]")
-    return _int(value[0], where), _int(value[1], where)
-
-
 def _advert(body: object, where: str = "KeyAdvert") -> KeyAdvert:
     return KeyAdvert(
         _header(_field(body, "header", where), f"{where}.header"),
@@ -165,17 +183,31 @@ def _roster(body: object, where: str = "Roster") -> Roster:
     )
 
 
-def _commitment_pair(value: object, where: str) -> tuple[bytes, bytes]:
-    if not (isinstance(value, list) and len(value) == 2):
-        raise WireError(f"{where}: expected two commitments")
-    return _bytes(value[0], where, 32), _bytes(value[1], where, 32)
-
-
 def _bundle(body: object, where: str = "ShareBundle") -> ShareBundle:
+    header = _header(_field(body, "header", where), f"{where}.header")
+    holders = _names(_field(body, "holders", where), f"{where}.holders")
+    sizes = _field(body, "sealed_sizes", where)
+    if not (isinstance(sizes, list) and len(sizes) == len(holders)):
+        raise WireError(f"{where}.sealed_sizes: expected one size per holder")
+    sizes = [_int(size, f"{where}.sealed_sizes") for size in sizes]
+    if any(size < 0 or size > 1024 for size in sizes):
+        raise WireError(f"{where}.sealed_sizes: a sealed share is 0 to 1024 bytes")
+    sealed = _bytes(_field(body, "sealed", where), f"{where}.sealed", sum(sizes))
+    step = 2 * SHARE_COMMITMENT_BYTES
+    commitments = _bytes(_field(body, "commitments", where), f"{where}.commitments", step * len(holders))
+    if len(set(holders)) != len(holders):
+        raise WireError(f"{where}.holders: repeated")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return ShareBundle(
-        _header(_field(body, "header", where), f"{where}.header"),
-        _mapping(_field(body, "sealed", where), f"{where}.sealed", _bytes),
-        _mapping(_field(body, "commitments", where), f"{where}.commitments", _commitment_pair),
+        header,
+        {h: sealed[start : start + size] for h, start, size in zip(holders, starts, sizes)},
+        {
+            h: (
+                commitments[i * step : i * step + SHARE_COMMITMENT_BYTES],
+                commitments[i * step + SHARE_COMMITMENT_BYTES : (i + 1) * step],
+            )
+            for i, h in enumerate(holders)
+        },
     )
 
 
@@ -195,11 +227,23 @@ def _request(body: object, where: str = "UnmaskRequest") -> UnmaskRequest:
     )
 
 
+def _shares(body: object, names_key: str, blob_key: str, where: str) -> dict[str, tuple[int, int]]:
+    dealers = _names(_field(body, names_key, where), f"{where}.{names_key}")
+    size = 4 + shamir.SHARE_BYTES
+    raw = _bytes(_field(body, blob_key, where), f"{where}.{blob_key}", size * len(dealers))
+    if len(set(dealers)) != len(dealers):
+        raise WireError(f"{where}.{names_key}: repeated")
+    try:
+        return {d: shamir.decode(raw[i * size : (i + 1) * size]) for i, d in enumerate(dealers)}
+    except shamir.ShamirError as err:
+        raise WireError(f"{where}.{blob_key}: {err}") from err
+
+
 def _unmask(body: object, where: str = "UnmaskShares") -> UnmaskShares:
     return UnmaskShares(
         _header(_field(body, "header", where), f"{where}.header"),
-        _mapping(_field(body, "self_shares", where), f"{where}.self_shares", _share),
-        _mapping(_field(body, "masking_shares", where), f"{where}.masking_shares", _share),
+        _shares(body, "self_dealers", "self_shares", where),
+        _shares(body, "masking_dealers", "masking_shares", where),
     )
 
 

@@ -93,3 +93,16 @@ def test_a_garbled_protocol_message_is_rejected_and_attributed_and_the_round_com
     assert [(r["sender"], r["stage"]) for r in rejections] == [("site-2", "share")]
     assert entry["secagg"]["survivors"] == ["site-1", "site-3", "site-4"]
     assert entry["status"] in ("accepted", "rejected")
+
+
+def test_local_dp_without_secure_aggregation_sends_fully_noised_deltas_of_shared_layers_only(tmp_path):
+    privacy = {"dp": DP | {"mode": "local"}, "secure_aggregation": False}
+    workspace = _run(tmp_path, "local_dp", rounds=1, privacy=privacy)
+    audit = _audit(workspace)
+    assert fast_values_sent(SHARED, audit) == 0
+    trained = [r for r in audit if r["task"] == "train"]
+    assert len(trained) == 4 and all(set(r["params"]) == set(SHARED) for r in trained)
+    entry = _log(workspace)["rounds"][0]
+    assert entry["status"] in ("accepted", "rejected") and entry["rejected"] == {}
+    for metrics in entry["devices"].values():
+        assert metrics["dp_epsilon"] == pytest.approx(independent_epsilon(1), rel=0.01)

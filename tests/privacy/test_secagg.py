@@ -187,3 +187,13 @@ def test_too_few_devices_completing_a_stage_aborts():
     r.aggregator.add_masked("site-1", r.devices["site-1"].masked_input(routed["site-1"], r.levels["site-1"]))
     with pytest.raises(SecAggAbort, match=f"completed '{MASK}'"):
         r.aggregator.unmask_request()
+
+
+def test_a_device_refuses_a_roster_too_small_to_hide_it():
+    r = make_round(3)
+    small = dataclasses.replace(r.params, min_survivors=3)
+    device = type(r.devices["site-1"])("site-1", small)
+    r.aggregator.add_advert("site-1", device.advertise())
+    r.aggregator.add_advert("site-2", r.devices["site-2"].advertise())
+    with pytest.raises(Exception, match="roster of 2, below 3"):
+        device.share_keys(r.aggregator.roster())

@@ -96,3 +96,14 @@ def test_a_device_whose_process_restarts_between_stages_resumes_its_session_from
     for d in request.survivors:
         r.aggregator.add_unmask(d, restarted(d).unmask(request))
     assert np.array_equal(r.aggregator.result().total, plain_sum(r, r.devices))
+
+
+def test_a_share_bundle_whose_blob_does_not_match_its_holders_is_refused():
+    r = make_round(4)
+    for d, dev in r.devices.items():
+        r.aggregator.add_advert(d, dev.advertise())
+    raw = wire.encode_message(r.devices["site-1"].share_keys(r.aggregator.roster()))
+    with pytest.raises(wire.WireError, match="one size per holder"):
+        wire.decode_message(_tamper(raw, lambda h: h["body"]["holders"].pop()), ShareBundle)
+    with pytest.raises(wire.WireError, match="holders: repeated"):
+        wire.decode_message(_tamper(raw, lambda h: h["body"].update(holders=["site-2"] * 3)), ShareBundle)
