@@ -28,6 +28,9 @@ from .secagg import (
 from .secagg_crypto import SHARE_COMMITMENT_BYTES, SessionContext
 
 MAX_HEADER_BYTES = 64 << 20
+# Bumped whenever a message's layout changes: a device and an aggregator on different releases
+# get a clear refusal instead of a field-level puzzle.
+WIRE_VERSION = 2
 _LEN = 4
 
 
@@ -77,7 +80,8 @@ def _compact(message: object) -> object:
 def encode_message(message: object) -> bytes:
     blobs: list[bytes] = []
     body = _plain(_compact(message), blobs)
-    header = json.dumps({"type": type(message).__name__, "body": body}, separators=(",", ":")).encode()
+    header = {"v": WIRE_VERSION, "type": type(message).__name__, "body": body}
+    header = json.dumps(header, separators=(",", ":")).encode()
     return len(header).to_bytes(_LEN, "big") + header + b"".join(blobs)
 
 
@@ -283,6 +287,8 @@ def decode_message(raw: bytes, expected: type) -> object:
         message = json.loads(raw[_LEN : _LEN + size])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WireError(f"{expected.__name__}: header is not JSON ({err})") from err
+    if isinstance(message, dict) and message.get("v") != WIRE_VERSION:
+        raise WireError(f"secure-aggregation wire version {message.get('v')!r}, this side speaks {WIRE_VERSION}")
     if not isinstance(message, dict) or message.get("type") != expected.__name__:
         got = message.get("type") if isinstance(message, dict) else type(message).__name__
         raise WireError(f"expected a {expected.__name__} message, got {got!r}")
