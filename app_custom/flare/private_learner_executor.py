@@ -151,6 +151,11 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
         length_of = lambda spec, length: secagg_params(self.settings, spec, length)[0]  # noqa: E731
         self._spec, self._session, self._levels = load_session(self._session_path, length_of)
 
+    def _outbound_metrics(self, metrics: dict) -> dict[str, float]:
+        """The device's evaluation metrics (only with ``device_metrics``: they are computed on its own
+        data and are not covered by the DP accounting) and its privacy spending."""
+        return (dict(metrics) if self.settings.device_metrics else {}) | self._privacy_metrics()
+
     def _privacy_metrics(self) -> dict[str, float]:
         return {
             "dp_epsilon": self.ledger.epsilon(),
@@ -164,7 +169,14 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
                 return self._stage(task_name, shareable, fl_ctx)
             if task_name == self.train_task:
                 return self._train(shareable, fl_ctx, abort_signal)
-            return super().execute(task_name, shareable, fl_ctx, abort_signal)
+            reply = super().execute(task_name, shareable, fl_ctx, abort_signal)
+            if self.settings.device_metrics or reply.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+                return reply
+            validated = FLModelUtils.from_shareable(reply)  # merged and measured; the numbers stay here
+            self.log_info(fl_ctx, f"{task_name}: {validated.metrics} (kept on the device: device_metrics is off)")
+            return FLModelUtils.to_shareable(
+                FLModel(params_type=ParamsType.FULL, params={}, metrics=self._privacy_metrics(), meta={})
+            )
         except (WireError, ProtocolError, QuantizationError, ValueError, RuntimeError) as err:
             # a malformed or out-of-order protocol message: this device drops out of the round
             self._session, self._levels = None, None
@@ -187,7 +199,7 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
         if reason:
             self.log_warning(fl_ctx, f"sending no update this round: {reason}")
             meta["dp_skip_reason"] = reason
-            metrics |= self._privacy_metrics() | {"dp_contributed": 0}
+            metrics = self._outbound_metrics(metrics) | {"dp_contributed": 0}
             return FLModelUtils.to_shareable(
                 FLModel(params_type=ParamsType.FULL, params={}, metrics=metrics, meta=meta)
             )
@@ -195,7 +207,8 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             noised, norm = self._noised(result.params, shapes)
             self.ledger.record_contribution()
             self._save_ledger()
-            metrics |= self._privacy_metrics() | {"dp_contributed": 1, "delta_norm": norm}
+            self.log_info(fl_ctx, f"slow delta norm {norm:.3f} before clipping to {self.settings.dp.clip_norm}")
+            metrics = self._outbound_metrics(metrics) | {"dp_contributed": 1}
             return FLModelUtils.to_shareable(
                 FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta)
             )
@@ -208,7 +221,9 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
         self._session = SecAggDevice(me, params)
         self._spec = incoming.meta["secagg"]
         self._save_session()
-        metrics |= self._privacy_metrics() | {"delta_norm": norm}
+        # the norm stays on the device: it is data-dependent and no part of the accounted mechanism
+        self.log_info(fl_ctx, f"slow delta norm {norm:.3f} before clipping to {self.settings.dp.clip_norm}")
+        metrics = self._outbound_metrics(metrics)
         return self._reply(self._session.advertise(), metrics, meta)
 
     def _noised(self, delta: dict, shapes: dict) -> tuple[dict, float]:

@@ -25,19 +25,23 @@ CLAMP_SIGMAS = 8.0  # quantization range past the clip bound, in noise standard 
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """``{"dp": {...}, "secure_aggregation": true, "ring_bits": 15, "neighbours": null, "max_dropout": 0.3}``."""
+    """``{"dp": {...}, "secure_aggregation": true, "ring_bits": 14, "neighbours": null, "max_dropout": 0.3,
+    "device_metrics": true}``."""
 
     dp: DPConfig
     secure_aggregation: bool = True
     ring_bits: int = DEFAULT_RING_BITS
     neighbours: int | None = None
     max_dropout: float = 0.3
+    # True: devices also report their evaluation metrics (accuracy and loss on their own data), as
+    # simulations need; these are outside the DP guarantee. Deployments that promise DP set false.
+    device_metrics: bool = True
 
     @classmethod
     def from_dict(cls, raw: Mapping) -> PrivacySettings:
         if not isinstance(raw, Mapping):
             raise PrivacyConfigError(f"privacy must be a mapping, got {type(raw).__name__}")
-        known = {"dp", "secure_aggregation", "ring_bits", "neighbours", "max_dropout"}
+        known = {"dp", "secure_aggregation", "ring_bits", "neighbours", "max_dropout", "device_metrics"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PrivacyConfigError(f"privacy: unknown keys {unknown} (known: {sorted(known)})")
@@ -58,6 +62,8 @@ class PrivacySettings:
             settings.ring(settings.dp.cohort_size)
         except QuantizationError as err:
             raise PrivacyConfigError(f"privacy.ring_bits: {err}") from err
+        if not isinstance(settings.device_metrics, bool):
+            raise PrivacyConfigError(f"privacy.device_metrics must be true or false, got {raw['device_metrics']!r}")
         if not isinstance(settings.secure_aggregation, bool):
             raise PrivacyConfigError(
                 f"privacy.secure_aggregation must be true or false, got {raw['secure_aggregation']!r}"

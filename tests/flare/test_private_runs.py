@@ -75,7 +75,7 @@ def test_with_privacy_on_only_masked_vectors_leave_and_epsilon_matches_an_indepe
 
 
 def test_a_device_over_its_budget_sends_nothing_and_the_round_goes_on_without_it(tmp_path):
-    privacy = {"dp": DP | {"epsilon_budget": 10.0}}
+    privacy = {"dp": DP | {"epsilon_budget": 10.0}, "device_metrics": False}
     executor = SpentDevice(config=CONFIG, data=DATA, privacy=privacy)
     workspace = _run(tmp_path, "spent", rounds=1, privacy=privacy, executor=executor)
     entry = _log(workspace)["rounds"][0]
@@ -83,6 +83,10 @@ def test_a_device_over_its_budget_sends_nothing_and_the_round_goes_on_without_it
     assert entry["secagg"]["survivors"] == ["site-2", "site-3", "site-4"]
     spent = [r for r in _audit(workspace) if r["site"] == "site-1" and r["task"] == "train"]
     assert spent and all(r["params"] == {} for r in spent)  # no advert, no vector
+    # with device_metrics off, nothing computed on a device's data leaves it but what DP accounts for
+    trained = [r for r in _audit(workspace) if r["task"] in ("train", "validate")]
+    assert {r["task"] for r in trained} == {"train", "validate"}
+    assert all(set(r["metrics"]) <= {"dp_epsilon", "dp_delta", "dp_rounds", "dp_contributed"} for r in trained)
 
 
 def test_a_garbled_protocol_message_is_rejected_and_attributed_and_the_round_completes(tmp_path):
