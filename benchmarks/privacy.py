@@ -47,7 +47,7 @@ from app_custom.nested.learner import NestedLearner  # noqa: E402
 from app_custom.nested.slow_delta import shapes_of  # noqa: E402
 from app_custom.privacy import wire  # noqa: E402
 from app_custom.privacy.dp import noise_for_epsilon  # noqa: E402
-from app_custom.privacy.private_update import PrivacySettings, prepare_update, unflatten  # noqa: E402
+from app_custom.privacy.private_update import PrivacySettings, cohort_mean, prepare_update  # noqa: E402
 from app_custom.privacy.quantization import decode_sum  # noqa: E402
 from app_custom.privacy.secagg import SecAggAggregator, SecAggDevice, SecAggParams  # noqa: E402
 from app_custom.privacy.secagg_crypto import SessionContext  # noqa: E402
@@ -146,7 +146,7 @@ def secagg_cases(cohorts: list[int], dropouts: list[float], length: int, train_s
             levels = {}
             for d in ids:  # the device's privacy pipeline before the protocol: clip, noise, quantize
                 start = time.perf_counter()
-                levels[d], _ = prepare_update(deltas[d], shapes, settings, cohort, rng)
+                levels[d], _ = prepare_update(deltas[d], shapes, settings, cohort, rng, samples=100)
                 prepare_s.append(time.perf_counter() - start)
             drop = set(rng.choice(ids, size=int(round(dropout * cohort)), replace=False).tolist())
             _, cost = secure_sum(levels, settings, SessionContext("bench", cohort, f"c{dropout}"), drop)
@@ -205,10 +205,12 @@ def run_fleet(
                 aggregator.add(device, delta, samples, shapes)
         else:
             levels = {
-                device: prepare_update(delta, shapes, privacy, cohort, rng)[0] for device, (delta, _) in updates.items()
+                device: prepare_update(delta, shapes, privacy, cohort, rng, samples)[0]
+                for device, (delta, samples) in updates.items()
             }
             total, cost = secure_sum(levels, privacy, SessionContext("bench-fleet", round_, "all"))
-            aggregator.add_sum(cost["survivors"], unflatten(total, shapes), shapes)
+            mean = cohort_mean(total, len(cost["survivors"]), shapes, privacy)
+            aggregator.add_cohort_mean(cost["survivors"], mean, shapes)
         candidate = aggregator.apply(current)
         scores = probe.score(candidate)
         if gate.assess(scores, current_scores).accepted:

@@ -12,6 +12,7 @@ from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import FleetData
 from app_custom.nested.levels import partition_parameters
 from app_custom.nested.models import build_model, input_spec
+from app_custom.privacy.private_update import PrivacySettings
 
 from .methods import method_config
 
@@ -58,11 +59,12 @@ def shared_shapes(config: NestedConfig, fleet: FleetData) -> dict[str, tuple[int
     return {name: tuple(params[name].shape) for name in partition_parameters(model, config.levels).shared_names}
 
 
-def fast_values_sent(shapes: dict[str, tuple[int, ...]], audit: list[dict]) -> int:
+def fast_values_sent(shapes: dict[str, tuple[int, ...]], audit: list[dict], update_extra: int = 0) -> int:
     """Values in outbound results that are not shared-level parameters (must be 0): every value of
     a parameter that is not exactly a shared one, and one per extra payload beside the DXO. A
     secure-aggregation message counts by what it decoded as: a masked vector longer than the
-    shared parameters counts the excess, a message that is no device message counts every byte."""
+    shared parameters and ``update_extra`` (a sample weight: 1) counts the excess, a message that is
+    no device message counts every byte."""
     sent = 0
     shared_values = sum(math.prod(shape) for shape in shapes.values())
     for record in audit:
@@ -73,7 +75,7 @@ def fast_values_sent(shapes: dict[str, tuple[int, ...]], audit: list[dict]) -> i
                 if secagg["type"] is None:
                     sent += secagg["bytes"]
                 elif secagg["type"] == "MaskedInput":
-                    sent += max(0, secagg["length"] - shared_values)
+                    sent += max(0, secagg["length"] - shared_values - update_extra)
             elif tuple(shape) != shapes.get(key):
                 sent += math.prod(shape) if shape else 1
     return sent
@@ -151,8 +153,11 @@ def method_summary(log: dict) -> dict:
 
 def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[dict]]]) -> dict:
     methods = {method: method_summary(log) for method, (log, _) in runs.items()}
+    extra = 1 if experiment.privacy and PrivacySettings.from_dict(experiment.privacy).weighted else 0
     fast_sent = sum(
-        fast_values_sent(shared_shapes(NestedConfig.from_dict(method_config(method, experiment.seed)), fleet), audit)
+        fast_values_sent(
+            shared_shapes(NestedConfig.from_dict(method_config(method, experiment.seed)), fleet), audit, extra
+        )
         for method, (_, audit) in runs.items()
     )
     nested_audit = runs.get("nested", (None, []))[1]

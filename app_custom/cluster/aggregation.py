@@ -70,23 +70,23 @@ class SlowDeltaAggregator:
         self.contributors.append(contributor)
         return None
 
-    def add_sum(
-        self, contributors: list[str], total: Mapping[str, np.ndarray], expected: Mapping[str, tuple]
+    def add_cohort_mean(
+        self, contributors: list[str], mean: Mapping[str, np.ndarray], expected: Mapping[str, tuple]
     ) -> Rejection | None:
-        """Add a cohort's summed slow deltas (a secure aggregate: each device counts once, weight 1)."""
-        label = f"sum of {len(contributors)} devices"
+        """Add a cohort's mean slow delta (a secure aggregate), counted as one device per contributor."""
+        label = f"mean of {len(contributors)} devices"
         try:
             if not contributors or len(set(contributors)) != len(contributors):
                 raise UpdateError(f"{label}: contributors must be distinct and non-empty, got {contributors!r}")
             if set(contributors) & set(self.contributors):
                 raise UpdateError(f"{label}: {sorted(set(contributors) & set(self.contributors))} already counted")
-            check_tensors(total, expected, label)
+            check_tensors(mean, expected, label)
         except UpdateError as e:
             rejection = Rejection(label, str(e))
             self.rejections.append(rejection)
             return rejection
-        for name, value in total.items():
-            value = value.astype(np.float64)
+        for name, value in mean.items():
+            value = value.astype(np.float64) * len(contributors)
             self._sum[name] = self._sum[name] + value if name in self._sum else value
         self._weight += float(len(contributors))
         self.contributors.extend(contributors)

@@ -25,7 +25,7 @@ from app_custom.flare.private_learner_executor import (
     message_bytes,
     secagg_params,
 )
-from app_custom.privacy.private_update import PrivacySettings, unflatten, vector_length
+from app_custom.privacy.private_update import PrivacySettings, cohort_mean
 from app_custom.privacy.secagg import (
     ADVERTISE,
     MASK,
@@ -90,7 +90,7 @@ class PrivateNestedFedAvg(NestedFedAvg):
             return self._collect_local_dp(round_, current, version, expected)
         cohort = sorted(client.name for client in self.engine.get_clients())
         spec = {"job_id": self.fl_ctx.get_job_id(), "round": round_, "cohort_id": COHORT_ID, "cohort": cohort}
-        params, _ = secagg_params(self.settings, spec, vector_length(expected))
+        params, _ = secagg_params(self.settings, spec, self.settings.update_length(expected))
         aggregator = SecAggAggregator(params, cohort)
         self._min_survivors = params.min_survivors
         model = self._global_model(current, version, round_)
@@ -125,7 +125,8 @@ class PrivateNestedFedAvg(NestedFedAvg):
         for rejection in outcome.rejections:
             self.warning(f"round {round_}: {rejection.stage} message from {rejection.sender}: {rejection.reason}")
         survivors = list(outcome.survivors)
-        rejection = self.aggregator.add_sum(survivors, unflatten(outcome.total, expected), expected)
+        mean = cohort_mean(outcome.total, len(survivors), expected, self.settings)
+        rejection = self.aggregator.add_cohort_mean(survivors, mean, expected)
         if rejection:
             self.warning(f"round {round_}: secure sum rejected: {rejection.reason}")
         secagg = {

@@ -19,7 +19,7 @@ import secrets
 from pathlib import Path
 
 import numpy as np
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -212,12 +212,14 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             return FLModelUtils.to_shareable(
                 FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta)
             )
-        length = sum(int(np.prod(s)) for s in shapes.values())
-        params, cohort = secagg_params(self.settings, (incoming.meta or {}).get("secagg"), length)
+        params, cohort = secagg_params(
+            self.settings, (incoming.meta or {}).get("secagg"), self.settings.update_length(shapes)
+        )
         me = fl_ctx.get_identity_name()
         if me not in cohort:
             raise ProtocolError("aggregator", "advertise", f"{me} is not in the round's cohort")
-        self._levels, norm = prepare_update(result.params, shapes, self.settings, len(cohort), self._rng)
+        samples = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
+        self._levels, norm = prepare_update(result.params, shapes, self.settings, len(cohort), self._rng, samples)
         self._session = SecAggDevice(me, params)
         self._spec = incoming.meta["secagg"]
         self._save_session()

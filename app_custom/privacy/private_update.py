@@ -2,8 +2,14 @@
 
 Device: flatten (parameter names sorted) -> clip to ``clip_norm`` -> add its noise share ->
 quantize into the ring sized for the cohort. Aggregator: the securely aggregated ring sum ->
-decoded real sum -> divided by the number of survivors (uniform weights: per-device sample counts
-would leak through weights, and DP-FedAvg bounds each device's influence the same way) -> tensors.
+decoded real sum -> the cohort's mean -> tensors.
+
+Weighting (``weighting``): ``samples`` (the default) weighs a device by ``w = min(n / weight_cap,
+1)`` for its ``n`` training samples, as the plain job weighs by samples, without revealing ``n``:
+the device clips its delta to ``clip_norm / sqrt 2``, scales it by ``w`` and appends
+``w * clip_norm / sqrt 2`` as one more value, so its whole contribution stays within
+``clip_norm`` (the sensitivity the accountant charges) and only the cohort's sums of ``w * delta``
+and of ``w`` are ever decoded. ``uniform`` weighs every device 1 (DP-FedAvg's choice).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 
 from app_custom.nested.slow_delta import Tensors
 
-from .dp import DPConfig, PrivacyConfigError, privatize
+from .dp import DPConfig, PrivacyConfigError, clip_l2, privatize
 from .quantization import QuantizationError, Ring, quantize
 
 DEFAULT_RING_BITS = 14  # wire size per value: under half of fp32 with the protocol's own messages
@@ -33,6 +39,8 @@ class PrivacySettings:
     ring_bits: int = DEFAULT_RING_BITS
     neighbours: int | None = None
     max_dropout: float = 0.3
+    weighting: str = "samples"
+    weight_cap: int = 256  # training samples at which a device counts fully
     # True: devices also report their evaluation metrics (accuracy and loss on their own data), as
     # simulations need; these are outside the DP guarantee. Deployments that promise DP set false.
     device_metrics: bool = True
@@ -41,7 +49,16 @@ class PrivacySettings:
     def from_dict(cls, raw: Mapping) -> PrivacySettings:
         if not isinstance(raw, Mapping):
             raise PrivacyConfigError(f"privacy must be a mapping, got {type(raw).__name__}")
-        known = {"dp", "secure_aggregation", "ring_bits", "neighbours", "max_dropout", "device_metrics"}
+        known = {
+            "dp",
+            "secure_aggregation",
+            "ring_bits",
+            "neighbours",
+            "max_dropout",
+            "device_metrics",
+            "weighting",
+            "weight_cap",
+        }
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PrivacyConfigError(f"privacy: unknown keys {unknown} (known: {sorted(known)})")
@@ -62,6 +79,10 @@ class PrivacySettings:
             settings.ring(settings.dp.cohort_size)
         except QuantizationError as err:
             raise PrivacyConfigError(f"privacy.ring_bits: {err}") from err
+        if settings.weighting not in ("samples", "uniform"):
+            raise PrivacyConfigError(f"privacy.weighting must be 'samples' or 'uniform', got {settings.weighting!r}")
+        if isinstance(settings.weight_cap, bool) or not isinstance(settings.weight_cap, int) or settings.weight_cap < 1:
+            raise PrivacyConfigError(f"privacy.weight_cap must be a positive integer, got {settings.weight_cap!r}")
         if not isinstance(settings.device_metrics, bool):
             raise PrivacyConfigError(f"privacy.device_metrics must be true or false, got {raw['device_metrics']!r}")
         if not isinstance(settings.secure_aggregation, bool):
@@ -84,9 +105,14 @@ class PrivacySettings:
         clamp = self.dp.clip_norm + CLAMP_SIGMAS * self.dp.device_noise_std
         return Ring(self.ring_bits, cohort, float(clamp))
 
-    def upload_ratio_vs_fp32(self) -> float:
-        """Masked-vector bits per value against fp32 (the protocol's key and share messages come on top)."""
-        return self.ring_bits / 32
+    @property
+    def weighted(self) -> bool:
+        """Whether a device's sample weight travels (masked) with its delta; only under secure aggregation."""
+        return self.secure_aggregation and self.weighting == "samples"
+
+    def update_length(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """Values in one device's masked vector: the slow delta, and its weight when weighted."""
+        return vector_length(shapes) + (1 if self.weighted else 0)
 
 
 def flatten(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> np.ndarray:
@@ -114,13 +140,30 @@ def prepare_update(
     settings: PrivacySettings,
     cohort: int,
     rng: np.random.Generator,
+    samples: int | None = None,
 ) -> tuple[np.ndarray, float]:
-    """The device's clipped, noised, quantized delta (ring elements) and its norm before clipping."""
-    noised, norm = privatize(flatten(delta, shapes), settings.dp, rng)
+    """The device's clipped, noised, quantized update (ring elements) and its delta's norm before clipping."""
+    vector = flatten(delta, shapes)
+    norm = float(np.linalg.norm(vector))
+    if settings.weighted:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"sample weighting needs the device's training sample count, got {samples!r}")
+        weight = min(samples / settings.weight_cap, 1.0)
+        bound = settings.dp.clip_norm / math.sqrt(2)
+        clipped, _ = clip_l2(vector, bound)
+        vector = np.append(weight * clipped, weight * bound)
+    noised, _ = privatize(vector, settings.dp, rng)
     return quantize(noised, settings.ring(cohort), rng), norm
 
 
-def mean_from_sum(total: np.ndarray, survivors: int, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
+def cohort_mean(
+    total: np.ndarray, survivors: int, shapes: Mapping[str, tuple[int, ...]], settings: PrivacySettings
+) -> Tensors:
+    """The cohort's mean slow delta from the decoded sum of its survivors' updates."""
     if survivors < 1:
         raise ValueError("no survivors to average over")
-    return unflatten(total / survivors, shapes)
+    if not settings.weighted:
+        return unflatten(total / survivors, shapes)
+    # the summed weight carries noise too; below one device's worth it would blow the mean up
+    weight = max(float(total[-1]) * math.sqrt(2) / settings.dp.clip_norm, 1.0 / settings.weight_cap, 1e-6)
+    return unflatten(total[:-1] / weight, shapes)

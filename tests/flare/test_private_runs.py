@@ -53,11 +53,13 @@ def independent_epsilon(rounds: int) -> float:
 def test_with_privacy_on_only_masked_vectors_leave_and_epsilon_matches_an_independent_accountant(tmp_path):
     workspace = _run(tmp_path, "private", rounds=2)
     audit = _audit(workspace)
-    assert fast_values_sent(SHARED, audit) == 0
+    assert fast_values_sent(SHARED, audit, update_extra=1) == 0
     masked = [r["secagg"] for r in audit if r.get("secagg", {}).get("type") == "MaskedInput"]
     assert len(masked) == 2 * 4
     values = sum(math.prod(shape) for shape in SHARED.values())
-    assert all(m["length"] == values and m["ring_bits"] == 15 for m in masked)
+    # the slow delta and the device's (masked) sample weight; nothing else
+    assert all(m["length"] == values + 1 and m["ring_bits"] == 15 for m in masked)
+    assert fast_values_sent(SHARED, audit) == len(masked)  # the check counts what it is not told about
     # nothing but protocol messages and scalars: no float array leaves any device
     for record in audit:
         assert set(record["params"]) <= {"__secagg_message__"}, record
