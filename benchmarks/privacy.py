@@ -267,7 +267,8 @@ def main() -> int:
             "within_1pt": abs(secagg_acc - plain_acc) <= 0.01,
             "per_seed": {"plain": [r["mean_acc"] for r in plain], "secagg": [r["mean_acc"] for r in quantized]},
             "setup": "digits label_skew, 8 devices, all in every round, 10 rounds; clip 8, no noise,"
-            f" {no_noise.ring_bits}-bit ring; plain weighs devices by samples, secure aggregation weighs each 1",
+            f" {no_noise.ring_bits}-bit ring; both weigh devices by samples (secure aggregation: {no_noise.weighting},"
+            f" weight_cap {no_noise.weight_cap}); the difference includes clipping at 8",
         }
 
     if "dp" in parts:
@@ -276,7 +277,11 @@ def main() -> int:
         for epsilon in (1.0, 4.0, 8.0, math.inf):
             z = noise_for_epsilon(epsilon, delta, cohort / fleet_size, rounds)
             dp = {"clip_norm": clip, "noise_multiplier": z, "delta": delta, "fleet_size": fleet_size}
-            settings = PrivacySettings.from_dict({"dp": dp | {"cohort_size": cohort}, "ring_bits": 16})
+            # every device of this fleet holds the same number of samples: uniform weights are sample
+            # weights, without scaling each signal down against its noise share (weight_cap)
+            settings = PrivacySettings.from_dict(
+                {"dp": dp | {"cohort_size": cohort}, "ring_bits": 16, "weighting": "uniform"}
+            )
             runs = [run_fleet("digits", "env_shift", fleet_size, cohort, rounds, s, settings) for s in seeds]
             point = {
                 "epsilon": None if math.isinf(epsilon) else epsilon,
@@ -295,6 +300,7 @@ def main() -> int:
             "delta": delta,
             "clip_norm": clip,
             "mode": "distributed (secure aggregation), 16-bit ring",
+            "weighting": settings.weighting,
             "data": "digits env_shift",
             "curve": curve,
         }

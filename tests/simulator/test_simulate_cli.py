@@ -85,7 +85,7 @@ def test_a_broken_plugin_gets_a_clear_error(tmp_path):
 def test_simulate_with_dp_and_secure_aggregation_reports_accuracy_and_epsilon(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [FLEETNEST, "simulate", "--devices", "4", "--rounds", "2", "--methods", "nested,local"]
+        [FLEETNEST, "simulate", "--devices", "4", "--rounds", "2", "--methods", "nested"]
         + ["--dp-epsilon", "8", "--secure-agg", "--fleet-size", "40", "--out", str(out)],
         capture_output=True,
         text=True,
@@ -102,7 +102,6 @@ def test_simulate_with_dp_and_secure_aggregation_reports_accuracy_and_epsilon(tm
     assert len(privacy["epsilon_per_device_per_round"]) == 2
     assert 0 < privacy["final_epsilon_max"] <= 8.0  # the noise was chosen for epsilon 8 after all rounds
     assert privacy["secure_aggregation"]["survivors_per_round"] == [4, 4]
-    assert report["methods"]["local"]["privacy"] is None  # local-only sends nothing to protect
     assert report["fast_params_sent"] == 0
     assert 0 < report["bytes_per_update"] < 0.5 * 4 * 17866 * 1.2
 
