@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from app_custom.durable import fsync_path, write_json_atomic
+
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 
@@ -53,27 +55,9 @@ def _digest(tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
 def _save_tensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
-    _fsync_path(path)
+    fsync_path(path)
 
 
 class VersionArchive:
@@ -84,7 +68,7 @@ class VersionArchive:
             shutil.rmtree(stale, ignore_errors=True)
         accepted = [r.version for r in self.versions() if r.status == ACCEPTED]
         if accepted and max(accepted) != self.current_version():
-            _write_json_atomic(self.root / "current.json", {"version": max(accepted)})
+            write_json_atomic(self.root / "current.json", {"version": max(accepted)})
 
     def _dir(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
@@ -117,11 +101,11 @@ class VersionArchive:
         _save_tensors(tensors, tmp / "slow.safetensors")
         if server_state:
             _save_tensors(server_state, tmp / "server_state.safetensors")
-        _write_json_atomic(tmp / "meta.json", asdict(record))
+        write_json_atomic(tmp / "meta.json", asdict(record))
         os.replace(tmp, self._dir(record.version))
-        _fsync_path(self.root)
+        fsync_path(self.root)
         if record.status == ACCEPTED:
-            _write_json_atomic(self.root / "current.json", {"version": record.version})
+            write_json_atomic(self.root / "current.json", {"version": record.version})
         return record
 
     def write_model_card(self, card: dict) -> None:
@@ -140,7 +124,7 @@ class VersionArchive:
                 f"settings differ from this job's); use a new archive_dir"
             )
         if existing != card:
-            _write_json_atomic(self.root / "model.json", card)
+            write_json_atomic(self.root / "model.json", card)
 
     def model_card(self) -> dict | None:
         path = self.root / "model.json"

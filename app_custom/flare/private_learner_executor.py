@@ -14,7 +14,6 @@ lets through only that array, and only when it decodes as a device-to-aggregator
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
+from app_custom.durable import write_json_atomic
 from app_custom.flare.fast_layer_guard import SECAGG_KEY
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
 from app_custom.privacy.dp import PrivacyLedger, privatize
@@ -129,12 +129,7 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
     def _save_ledger(self) -> None:
         if self._ledger_path is None:
             return
-        tmp = self._ledger_path.with_name(self._ledger_path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"history": self.ledger.history, "epsilon": self.ledger.epsilon()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._ledger_path)
+        write_json_atomic(self._ledger_path, {"history": self.ledger.history, "epsilon": self.ledger.epsilon()})
 
     def _save_session(self) -> None:
         if self._session_path is None:

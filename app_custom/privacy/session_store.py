@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from app_custom.durable import write_json_atomic
 
 from .quantization import pack, unpack
 from .secagg import Roster, SecAggDevice, SecAggParams
@@ -41,13 +42,7 @@ def save_session(path: Path, spec: dict, device: SecAggDevice, levels: np.ndarra
         "unmasked": state["unmasked"],
         "levels": None if levels is None else _b64(pack(levels, device.params.ring)),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(document, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, document, mode=0o600)  # it holds the device's secret seeds
 
 
 def load_session(path: Path, params_of) -> tuple[dict, SecAggDevice, np.ndarray | None]:
