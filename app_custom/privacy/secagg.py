@@ -39,7 +39,6 @@ from . import shamir
 from .quantization import QuantizationError, Ring, check_ring_vector, decode_sum, pack, unpack
 
 ADVERTISE, SHARE, MASK, UNMASK = "advertise", "share", "mask", "unmask"
-SEED_KINDS = ("self", "masking")  # which secret a share belongs to
 
 
 class SecAggAbort(RuntimeError):
