@@ -60,6 +60,35 @@ def _assign_iid(groups: np.ndarray, n: int, rng) -> list[np.ndarray]:
     return [np.asarray(part) for part in np.array_split(rng.permutation(np.unique(groups)), n)]
 
 
+def _owned_splits(data: Dataset, rest: np.ndarray, owned_groups: list[np.ndarray], rng):
+    """(train, test, all) indices per device, each split from the recordings it owns."""
+    for owned in owned_groups:
+        index = rest[np.isin(data.groups[rest], owned)]
+        if len(np.unique(data.groups[index])) < 2:
+            raise ValueError(
+                f"{data.name}: too many devices ({len(owned_groups)}) for the data; a device got < 2 samples"
+            )
+        train_pos, test_pos = _split_groups(data.groups[index], TEST_SHARE, rng)
+        yield index[train_pos], index[test_pos], index
+
+
+def _drawn_splits(data: Dataset, rest: np.ndarray, n: int, records: int, regime: str, rng) -> list[tuple]:
+    """(train, test, all) indices per device: training recordings drawn from a shared pool."""
+    if regime == "label_skew":
+        raise ValueError("records_per_device draws IID recordings; use the env_shift or scarce regime")
+    train_pos, test_pos = _split_groups(data.groups[rest], TEST_SHARE, rng)
+    pool_groups = np.unique(data.groups[rest[train_pos]])
+    if records > len(pool_groups):
+        raise ValueError(f"records_per_device {records} exceeds the {len(pool_groups)} training recordings")
+    test = rest[test_pos]
+    splits = []
+    for _ in range(n):
+        owned = rng.choice(pool_groups, size=records, replace=False)
+        train = rest[train_pos][np.isin(data.groups[rest[train_pos]], owned)]
+        splits.append((train, test, np.concatenate([train, test])))
+    return splits
+
+
 class _Sensors:
     """One owner's sensors, drawn once: per-channel gain/offset; a mirrored camera or flipped IMU
     axes. Applied to every sample the owner records (its training data and its test samples)."""
@@ -102,8 +131,19 @@ def make_fleet(
     seed: int = 0,
     alpha: float = 0.3,
     scarce_train: int = 16,
+    records_per_device: int | None = None,
 ) -> FleetData:
-    """A fleet of ``num_devices`` devices over a shipped data set, deterministic in ``seed``."""
+    """A fleet of ``num_devices`` devices over a shipped data set, deterministic in ``seed``.
+
+    ``records_per_device``: for fleets larger than the data set can split (IID regimes only), each
+    device records this many training recordings drawn from a shared training pool, so devices'
+    recordings overlap (each through its own sensors under ``env_shift``); every device is tested
+    on the disjoint pool of held-out recordings, which no device trains on.
+    """
+    if records_per_device is not None and (
+        isinstance(records_per_device, bool) or not isinstance(records_per_device, int) or records_per_device < 2
+    ):
+        raise ValueError(f"records_per_device must be an integer >= 2, got {records_per_device!r}")
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; known: {list(REGIMES)}")
     if not isinstance(num_devices, int) or num_devices < 1:
@@ -117,29 +157,28 @@ def make_fleet(
         shifted = concat([_Sensors(cluster.x, rng)(take(cluster.x, part)) for part in parts])
         cluster = LabelledSet(shifted, cluster.y, groups=cluster.groups)
     y_rest, g_rest = data.y[rest], data.groups[rest]
-    if regime == "label_skew":
-        owned_groups = _assign_label_skew(y_rest, g_rest, num_devices, alpha, rng)
+    if records_per_device is not None:
+        splits = _drawn_splits(data, rest, num_devices, records_per_device, regime, rng)
     else:
-        owned_groups = _assign_iid(g_rest, num_devices, rng)
+        if regime == "label_skew":
+            owned_groups = _assign_label_skew(y_rest, g_rest, num_devices, alpha, rng)
+        else:
+            owned_groups = _assign_iid(g_rest, num_devices, rng)
+        splits = _owned_splits(data, rest, owned_groups, rng)  # lazily: draws interleave with the sensors'
     trains, test_index, sensors, label_mix = [], [], [], []
-    for owned in owned_groups:
-        index = rest[np.isin(g_rest, owned)]
-        if len(np.unique(data.groups[index])) < 2:
-            raise ValueError(f"{dataset}: too many devices ({num_devices}) for the data; a device got < 2 samples")
-        train_pos, test_pos = _split_groups(data.groups[index], TEST_SHARE, rng)
-        train_idx = index[train_pos]
+    for train_idx, test_idx, index in splits:
         if regime == "scarce":
             train_idx = rng.permutation(train_idx)[:scarce_train]
         device_sensors = _Sensors(data.x, rng) if regime == "env_shift" else None
         x_train = take(data.x, train_idx)
         trains.append(LabelledSet(x_train if device_sensors is None else device_sensors(x_train), data.y[train_idx]))
-        test_index.append(index[test_pos])
+        test_index.append(test_idx)
         sensors.append(device_sensors)
         label_mix.append(np.bincount(data.y[index], minlength=data.num_classes) / len(index))
     # Every device is tested on the whole pool of held-out recordings (no device trains on any of
     # them), seen through its own sensors and weighted to its own label mix: a sample of its own
     # distribution about as many times larger than its own held-out share as there are devices.
-    pool = np.concatenate(test_index)
+    pool = np.concatenate(test_index) if records_per_device is None else test_index[0]
     x_pool, y_pool = take(data.x, pool), data.y[pool]
     pool_mix = np.bincount(y_pool, minlength=data.num_classes) / len(pool)
     devices = []

@@ -125,7 +125,7 @@ class PrivateNestedFedAvg(NestedFedAvg):
         for rejection in outcome.rejections:
             self.warning(f"round {round_}: {rejection.stage} message from {rejection.sender}: {rejection.reason}")
         survivors = list(outcome.survivors)
-        mean = cohort_mean(outcome.total, len(survivors), expected, self.settings)
+        mean = cohort_mean(outcome.total, len(survivors), expected, self.settings, params.context)
         rejection = self.aggregator.add_cohort_mean(survivors, mean, expected)
         if rejection:
             self.warning(f"round {round_}: secure sum rejected: {rejection.reason}")

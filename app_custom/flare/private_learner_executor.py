@@ -70,7 +70,7 @@ def secagg_params(settings: PrivacySettings, spec: dict, length: int) -> tuple[S
     context = SessionContext(spec.get("job_id"), spec.get("round"), spec.get("cohort_id"))
     params = SecAggParams(
         context,
-        settings.ring(len(cohort)),
+        settings.ring(len(cohort), length),
         length,
         neighbours=settings.neighbours,
         max_dropout=settings.max_dropout,
@@ -214,7 +214,9 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
         if me not in cohort:
             raise ProtocolError("aggregator", "advertise", f"{me} is not in the round's cohort")
         samples = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
-        self._levels, norm = prepare_update(result.params, shapes, self.settings, len(cohort), self._rng, samples)
+        self._levels, norm = prepare_update(
+            result.params, shapes, self.settings, len(cohort), self._rng, params.context, samples
+        )
         self._session = SecAggDevice(me, params)
         self._spec = incoming.meta["secagg"]
         self._save_session()

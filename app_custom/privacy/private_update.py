@@ -1,8 +1,9 @@
 """The path of one slow delta through the privacy layer, from the device's tensors to the cohort mean.
 
 Device: flatten (parameter names sorted) -> clip to ``clip_norm`` -> add its noise share ->
-quantize into the ring sized for the cohort. Aggregator: the securely aggregated ring sum ->
-decoded real sum -> the cohort's mean -> tensors.
+rotate (the cohort's shared random rotation, ``rotation``) -> quantize into the ring sized for the
+cohort. Aggregator: the securely aggregated ring sum -> decoded real sum -> rotated back -> the
+cohort's mean -> tensors.
 
 Weighting (``weighting``): ``samples`` (the default) weighs a device by ``w = min(n / weight_cap,
 1)`` for its ``n`` training samples, as the plain job weighs by samples, without revealing ``n``:
@@ -24,8 +25,12 @@ from app_custom.nested.slow_delta import Tensors
 
 from .dp import DPConfig, PrivacyConfigError, clip_l2, privatize
 from .quantization import QuantizationError, Ring, quantize
+from .rotation import coordinate_bound, rotate, unrotate
+from .secagg_crypto import SessionContext
 
-DEFAULT_RING_BITS = 14  # wire size per value: 0.44 of fp32 for the masked vector; keys and shares come on top
+# wire size per value: 0.375 of fp32 for the masked vector (keys and shares come on top); holds
+# the sum of up to 1024 devices, each with at least 2 bits per rotated value
+DEFAULT_RING_BITS = 12
 CLAMP_SIGMAS = 8.0  # quantization range past the clip bound, in noise standard deviations
 
 
@@ -76,7 +81,7 @@ class PrivacySettings:
         if isinstance(settings.ring_bits, bool) or not isinstance(settings.ring_bits, int):
             raise PrivacyConfigError(f"privacy.ring_bits must be an integer, got {settings.ring_bits!r}")
         try:
-            settings.ring(settings.dp.cohort_size)
+            settings.ring(settings.dp.cohort_size, 1)
         except QuantizationError as err:
             raise PrivacyConfigError(f"privacy.ring_bits: {err}") from err
         if settings.weighting not in ("samples", "uniform"):
@@ -98,11 +103,15 @@ class PrivacySettings:
             raise PrivacyConfigError("privacy.secure_aggregation false with dp.noise_multiplier 0 protects nothing")
         return settings
 
-    def ring(self, cohort: int) -> Ring:
-        """The ring for a cohort: values clamp at the clip bound plus ``CLAMP_SIGMAS`` noise stds
-        (a clipped delta has no coordinate beyond the clip bound; the Gaussian tail past 8 sigma
-        is below 1e-15 per value, so the clamp practically never binds)."""
-        clamp = self.dp.clip_norm + CLAMP_SIGMAS * self.dp.device_noise_std
+    def ring(self, cohort: int, length: int) -> Ring:
+        """The ring for a cohort's rotated vectors of ``length`` values. A rotated value of a clipped
+        delta is sub-Gaussian with scale ``sqrt(2/length) clip_norm`` (``rotation``), its noise
+        share Gaussian with the device's noise std; values clamp at ``CLAMP_SIGMAS`` times their
+        combined scale (a tail below 1e-13 per value: the clamp practically never binds), and never
+        beyond the hard bound of clip bound plus ``CLAMP_SIGMAS`` noise stds."""
+        std = self.dp.device_noise_std
+        spread = math.hypot(coordinate_bound(self.dp.clip_norm, length), std)
+        clamp = min(self.dp.clip_norm + CLAMP_SIGMAS * std, CLAMP_SIGMAS * spread)
         return Ring(self.ring_bits, cohort, float(clamp))
 
     @property
@@ -140,9 +149,11 @@ def prepare_update(
     settings: PrivacySettings,
     cohort: int,
     rng: np.random.Generator,
+    context: SessionContext,
     samples: int | None = None,
 ) -> tuple[np.ndarray, float]:
-    """The device's clipped, noised, quantized update (ring elements) and its delta's norm before clipping."""
+    """The device's clipped, noised, rotated, quantized update (ring elements) and its delta's norm
+    before clipping. ``context``: the round's session, which fixes the cohort's rotation."""
     vector = flatten(delta, shapes)
     norm = float(np.linalg.norm(vector))
     if settings.weighted:
@@ -153,15 +164,20 @@ def prepare_update(
         clipped, _ = clip_l2(vector, bound)
         vector = np.append(weight * clipped, weight * bound)
     noised, _ = privatize(vector, settings.dp, rng)
-    return quantize(noised, settings.ring(cohort), rng), norm
+    return quantize(rotate(noised, context), settings.ring(cohort, noised.size), rng), norm
 
 
 def cohort_mean(
-    total: np.ndarray, survivors: int, shapes: Mapping[str, tuple[int, ...]], settings: PrivacySettings
+    total: np.ndarray,
+    survivors: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: PrivacySettings,
+    context: SessionContext,
 ) -> Tensors:
-    """The cohort's mean slow delta from the decoded sum of its survivors' updates."""
+    """The cohort's mean slow delta from the decoded (rotated) sum of its survivors' updates."""
     if survivors < 1:
         raise ValueError("no survivors to average over")
+    total = unrotate(total, context)
     if not settings.weighted:
         return unflatten(total / survivors, shapes)
     # the summed weight carries noise too; below one device's worth it would blow the mean up

@@ -86,9 +86,12 @@ class Roster:
 
 @dataclass(frozen=True)
 class ShareBundle:
+    """One entry per neighbour of the sender, in the roster's order of its neighbours (so no holder
+    is named on the wire)."""
+
     header: Header
-    sealed: dict[str, bytes]  # holder -> sealed (self share, masking share)
-    commitments: dict[str, tuple[bytes, bytes]]  # holder -> commitments of those two shares
+    sealed: tuple[bytes, ...]  # sealed (self share, masking share) for each holder
+    commitments: tuple[tuple[bytes, bytes], ...]  # commitments of those two shares
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ class SecAggDevice:
         points = [roster_point(roster, holder) for holder in holders]
         self_shares = shamir.split(self._self_seed, t, points)
         masking_shares = shamir.split(self._masking_seed, t, points)
-        sealed, commitments = {}, {}
+        sealed, commitments = [], []
         for holder, s_share, m_share in zip(holders, self_shares, masking_shares):
             key = crypto.pair_key(
                 self._transport_key,
@@ -290,15 +293,15 @@ class SecAggDevice:
                 self.id,
                 holder,
             )
-            plaintext = shamir.encode(s_share) + shamir.encode(m_share)
-            sealed[holder] = crypto.seal(
-                key, plaintext, crypto.share_channel_label(self.params.context, self.id, holder)
+            plaintext = shamir.encode_value(s_share) + shamir.encode_value(m_share)
+            sealed.append(crypto.seal(key, plaintext, crypto.share_channel_label(self.params.context, self.id, holder)))
+            commitments.append(
+                (
+                    crypto.share_commitment(s_share, self.params.context, "self", self.id, holder),
+                    crypto.share_commitment(m_share, self.params.context, "masking", self.id, holder),
+                )
             )
-            commitments[holder] = (
-                crypto.share_commitment(s_share, self.params.context, "self", self.id, holder),
-                crypto.share_commitment(m_share, self.params.context, "masking", self.id, holder),
-            )
-        return ShareBundle(self._header(SHARE), sealed, commitments)
+        return ShareBundle(self._header(SHARE), tuple(sealed), tuple(commitments))
 
     def masked_input(self, routed: SharesFor, levels: np.ndarray) -> MaskedInput:
         """Mask ``levels`` (this device's quantized delta, ring elements) for the devices in U2."""
@@ -329,12 +332,11 @@ class SecAggDevice:
             try:
                 if plaintext is None:
                     raise shamir.ShamirError("failed authentication")
-                cut = len(plaintext) // 2
-                held = (shamir.decode(plaintext[:cut]), shamir.decode(plaintext[cut:]))
+                point, cut = roster_point(self._roster, self.id), shamir.SHARE_BYTES
+                if len(plaintext) != 2 * cut:
+                    raise shamir.ShamirError(f"{len(plaintext)} bytes of shares")
+                held = (shamir.decode_value(plaintext[:cut], point), shamir.decode_value(plaintext[cut:], point))
             except shamir.ShamirError:
-                unreadable.append(dealer)
-                continue
-            if held[0][0] != roster_point(self._roster, self.id) or held[1][0] != held[0][0]:
                 unreadable.append(dealer)
                 continue
             self._held[dealer] = held
@@ -403,6 +405,8 @@ class SecAggAggregator:
         self._roster: Roster | None = None
         self._request: UnmaskRequest | None = None
         self._combiner = shamir.Combiner()
+        # sender -> (holder -> sealed shares, holder -> their commitments), from accepted bundles
+        self._dealt: dict[str, tuple[dict[str, bytes], dict[str, tuple[bytes, bytes]]]] = {}
 
     # ---- intake -----------------------------------------------------------------------------
     def _reject(self, sender: str, stage: str, reason: str) -> bool:
@@ -457,15 +461,14 @@ class SecAggAggregator:
             raise RuntimeError("add_shares before roster")
         if not self._admit(sender, bundle, SHARE, ShareBundle, set(self._roster.adverts)):
             return
-        holders = set(self._roster.neighbours[sender])
-        if not isinstance(bundle.sealed, dict) or set(bundle.sealed) != holders:
-            self._reject(sender, SHARE, "sealed shares must address exactly the sender's neighbours")
+        holders = self._roster.neighbours[sender]
+        if not isinstance(bundle.sealed, tuple) or len(bundle.sealed) != len(holders):
+            self._reject(sender, SHARE, f"expected sealed shares for its {len(holders)} neighbours")
             return
-        if not isinstance(bundle.commitments, dict) or set(bundle.commitments) != holders:
-            self._reject(sender, SHARE, "share commitments must cover exactly the sender's neighbours")
+        if not isinstance(bundle.commitments, tuple) or len(bundle.commitments) != len(holders):
+            self._reject(sender, SHARE, f"expected share commitments for its {len(holders)} neighbours")
             return
-        for holder in holders:
-            pair = bundle.commitments[holder]
+        for holder, sealed, pair in zip(holders, bundle.sealed, bundle.commitments):
             if not (
                 isinstance(pair, tuple)
                 and len(pair) == 2
@@ -473,21 +476,22 @@ class SecAggAggregator:
             ):
                 self._reject(sender, SHARE, f"malformed share commitments for {holder}")
                 return
-            if not isinstance(bundle.sealed[holder], bytes):
+            if not isinstance(sealed, bytes):
                 self._reject(sender, SHARE, f"sealed share for {holder} is not bytes")
                 return
         self._stages[SHARE].accepted[sender] = bundle
+        self._dealt[sender] = (dict(zip(holders, bundle.sealed)), dict(zip(holders, bundle.commitments)))
 
     def route_shares(self) -> dict[str, SharesFor]:
         """U2 and, for each of its members, the sealed shares addressed to it."""
         senders = tuple(sorted(self._stages[SHARE].accepted))
         self._require(len(senders), SHARE)
-        bundles = self._stages[SHARE].accepted
+        dealt = self._dealt
         return {
             holder: SharesFor(
                 self.params.context,
                 senders,
-                {dealer: bundles[dealer].sealed[holder] for dealer in senders if holder in bundles[dealer].sealed},
+                {dealer: dealt[dealer][0][holder] for dealer in senders if holder in dealt[dealer][0]},
             )
             for holder in senders
         }
@@ -535,12 +539,11 @@ class SecAggAggregator:
         if not set(message.self_shares) <= survivors or not set(message.masking_shares) <= dropped:
             self._reject(sender, UNMASK, "shares for devices the request did not ask about")
             return
-        bundles = self._stages[SHARE].accepted
         verified: dict[tuple[str, str], crypto.Share] = {}
         for kind, shares in (("self", message.self_shares), ("masking", message.masking_shares)):
             for dealer, share in shares.items():
                 position = 0 if kind == "self" else 1
-                commitment = bundles[dealer].commitments.get(sender, (None, None))[position]
+                commitment = self._dealt[dealer][1].get(sender, (None, None))[position]
                 if (
                     not isinstance(share, tuple)
                     or len(share) != 2

@@ -84,3 +84,18 @@ def decode(raw: bytes) -> Share:
     if not x > 0 or y >= PRIME:
         raise ShamirError("share outside the field")
     return x, y
+
+
+def encode_value(share: Share) -> bytes:
+    """The share's value alone, for a holder that knows its own point."""
+    return share[1].to_bytes(SHARE_BYTES, "big")
+
+
+def decode_value(raw: bytes, point: int) -> Share:
+    """The share at ``point`` whose value ``encode_value`` wrote."""
+    if len(raw) != SHARE_BYTES:
+        raise ShamirError(f"a share value is {SHARE_BYTES} bytes, got {len(raw)}")
+    y = int.from_bytes(raw, "big")
+    if y >= PRIME:
+        raise ShamirError("share outside the field")
+    return point, y

@@ -25,12 +25,13 @@ from .secagg import (
     UnmaskRequest,
     UnmaskShares,
 )
-from .secagg_crypto import SHARE_COMMITMENT_BYTES, SessionContext
+from .secagg_crypto import SEALED_SHARES_BYTES, SHARE_COMMITMENT_BYTES, SessionContext
 
 MAX_HEADER_BYTES = 64 << 20
 # Bumped whenever a message's layout changes: a device and an aggregator on different releases
 # get a clear refusal instead of a field-level puzzle.
-WIRE_VERSION = 2
+WIRE_VERSION = 3
+MAX_NEIGHBOURS = 1 << 20
 _LEN = 4
 
 
@@ -58,13 +59,12 @@ def _compact(message: object) -> object:
     """The per-neighbour parts of a share bundle or unmask answer as one blob each, in the order of
     a name list: no field names, references or text per neighbour on the wire."""
     if isinstance(message, ShareBundle):
-        holders = list(message.sealed)
+        # holders are implicit: the roster's order of the sender's neighbours
         return {
             "header": message.header,
-            "holders": holders,
-            "sealed": b"".join(message.sealed[h] for h in holders),
-            "sealed_sizes": [len(message.sealed[h]) for h in holders],
-            "commitments": b"".join(message.commitments[h][0] + message.commitments[h][1] for h in holders),
+            "count": len(message.sealed),
+            "sealed": b"".join(message.sealed),
+            "commitments": b"".join(a + b for a, b in message.commitments),
         }
     if isinstance(message, UnmaskShares):
         return {
@@ -189,29 +189,22 @@ def _roster(body: object, where: str = "Roster") -> Roster:
 
 def _bundle(body: object, where: str = "ShareBundle") -> ShareBundle:
     header = _header(_field(body, "header", where), f"{where}.header")
-    holders = _names(_field(body, "holders", where), f"{where}.holders")
-    sizes = _field(body, "sealed_sizes", where)
-    if not (isinstance(sizes, list) and len(sizes) == len(holders)):
-        raise WireError(f"{where}.sealed_sizes: expected one size per holder")
-    sizes = [_int(size, f"{where}.sealed_sizes") for size in sizes]
-    if any(size < 0 or size > 1024 for size in sizes):
-        raise WireError(f"{where}.sealed_sizes: a sealed share is 0 to 1024 bytes")
-    sealed = _bytes(_field(body, "sealed", where), f"{where}.sealed", sum(sizes))
-    step = 2 * SHARE_COMMITMENT_BYTES
-    commitments = _bytes(_field(body, "commitments", where), f"{where}.commitments", step * len(holders))
-    if len(set(holders)) != len(holders):
-        raise WireError(f"{where}.holders: repeated")
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    count = _int(_field(body, "count", where), f"{where}.count")
+    if not 0 <= count <= MAX_NEIGHBOURS:
+        raise WireError(f"{where}.count: {count} holders, expected 0 to {MAX_NEIGHBOURS}")
+    size, step = SEALED_SHARES_BYTES, 2 * SHARE_COMMITMENT_BYTES
+    sealed = _bytes(_field(body, "sealed", where), f"{where}.sealed", size * count)
+    commitments = _bytes(_field(body, "commitments", where), f"{where}.commitments", step * count)
     return ShareBundle(
         header,
-        {h: sealed[start : start + size] for h, start, size in zip(holders, starts, sizes)},
-        {
-            h: (
+        tuple(sealed[i * size : (i + 1) * size] for i in range(count)),
+        tuple(
+            (
                 commitments[i * step : i * step + SHARE_COMMITMENT_BYTES],
                 commitments[i * step + SHARE_COMMITMENT_BYTES : (i + 1) * step],
             )
-            for i, h in enumerate(holders)
-        },
+            for i in range(count)
+        ),
     )
 
 

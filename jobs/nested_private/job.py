@@ -8,7 +8,7 @@ python jobs/nested_private/job.py --startup-kit KIT          # submit to a deplo
 nvflare simulator jobs/nested_private -w /tmp/ws -n 8 -t 2   # run the exported folder
 
 The committed folder: 8 devices, every device in every round's cohort (sampling rate 1), clip 8,
-noise multiplier 0.05 on the cohort's sum (distributed DP), delta 1e-5, 14-bit ring, complete
+noise multiplier 0.05 on the cohort's sum (distributed DP), delta 1e-5, 12-bit ring, complete
 graph. A cohort of 8 cannot hide a device behind meaningful noise without losing the model (at
 noise 0.3 the global model stayed near chance), so this epsilon is in the thousands: the job shows
 the mechanism and reports what it spends. The accuracy-epsilon trade-off of a larger fleet is in

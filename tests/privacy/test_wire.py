@@ -44,7 +44,7 @@ def _tamper(raw: bytes, edit) -> bytes:
     "edit, message",
     [
         (lambda h: h.update(type="Roster"), "expected a KeyAdvert message, got 'Roster'"),
-        (lambda h: h.update(v=1), "wire version 1, this side speaks 2"),
+        (lambda h: h.update(v=1), "wire version 1, this side speaks 3"),
         (lambda h: h["body"].pop("masking_public"), "missing field 'masking_public'"),
         (lambda h: h["body"].update(masking_public={"$b": [32, 3]}), "expected 32 bytes, got 3"),
         (lambda h: h["body"].update(masking_public={"$b": [0, 32]}), "does not follow the blob"),
@@ -104,7 +104,18 @@ def test_a_share_bundle_whose_blob_does_not_match_its_holders_is_refused():
     for d, dev in r.devices.items():
         r.aggregator.add_advert(d, dev.advertise())
     raw = wire.encode_message(r.devices["site-1"].share_keys(r.aggregator.roster()))
-    with pytest.raises(wire.WireError, match="one size per holder"):
-        wire.decode_message(_tamper(raw, lambda h: h["body"]["holders"].pop()), ShareBundle)
-    with pytest.raises(wire.WireError, match="holders: repeated"):
-        wire.decode_message(_tamper(raw, lambda h: h["body"].update(holders=["site-2"] * 3)), ShareBundle)
+    with pytest.raises(wire.WireError, match="sealed: expected 124 bytes, got 186"):
+        wire.decode_message(_tamper(raw, lambda h: h["body"].update(count=2)), ShareBundle)
+    with pytest.raises(wire.WireError, match="count: -1 holders"):
+        wire.decode_message(_tamper(raw, lambda h: h["body"].update(count=-1)), ShareBundle)
+
+
+def test_a_share_bundle_for_fewer_holders_than_the_senders_neighbours_is_rejected_and_attributed():
+    r = make_round(4)
+    for d, dev in r.devices.items():
+        r.aggregator.add_advert(d, dev.advertise())
+    bundle = r.devices["site-1"].share_keys(r.aggregator.roster())
+    short = ShareBundle(bundle.header, bundle.sealed[:2], bundle.commitments[:2])
+    r.aggregator.add_shares("site-1", wire.decode_message(wire.encode_message(short), ShareBundle))
+    assert [(x.sender, x.stage) for x in r.aggregator.rejections] == [("site-1", "share")]
+    assert "its 3 neighbours" in r.aggregator.rejections[0].reason

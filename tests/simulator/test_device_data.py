@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from app_custom.nested.device_data import DataError, fleet_from_devices, import_function
-from simulator.fleets import make_fleet
+from simulator.datasets import load
+from simulator.fleets import _drawn_splits, make_fleet
 
 
 def _device(n=20, d=4):
@@ -134,3 +135,25 @@ def test_the_drop_distribution_counts_gains_and_the_tail():
     summary = drop_distribution([-0.02, -0.01, 0.0, 0.005, 0.02] * 4)
     assert summary["merges"] == 20 and summary["share_gain"] == 0.4
     assert summary["share_drop_over_1pt"] == 0.2 and summary["max"] == 0.02 and summary["median"] == 0.0
+
+
+def test_a_fleet_larger_than_the_data_draws_overlapping_training_recordings_and_never_tests_on_them():
+    data = load("digits")
+    rng = np.random.default_rng(0)
+    rest = np.arange(len(data.y))
+    splits = _drawn_splits(data, rest, 200, 40, "env_shift", rng)
+    trained = set(np.concatenate([train for train, _, _ in splits]).tolist())
+    tested = set(splits[0][1].tolist())
+    assert all(len(np.unique(data.groups[train])) == 40 for train, _, _ in splits)
+    assert all(np.array_equal(test, splits[0][1]) for _, test, _ in splits)
+    assert not trained & tested  # no device is tested on a recording any device trained on
+    assert len(trained) < 200 * 40  # recordings overlap across devices
+
+    fleet = make_fleet("digits", "env_shift", num_devices=200, seed=0, records_per_device=40)
+    assert [len(d.train.y) for d in fleet.devices] == [40] * 200
+    assert np.array_equal(fleet.devices[0].test.y, fleet.devices[1].test.y)
+    assert not np.allclose(fleet.devices[0].test.x, fleet.devices[1].test.x)  # each through its own sensors
+    with pytest.raises(ValueError, match="IID recordings"):
+        make_fleet("digits", "label_skew", num_devices=20, records_per_device=10)
+    with pytest.raises(ValueError, match="exceeds"):
+        make_fleet("digits", "env_shift", num_devices=2, records_per_device=5000)
