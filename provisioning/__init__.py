@@ -1,1 +1,2 @@
-"""fleetnest provisioning (built by later issues)."""
+"""fleetnest provisioning: fleet description -> FLARE project and startup kits, device identities,
+certificate rotation and revocation (``fleetnest provision``)."""

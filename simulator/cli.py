@@ -1,10 +1,12 @@
-"""The ``fleetnest`` command line: one verb per tier (``simulate``, ``ota``; more come with later issues)."""
+"""The ``fleetnest`` command line: one verb per tier (``simulate``, ``provision``, ``ota``; more come later)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+from provisioning.cli import add_provision_parser
 
 from .fleets import REGIMES
 from .methods import METHODS
@@ -307,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", required=True, help="output folder for report.json, plots and FLARE workspaces")
     add_privacy_arguments(simulate)
     simulate.set_defaults(run=_simulate)
+
+    add_provision_parser(verbs)
 
     ota = verbs.add_parser("ota", help="signed over-the-air releases of global versions").add_subparsers(
         dest="ota_verb", required=True

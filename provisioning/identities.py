@@ -1,0 +1,278 @@
+"""Device identities: certificates under the fleet's own device CA, renewed and revoked without
+re-provisioning the FLARE project.
+
+Devices are not FLARE participants (they reach a leaf through the routing proxy), so their
+certificates come from a separate CA that only the leaves trust, never from the project's root
+CA: a device key stolen from a robot must not be able to open an mTLS connection into FLARE's
+own network. The CA lives in ``<state>/device_ca/`` (key owner-only); every issued certificate
+is recorded in ``issued.json``, every revocation in ``revoked.json`` and in ``crl.pem``, an X.509
+CRL signed by the CA that leaves load (``verify_device_certificate``).
+
+A device normally keeps its key and sends a CSR (``issue(csr_pem=...)``); factory provisioning may
+let the CA generate the key. Rotation is a new certificate for the same device id: the old one
+stays valid until it expires unless it is revoked (``revoke_previous``), so a running device can
+switch without missing a round.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from app_custom.durable import write_json_atomic
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CA_VALID_DAYS = 3650
+CRL_VALID_DAYS = 7  # leaves refuse a CRL past its next update: republish at least weekly
+URN = "urn:fleetnest:device:"
+
+
+class IdentityError(ValueError):
+    """A device identity that cannot be issued or is not to be trusted; the message says why."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class IssuedIdentity:
+    device_id: str
+    serial: int
+    not_after: dt.datetime
+    cert_pem: bytes
+    key_pem: bytes | None  # None when the device sent a CSR and keeps its key
+
+
+class DeviceCA:
+    """The fleet's device CA in ``directory`` (created by ``create``, opened by the constructor)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        try:
+            self.cert = x509.load_pem_x509_certificate((self.dir / "ca.pem").read_bytes())
+            self._key = serialization.load_pem_private_key((self.dir / "ca.key").read_bytes(), password=None)
+        except FileNotFoundError as err:
+            raise IdentityError(f"no device CA in {self.dir} (run `fleetnest provision` first): {err}") from err
+
+    @classmethod
+    def create(cls, directory: str | Path, project: str, now: dt.datetime | None = None) -> DeviceCA:
+        """A new CA, unless ``directory`` already holds one (then that one: re-provisioning keeps it)."""
+        directory = Path(directory)
+        if (directory / "ca.pem").exists():
+            return cls(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        now = now or _now()
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project} device CA")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=CA_VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(
+            directory / "ca.key",
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+        _write_public(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        ca = cls(directory)
+        ca.publish_crl(now)
+        return ca
+
+    # ---- records ------------------------------------------------------------------------------
+    def _load(self, name: str) -> list[dict]:
+        path = self.dir / name
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def issued(self, device_id: str | None = None) -> list[dict]:
+        return [r for r in self._load("issued.json") if device_id is None or r["device_id"] == device_id]
+
+    def revoked_serials(self) -> set[int]:
+        return {int(r["serial"]) for r in self._load("revoked.json")}
+
+    # ---- issue, rotate, revoke -------------------------------------------------------------------
+    def issue(
+        self,
+        device_id: str,
+        valid_days: int,
+        csr_pem: bytes | None = None,
+        now: dt.datetime | None = None,
+        revoke_previous: bool = False,
+    ) -> IssuedIdentity:
+        """A certificate for ``device_id`` (a new one if it has some: that is rotation)."""
+        if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+            raise IdentityError(f"device id {device_id!r}: letters, digits, '.', '_' and '-', at most 128")
+        if isinstance(valid_days, bool) or not isinstance(valid_days, int) or not 1 <= valid_days <= 3650:
+            raise IdentityError(f"valid_days must be an integer in [1, 3650], got {valid_days!r}")
+        now = now or _now()
+        key_pem = None
+        if csr_pem is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            public_key = key.public_key()
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        else:
+            try:
+                csr = x509.load_pem_x509_csr(csr_pem)
+            except ValueError as err:
+                raise IdentityError(f"the CSR is not a PEM certificate request: {err}") from err
+            if not csr.is_signature_valid:
+                raise IdentityError("the CSR's signature does not match its key (not signed by the device's key)")
+            names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if [n.value for n in names] != [device_id]:
+                raise IdentityError(f"the CSR is for {[n.value for n in names]}, not {device_id!r}")
+            public_key = csr.public_key()
+            if not isinstance(public_key, ec.EllipticCurvePublicKey):
+                raise IdentityError("device keys must be elliptic-curve (P-256) keys")
+        previous = [int(r["serial"]) for r in self.issued(device_id)] if revoke_previous else []
+        not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(URN + device_id)]), critical=False
+            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        record = {"device_id": device_id, "serial": str(cert.serial_number), "not_after": not_after.isoformat()}
+        write_json_atomic(self.dir / "issued.json", self._load("issued.json") + [record])
+        for serial in previous:
+            self.revoke(serial, now, reason="superseded")
+        return IssuedIdentity(
+            device_id, cert.serial_number, not_after, cert.public_bytes(serialization.Encoding.PEM), key_pem
+        )
+
+    def revoke(self, target: str | int, now: dt.datetime | None = None, reason: str = "revoked") -> list[int]:
+        """Revoke one certificate (a serial) or every certificate of a device (its id); republish the CRL."""
+        now = now or _now()
+        issued = self._load("issued.json")
+        if isinstance(target, int):
+            serials = [target] if any(int(r["serial"]) == target for r in issued) else []
+        else:
+            serials = [int(r["serial"]) for r in issued if r["device_id"] == target]
+        if not serials:
+            raise IdentityError(f"no certificate issued for {target!r} by this device CA")
+        revoked = self._load("revoked.json")
+        known = {int(r["serial"]) for r in revoked}
+        revoked += [
+            {"serial": str(s), "revoked_at": now.isoformat(), "reason": reason} for s in serials if s not in known
+        ]
+        write_json_atomic(self.dir / "revoked.json", revoked)
+        self.publish_crl(now)
+        return serials
+
+    def publish_crl(self, now: dt.datetime | None = None) -> Path:
+        now = now or _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=CRL_VALID_DAYS))
+        )
+        for record in self._load("revoked.json"):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(record["serial"]))
+                .revocation_date(dt.datetime.fromisoformat(record["revoked_at"]))
+                .build()
+            )
+        crl = builder.sign(self._key, hashes.SHA256())
+        path = self.dir / "crl.pem"
+        _write_public(path, crl.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def due_for_renewal(self, within_days: int, now: dt.datetime | None = None) -> list[str]:
+        """Devices whose newest unrevoked certificate expires within ``within_days``."""
+        now, revoked, newest = now or _now(), self.revoked_serials(), {}
+        for record in self.issued():
+            if int(record["serial"]) in revoked:
+                continue
+            not_after = dt.datetime.fromisoformat(record["not_after"])
+            if record["device_id"] not in newest or not_after > newest[record["device_id"]]:
+                newest[record["device_id"]] = not_after
+        return sorted(d for d, t in newest.items() if t - now <= dt.timedelta(days=within_days))
+
+
+def verify_device_certificate(cert_pem: bytes, ca_pem: bytes, crl_pem: bytes, now: dt.datetime | None = None) -> str:
+    """The device id a leaf may trust ``cert_pem`` for, or ``IdentityError`` saying why not:
+    not issued by this fleet's device CA, expired or not yet valid, revoked, not a device
+    certificate, or a CRL that is not the CA's or is out of date."""
+    now = now or _now()
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as err:
+        raise IdentityError(f"not a PEM certificate: {err}") from err
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise IdentityError(f"not issued by this fleet's device CA ({cert.issuer.rfc4514_string()})") from err
+    crl = x509.load_pem_x509_crl(crl_pem)
+    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
+        raise IdentityError("the revocation list is not signed by this fleet's device CA")
+    if crl.next_update_utc is not None and crl.next_update_utc < now:
+        raise IdentityError(f"the revocation list expired at {crl.next_update_utc.isoformat()}: republish it")
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise IdentityError(
+            f"certificate {cert.serial_number} is valid {cert.not_valid_before_utc.isoformat()} to"
+            f" {cert.not_valid_after_utc.isoformat()}, not at {now.isoformat()}"
+        )
+    if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+        raise IdentityError(f"certificate {cert.serial_number} has been revoked")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as err:
+        raise IdentityError(f"not a device certificate: {err}") from err
+    if constraints.ca or ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        raise IdentityError("not a device certificate (a CA, or not for client authentication)")
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not DEVICE_ID.match(str(names[0].value)):
+        raise IdentityError("the certificate names no valid device id")
+    return str(names[0].value)
