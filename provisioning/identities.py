@@ -6,7 +6,7 @@ certificates come from a separate CA that only the leaves trust, never from the 
 CA: a device key stolen from a robot must not be able to open an mTLS connection into FLARE's
 own network. The CA lives in ``<state>/device_ca/`` (key owner-only); every issued certificate
 is recorded in ``issued.json``, every revocation in ``revoked.json`` and in ``crl.pem``, an X.509
-CRL signed by the CA that leaves load (``verify_device_certificate``).
+CRL signed by the CA that leaves load (``app_custom.device_identity``).
 
 A device normally keeps its key and sends a CSR (``issue(csr_pem=...)``); factory provisioning may
 let the CA generate the key. Rotation is a new certificate for the same device id: the old one
@@ -19,26 +19,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from app_custom.device_identity import DEVICE_ID, URN, IdentityError, verify_device_certificate
 from app_custom.durable import write_json_atomic
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+__all__ = ["DeviceCA", "IdentityError", "IssuedIdentity", "verify_device_certificate"]
+
 CA_VALID_DAYS = 3650
 CRL_VALID_DAYS = 7  # leaves refuse a CRL past its next update: republish at least weekly
-URN = "urn:fleetnest:device:"
-
-
-class IdentityError(ValueError):
-    """A device identity that cannot be issued or is not to be trusted; the message says why."""
 
 
 def _now() -> dt.datetime:
@@ -237,42 +232,3 @@ class DeviceCA:
             if record["device_id"] not in newest or not_after > newest[record["device_id"]]:
                 newest[record["device_id"]] = not_after
         return sorted(d for d, t in newest.items() if t - now <= dt.timedelta(days=within_days))
-
-
-def verify_device_certificate(cert_pem: bytes, ca_pem: bytes, crl_pem: bytes, now: dt.datetime | None = None) -> str:
-    """The device id a leaf may trust ``cert_pem`` for, or ``IdentityError`` saying why not:
-    not issued by this fleet's device CA, expired or not yet valid, revoked, not a device
-    certificate, or a CRL that is not the CA's or is out of date."""
-    now = now or _now()
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as err:
-        raise IdentityError(f"not a PEM certificate: {err}") from err
-    ca = x509.load_pem_x509_certificate(ca_pem)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as err:
-        raise IdentityError(f"not issued by this fleet's device CA ({cert.issuer.rfc4514_string()})") from err
-    crl = x509.load_pem_x509_crl(crl_pem)
-    if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
-        raise IdentityError("the revocation list is not signed by this fleet's device CA")
-    if crl.next_update_utc is not None and crl.next_update_utc < now:
-        raise IdentityError(f"the revocation list expired at {crl.next_update_utc.isoformat()}: republish it")
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise IdentityError(
-            f"certificate {cert.serial_number} is valid {cert.not_valid_before_utc.isoformat()} to"
-            f" {cert.not_valid_after_utc.isoformat()}, not at {now.isoformat()}"
-        )
-    if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
-        raise IdentityError(f"certificate {cert.serial_number} has been revoked")
-    try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound as err:
-        raise IdentityError(f"not a device certificate: {err}") from err
-    if constraints.ca or ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-        raise IdentityError("not a device certificate (a CA, or not for client authentication)")
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not DEVICE_ID.match(str(names[0].value)):
-        raise IdentityError("the certificate names no valid device id")
-    return str(names[0].value)

@@ -29,7 +29,7 @@ def test_a_sensor_adapter_can_hold_a_mirrored_camera_and_flipped_imu_axes():
     with torch.no_grad():
         imu.mix.copy_(torch.from_numpy(flip))
     window = torch.randn(3, 6, 50)
-    assert torch.allclose(imu(window * torch.from_numpy(np.diag(flip)).reshape(1, 6, 1)), window)
+    assert torch.allclose(imu(window * torch.from_numpy(np.diag(flip).copy()).reshape(1, 6, 1)), window)
 
 
 @pytest.mark.parametrize("size,out", [((13,), 4), ((50,), 4), ((8,), 4), ((4, 4), 2), ((7, 5), 3)])

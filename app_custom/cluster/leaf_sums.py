@@ -1,0 +1,162 @@
+"""The cluster's intake of leaf sums: checked, weighted for staleness, robust to an outlying leaf.
+
+A leaf reports one decoded secure sum of its cohort: ``total = sum of w_i * delta_i`` over ``count``
+devices with summed weight ``weight = sum of w_i`` (each ``w_i`` in (0, 1]: a device's sample
+weight, 1 under uniform weighting), and the global version its cohort trained from. The cluster
+cannot see a device, so what it can check is the leaf's sum:
+
+- **shape and sanity**: the expected tensors, finite values, ``0 < weight <= count``, ``count``
+  within the leaf's registered cohort, a base version the cluster has made;
+- **a bound no honest sum can pass**: every device clips ``delta_i`` to ``clip_bound``, so the
+  leaf's mean ``total / weight`` has norm at most ``clip_bound`` plus the norm of the noise on the
+  sum (``noise_norm``, with 10 % to spare: a Gaussian vector's norm concentrates) over ``weight``;
+  a sum past it is refused;
+- **an outlier among leaves** (three or more in a buffer): a mean far longer than the median of the
+  others' (``norm_ratio``) or pointing away from their coordinate-wise median (cosine below
+  ``min_cosine``) is refused: one poisoned leaf cannot steer the version, and the validation gate
+  still judges what is left;
+- **staleness** (buffered asynchronous mode, FedBuff, Nguyen et al. 2022): a sum trained from a
+  version ``s`` behind the current one counts ``1 / sqrt(1 + s)`` of its weight; past
+  ``max_staleness`` it is refused.
+
+What passes goes into the same ``SlowDeltaAggregator`` (sample-weighted mean, server optimiser) as
+every other path. Under secure aggregation nothing finer than a leaf's cohort can be judged: a
+device poisoning within the clip bound is invisible here, and only the validation gate can
+catch its effect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from app_custom.nested.slow_delta import UpdateError, check_tensors
+
+from .aggregation import Rejection, SlowDeltaAggregator
+
+
+@dataclass(frozen=True)
+class LeafSum:
+    leaf: str
+    base_version: int  # the global version the cohort trained from
+    count: int  # devices whose updates are in the sum
+    weight: float  # their summed weight, in (0, count]
+    total: Mapping[str, np.ndarray]  # sum of weight_i * delta_i
+
+
+@dataclass(frozen=True)
+class LeafPolicy:
+    clip_bound: float  # a device's weighted delta never exceeds it (after clipping)
+    noise_norm: float = 0.0  # the norm of the DP noise on a leaf's sum (about z * clip * sqrt(values))
+    norm_ratio: float = 3.0
+    min_cosine: float = -0.2
+    max_staleness: int = 4
+    max_cohort: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("clip_bound", "norm_ratio"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not (isinstance(self.noise_norm, (int, float)) and math.isfinite(self.noise_norm) and self.noise_norm >= 0):
+            raise ValueError(f"noise_norm must be a non-negative number, got {self.noise_norm!r}")
+        if not (isinstance(self.min_cosine, (int, float)) and -1 <= self.min_cosine <= 1):
+            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if isinstance(self.max_staleness, bool) or not isinstance(self.max_staleness, int) or self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be a non-negative integer, got {self.max_staleness!r}")
+
+
+@dataclass
+class Combined:
+    """What ``LeafSumCombiner.combine`` did with one buffer of leaf sums."""
+
+    accepted: dict[str, float] = field(default_factory=dict)  # leaf -> the weight it counted with
+    rejections: list[Rejection] = field(default_factory=list)
+    devices: int = 0
+
+
+def _flat(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in sorted(tensors)])
+
+
+class LeafSumCombiner:
+    """Checks and weighs a buffer of leaf sums, then feeds ``aggregator``."""
+
+    def __init__(self, policy: LeafPolicy, expected: Mapping[str, tuple[int, ...]]) -> None:
+        self.policy = policy
+        self.expected = dict(expected)
+
+    def _check(self, item: LeafSum, current_version: int) -> float:
+        """The staleness factor of a well-formed sum, or ``UpdateError`` saying what is wrong."""
+        policy = self.policy
+        count, weight = item.count, item.weight
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise UpdateError(f"count must be a positive integer, got {count!r}")
+        if policy.max_cohort is not None and count > policy.max_cohort:
+            raise UpdateError(f"count {count} exceeds the largest cohort a leaf may sum ({policy.max_cohort})")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise UpdateError(f"weight must be a finite number, got {weight!r}")
+        if not 0 < weight <= count * (1 + 1e-6):
+            raise UpdateError(f"weight {weight} is outside (0, count={count}]: each device weighs at most 1")
+        base = item.base_version
+        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= current_version:
+            raise UpdateError(f"base version {base!r}: the current version is {current_version}")
+        staleness = current_version - base
+        if staleness > policy.max_staleness:
+            raise UpdateError(f"trained from version {base}, {staleness} behind (at most {policy.max_staleness})")
+        check_tensors(item.total, self.expected, f"sum from leaf {item.leaf}")
+        bound = (policy.clip_bound + 1.1 * policy.noise_norm / weight) * 1.01  # 1 %: quantization
+        norm = float(np.linalg.norm(_flat(item.total))) / weight
+        if norm > bound:
+            raise UpdateError(f"its mean has norm {norm:.4g}, past the {bound:.4g} no clipped cohort can reach")
+        return 1.0 / math.sqrt(1.0 + staleness)
+
+    def combine(self, items: list[LeafSum], current_version: int, aggregator: SlowDeltaAggregator) -> Combined:
+        """Feed the acceptable sums of ``items`` to ``aggregator``; every refusal is named."""
+        out = Combined()
+        checked: dict[str, tuple[LeafSum, float]] = {}
+        for item in items:
+            leaf = str(getattr(item, "leaf", "?"))
+            try:
+                if not isinstance(item, LeafSum):
+                    raise UpdateError(f"expected a LeafSum, got {type(item).__name__}")
+                if leaf in checked:
+                    raise UpdateError("a second sum in the same buffer")
+                checked[leaf] = (item, self._check(item, current_version))
+            except UpdateError as err:
+                out.rejections.append(aggregator.reject(f"leaf {leaf}", str(err)))
+        means = {leaf: _flat(item.total) / item.weight for leaf, (item, _) in checked.items()}
+        for leaf, reason in self._outliers(means).items():
+            del checked[leaf]
+            out.rejections.append(aggregator.reject(f"leaf {leaf}", reason))
+        for leaf, (item, factor) in checked.items():
+            mean = {name: np.asarray(value, dtype=np.float64) / item.weight for name, value in item.total.items()}
+            rejection = aggregator.add(f"leaf {leaf}", mean, item.weight * factor, self.expected)
+            if rejection is not None:
+                out.rejections.append(rejection)
+                continue
+            out.accepted[leaf] = item.weight * factor
+            out.devices += item.count
+        return out
+
+    def _outliers(self, means: dict[str, np.ndarray]) -> dict[str, str]:
+        """Leaves whose mean is far from the others' (needs three or more to tell who is odd)."""
+        if len(means) < 3:
+            return {}
+        policy, found = self.policy, {}
+        for leaf, mean in means.items():
+            others = [m for other, m in means.items() if other != leaf]
+            typical = float(np.median([np.linalg.norm(m) for m in others]))
+            norm = float(np.linalg.norm(mean))
+            if typical > 0 and norm > policy.norm_ratio * typical:
+                found[leaf] = f"outlying sum: its mean is {norm / typical:.1f}x as long as the others' median"
+                continue
+            centre = np.median(np.stack(others), axis=0)
+            denominator = norm * float(np.linalg.norm(centre))
+            if denominator > 0 and float(mean @ centre) / denominator < policy.min_cosine:
+                cosine = float(mean @ centre) / denominator
+                found[leaf] = f"outlying sum: cosine {cosine:.2f} to the others' median (below {policy.min_cosine})"
+        return found
