@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-ota bench-privacy job clean
+.PHONY: demo test lint bench bench-ota bench-privacy bench-scale job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-ota: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(PY) benchmarks/privacy.py
+
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

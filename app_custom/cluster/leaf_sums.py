@@ -11,10 +11,10 @@ cannot see a device, so what it can check is the leaf's sum:
   leaf's mean ``total / weight`` has norm at most ``clip_bound`` plus the norm of the noise on the
   sum (``noise_norm``, with 10 % to spare: a Gaussian vector's norm concentrates) over ``weight``;
   a sum past it is refused;
-- **an outlier among leaves** (three or more in a buffer): a mean far longer than the median of the
-  others' (``norm_ratio``) or pointing away from their coordinate-wise median (cosine below
-  ``min_cosine``) is refused: one poisoned leaf cannot steer the version, and the validation gate
-  still judges what is left;
+- **an outlier among leaves** (three or more in a buffer): a mean far longer than the median
+  (``norm_ratio``) or pointing away from the coordinate-wise median (cosine below ``min_cosine``)
+  is refused: one poisoned leaf cannot steer the version, and the validation gate still judges
+  what is left;
 - **staleness** (buffered asynchronous mode, FedBuff, Nguyen et al. 2022): a sum trained from a
   version ``s`` behind the current one counts ``1 / sqrt(1 + s)`` of its weight; past
   ``max_staleness`` it is refused.
@@ -143,20 +143,23 @@ class LeafSumCombiner:
         return out
 
     def _outliers(self, means: dict[str, np.ndarray]) -> dict[str, str]:
-        """Leaves whose mean is far from the others' (needs three or more to tell who is odd)."""
+        """Leaves whose mean is far from the buffer's medians (three or more tell who is odd): longer
+        than ``norm_ratio`` times the median norm, or at a cosine below ``min_cosine`` to the
+        coordinate-wise median. Medians, so that a minority of odd leaves cannot move the yardstick;
+        one pass over the buffer, so the cost grows linearly with the leaves."""
         if len(means) < 3:
             return {}
         policy, found = self.policy, {}
+        norms = {leaf: float(np.linalg.norm(mean)) for leaf, mean in means.items()}
+        typical = float(np.median(list(norms.values())))
+        centre = np.median(np.stack(list(means.values())), axis=0)
+        centre_norm = float(np.linalg.norm(centre))
         for leaf, mean in means.items():
-            others = [m for other, m in means.items() if other != leaf]
-            typical = float(np.median([np.linalg.norm(m) for m in others]))
-            norm = float(np.linalg.norm(mean))
-            if typical > 0 and norm > policy.norm_ratio * typical:
-                found[leaf] = f"outlying sum: its mean is {norm / typical:.1f}x as long as the others' median"
+            if typical > 0 and norms[leaf] > policy.norm_ratio * typical:
+                found[leaf] = f"outlying sum: its mean is {norms[leaf] / typical:.1f}x as long as the median"
                 continue
-            centre = np.median(np.stack(others), axis=0)
-            denominator = norm * float(np.linalg.norm(centre))
-            if denominator > 0 and float(mean @ centre) / denominator < policy.min_cosine:
-                cosine = float(mean @ centre) / denominator
-                found[leaf] = f"outlying sum: cosine {cosine:.2f} to the others' median (below {policy.min_cosine})"
+            denominator = norms[leaf] * centre_norm
+            cosine = float(mean @ centre) / denominator if denominator > 0 else 1.0
+            if cosine < policy.min_cosine:
+                found[leaf] = f"outlying sum: cosine {cosine:.2f} to the leaves' median (below {policy.min_cosine})"
         return found
