@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an X.509 common name holds 64
 URN = "urn:fleetnest:device:"
 SIGNING_LABEL = b"fleetnest-device-message|"
 MAX_ENVELOPE_BYTES = 64 << 20
@@ -43,16 +43,21 @@ def verify_device_certificate(cert_pem: bytes, ca_pem: bytes, crl_pem: bytes, no
     not issued by this fleet's device CA, expired or not yet valid, revoked, not a device
     certificate, or a CRL that is not the CA's or is out of date."""
     now = now or _now()
+    if now.tzinfo is None:
+        raise IdentityError("now must be a timezone-aware time")
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as err:
         raise IdentityError(f"not a PEM certificate: {err}") from err
-    ca = x509.load_pem_x509_certificate(ca_pem)
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError as err:
+        raise IdentityError(f"the device CA certificate or its revocation list is unreadable: {err}") from err
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as err:
         raise IdentityError(f"not issued by this fleet's device CA ({cert.issuer.rfc4514_string()})") from err
-    crl = x509.load_pem_x509_crl(crl_pem)
     if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
         raise IdentityError("the revocation list is not signed by this fleet's device CA")
     if crl.next_update_utc is not None and crl.next_update_utc < now:
@@ -103,7 +108,7 @@ class DeviceAuthenticator:
         path = self.dir / "crl.pem"
         try:
             stat = path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             if stamp != self._crl_stamp:
                 self._crl_pem, self._crl_stamp = path.read_bytes(), stamp
         except OSError as err:

@@ -6,6 +6,10 @@ fleetnest provision --fleet fleet.yaml --workspace W rotate --device robot-17 --
 fleetnest provision --fleet fleet.yaml --workspace W rotate --site eu-depot-1
 fleetnest provision --fleet fleet.yaml --workspace W rotate --due-within 7 --out DIR
 fleetnest provision --fleet fleet.yaml --workspace W revoke --device robot-17
+fleetnest provision --fleet fleet.yaml --workspace W crl        # republish the CRL (weekly, e.g. from cron)
+
+Leaves refuse a CRL past its next update (7 days): republish at least weekly and copy every leaf's
+``local/device_ca/crl.pem`` to it, or every device of the fleet is refused.
 """
 
 from __future__ import annotations
@@ -98,6 +102,12 @@ def _run(args: argparse.Namespace) -> int:
                 _write_identity(Path(args.out) / device, ca.issue(device, spec.device_valid_days))
             print(f"{len(due)} device certificates renewed in {args.out}: {due}")
             return 0
+        if action == "crl":
+            spec, provisioned = _existing(args)
+            path = DeviceCA(provisioned.device_ca).publish_crl()
+            distribute_device_ca(spec, provisioned)
+            print(f"republished {path} (valid 7 days) into every leaf's local/device_ca/: copy it to running leaves")
+            return 0
         if action == "revoke":
             spec, provisioned = _existing(args)
             ca = DeviceCA(provisioned.device_ca)
@@ -137,3 +147,4 @@ def add_provision_parser(verbs) -> None:
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("--device", help="every certificate of this device")
     target.add_argument("--serial", type=int, help="one certificate")
+    sub.add_parser("crl", help="republish the device CA's revocation list (leaves refuse one older than 7 days)")

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import yaml
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")  # FLARE's client/relay pattern, without '_'
+# FLARE's client/relay pattern without '_', short enough that "<region>-relay" is a valid
+# certificate common name (at most 64 characters)
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,56}$")
 HOST_NAME = re.compile(
     r"^(([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9\-]*[a-zA-Z0-9])\.)*([A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9\-]*[A-Za-z0-9])$"
 )
@@ -90,7 +92,7 @@ class FleetSpec:
 def _mapping(value: object, where: str, keys: set[str], required: set[str]) -> dict:
     if not isinstance(value, dict):
         raise FleetSpecError(f"{where}: expected a mapping, got {type(value).__name__}")
-    unknown = sorted(set(value) - keys)
+    unknown = sorted(str(k) for k in set(value) - keys)
     if unknown:
         raise FleetSpecError(f"{where}: unknown keys {unknown} (known: {sorted(keys)})")
     missing = sorted(required - set(value))
@@ -203,7 +205,7 @@ def load_fleet_spec(path: str | Path) -> FleetSpec:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except OSError as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise FleetSpecError(f"cannot read the fleet description {path}: {err}") from err
     except yaml.YAMLError as err:
         raise FleetSpecError(f"{path} is not valid YAML: {err}") from err

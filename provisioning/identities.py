@@ -42,7 +42,9 @@ def _now() -> dt.datetime:
 
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # never reuse a leftover file's mode or follow its link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
@@ -81,12 +83,14 @@ class DeviceCA:
         """A new CA, unless ``directory`` already holds one (then that one: re-provisioning keeps it)."""
         directory = Path(directory)
         if (directory / "ca.pem").exists():
-            return cls(directory)
+            ca = cls(directory)
+            ca.publish_crl(now)  # every provisioning run refreshes the CRL's validity
+            return ca
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         now = now or _now()
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project} device CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project[:40]} device CA")])
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -133,7 +137,7 @@ class DeviceCA:
     ) -> IssuedIdentity:
         """A certificate for ``device_id`` (a new one if it has some: that is rotation)."""
         if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
-            raise IdentityError(f"device id {device_id!r}: letters, digits, '.', '_' and '-', at most 128")
+            raise IdentityError(f"device id {device_id!r}: letters, digits, '.', '_' and '-', at most 64")
         if isinstance(valid_days, bool) or not isinstance(valid_days, int) or not 1 <= valid_days <= 3650:
             raise IdentityError(f"valid_days must be an integer in [1, 3650], got {valid_days!r}")
         now = now or _now()
@@ -155,8 +159,8 @@ class DeviceCA:
             if [n.value for n in names] != [device_id]:
                 raise IdentityError(f"the CSR is for {[n.value for n in names]}, not {device_id!r}")
             public_key = csr.public_key()
-            if not isinstance(public_key, ec.EllipticCurvePublicKey):
-                raise IdentityError("device keys must be elliptic-curve (P-256) keys")
+            if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+                raise IdentityError("device keys must be P-256 (secp256r1) keys")
         previous = [int(r["serial"]) for r in self.issued(device_id)] if revoke_previous else []
         not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc)
         cert = (

@@ -18,6 +18,8 @@ What this adds:
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,7 +123,9 @@ def _nvflare() -> list[str]:
 
 
 def newest_kits(project_dir: Path) -> Path:
-    prods = sorted(project_dir.glob("prod_*"), key=lambda p: int(p.name.split("_")[1]))
+    prods = sorted(
+        (p for p in project_dir.glob("prod_*") if re.fullmatch(r"prod_\d+", p.name)), key=lambda p: int(p.name[5:])
+    )
     if not prods:
         raise ProvisionError(f"nvflare provision left no prod_NN folder in {project_dir}")
     return prods[-1]
@@ -162,8 +166,10 @@ def distribute_device_ca(spec: FleetSpec, provisioned: Provisioned) -> None:
     for leaf in spec.leaves:
         target = provisioned.kit(leaf.name) / "local" / "device_ca"
         target.mkdir(parents=True, exist_ok=True)
-        for name in DEVICE_CA_FILES:
-            shutil.copyfile(provisioned.device_ca / name, target / name)
+        for name in DEVICE_CA_FILES:  # atomically: a running leaf may be reading the CRL
+            tmp = target / f".{name}.tmp"
+            shutil.copyfile(provisioned.device_ca / name, tmp)
+            os.replace(tmp, target / name)
 
 
 def _write_proxy_files(spec: FleetSpec, provisioned: Provisioned) -> None:

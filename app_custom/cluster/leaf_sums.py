@@ -8,9 +8,9 @@ cannot see a device, so what it can check is the leaf's sum:
 - **shape and sanity**: the expected tensors, finite values, ``0 < weight <= count``, ``count``
   within the leaf's registered cohort, a base version the cluster has made;
 - **a bound no honest sum can pass**: every device clips ``delta_i`` to ``clip_bound``, so the
-  leaf's mean ``total / weight`` has norm at most ``clip_bound`` plus the norm of the noise on the
-  sum (``noise_norm``, with 10 % to spare: a Gaussian vector's norm concentrates) over ``weight``;
-  a sum past it is refused;
+  leaf's mean ``total / weight`` has norm at most ``clip_bound`` plus the norms of the noise and of
+  the stochastic rounding on the sum (``noise_norm``, ``rounding_norm`` per device; 10 % to spare:
+  such norms concentrate) over ``weight``; a sum past it is refused;
 - **an outlier among leaves** (three or more in a buffer): a mean far longer than the median
   (``norm_ratio``) or pointing away from the coordinate-wise median (cosine below ``min_cosine``)
   is refused: one poisoned leaf cannot steer the version, and the validation gate still judges
@@ -50,7 +50,11 @@ class LeafSum:
 @dataclass(frozen=True)
 class LeafPolicy:
     clip_bound: float  # a device's weighted delta never exceeds it (after clipping)
-    noise_norm: float = 0.0  # the norm of the DP noise on a leaf's sum (about z * clip * sqrt(values))
+    # the norm of the DP noise on a leaf's sum: about z * clip * sqrt(values) * sqrt(cohort / min_cohort)
+    # (noise shares are sized for the fewest survivors a round may release with)
+    noise_norm: float = 0.0
+    rounding_norm: float = 0.0  # the norm of one device's stochastic-rounding error: about sqrt(values) * step / 2
+    weight_noise: float = 0.0  # the std of the noise on the decoded weight (samples weighting under DP)
     norm_ratio: float = 3.0
     min_cosine: float = -0.2
     max_staleness: int = 4
@@ -67,6 +71,14 @@ class LeafPolicy:
             raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
         if isinstance(self.max_staleness, bool) or not isinstance(self.max_staleness, int) or self.max_staleness < 0:
             raise ValueError(f"max_staleness must be a non-negative integer, got {self.max_staleness!r}")
+        for name in ("rounding_norm", "weight_noise"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.max_cohort is not None and (
+            isinstance(self.max_cohort, bool) or not isinstance(self.max_cohort, int) or self.max_cohort < 1
+        ):
+            raise ValueError(f"max_cohort must be None or a positive integer, got {self.max_cohort!r}")
 
 
 @dataclass
@@ -99,8 +111,9 @@ class LeafSumCombiner:
             raise UpdateError(f"count {count} exceeds the largest cohort a leaf may sum ({policy.max_cohort})")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise UpdateError(f"weight must be a finite number, got {weight!r}")
-        if not 0 < weight <= count * (1 + 1e-6):
-            raise UpdateError(f"weight {weight} is outside (0, count={count}]: each device weighs at most 1")
+        ceiling = count * (1 + 1e-6) + 4 * policy.weight_noise  # the decoded weight carries noise under DP
+        if not 0 < weight <= ceiling:
+            raise UpdateError(f"weight {weight} is outside (0, {ceiling:.4g}]: each device weighs at most 1")
         base = item.base_version
         if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= current_version:
             raise UpdateError(f"base version {base!r}: the current version is {current_version}")
@@ -108,7 +121,9 @@ class LeafSumCombiner:
         if staleness > policy.max_staleness:
             raise UpdateError(f"trained from version {base}, {staleness} behind (at most {policy.max_staleness})")
         check_tensors(item.total, self.expected, f"sum from leaf {item.leaf}")
-        bound = (policy.clip_bound + 1.1 * policy.noise_norm / weight) * 1.01  # 1 %: quantization
+        # the clip bound, plus the noise and the rounding of the sum (norms concentrate: 10 % to spare)
+        spread = policy.noise_norm + math.sqrt(count) * policy.rounding_norm
+        bound = (policy.clip_bound + 1.1 * spread / weight) * 1.01
         norm = float(np.linalg.norm(_flat(item.total))) / weight
         if norm > bound:
             raise UpdateError(f"its mean has norm {norm:.4g}, past the {bound:.4g} no clipped cohort can reach")

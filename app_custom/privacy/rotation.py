@@ -11,8 +11,11 @@ they are, and the sum of rotated vectors is the rotated sum, so the aggregator r
 decoded sum back. (Suresh et al. 2017 and Bonawitz et al. 2019 rotate by a randomized Hadamard
 transform; the DCT takes any length without padding to a power of two.)
 
-The signs come from the round's session context: fresh every round, the same for every member of
-the cohort, and not secret (the rotation protects nothing; it only spreads the values).
+The signs come from the round's session context (SHAKE-256): fresh every round, the same for every
+member of the cohort on any platform, and not secret (the rotation protects nothing; it only
+spreads the values). Because they are public, a device could choose a delta that the rotation
+does not spread; the clamp then binds on it and only on it: its levels stay within the ring's
+range, so neither the no-wrap guarantee nor the clip bound moves.
 """
 
 from __future__ import annotations
@@ -25,19 +28,22 @@ from scipy import fft
 from .secagg_crypto import SessionContext
 
 
-def _signs(context: SessionContext, length: int) -> np.ndarray:
-    seed = int.from_bytes(hashlib.sha256(context.encoded + b"|rotation").digest()[:8], "big")
-    return np.random.default_rng(seed).integers(0, 2, size=length) * 2.0 - 1.0
+def rotation_signs(context: SessionContext, length: int) -> np.ndarray:
+    """One sign per value, the bits of SHAKE-256 over the context: the same on every device and at
+    the aggregator whatever their NumPy (a ``Generator`` stream is only promised on one build)."""
+    stream = hashlib.shake_256(b"fleetnest-rotation|" + context.encoded).digest((length + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:length]
+    return bits.astype(np.float64) * 2.0 - 1.0
 
 
 def rotate(vector: np.ndarray, context: SessionContext) -> np.ndarray:
     vector = np.asarray(vector, dtype=np.float64)
-    return fft.dct(vector * _signs(context, vector.size), type=2, norm="ortho")
+    return fft.dct(vector * rotation_signs(context, vector.size), type=2, norm="ortho")
 
 
 def unrotate(vector: np.ndarray, context: SessionContext) -> np.ndarray:
     vector = np.asarray(vector, dtype=np.float64)
-    return fft.idct(vector, type=2, norm="ortho") * _signs(context, vector.size)
+    return fft.idct(vector, type=2, norm="ortho") * rotation_signs(context, vector.size)
 
 
 def coordinate_bound(norm: float, length: int) -> float:

@@ -3,6 +3,8 @@ an outlying leaf left out, and the rest averaged like any other update."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -44,7 +46,7 @@ def test_honest_sums_average_by_weight_and_a_stale_one_counts_less():
     [
         (dict(count=0), "count must be a positive integer"),
         (dict(count=500), "exceeds the largest cohort"),
-        (dict(weight=11.0), "outside \\(0, count=10\\]"),
+        (dict(weight=11.0), "outside \\(0, 10\\]"),
         (dict(weight=float("nan")), "finite"),
         (dict(base_version=9), "current version is 5"),
         (dict(base_version=0), "5 behind"),
@@ -64,7 +66,7 @@ def test_a_malformed_or_impossible_leaf_sum_is_refused_and_named(change, reason)
     out, aggregator = _combine([good, bad])
     assert list(out.accepted) == ["good"]
     assert [r.contributor for r in out.rejections] == ["leaf bad"]
-    assert __import__("re").search(reason, out.rejections[0].reason), out.rejections[0].reason
+    assert re.search(reason, out.rejections[0].reason), out.rejections[0].reason
     assert aggregator.contributors == ["leaf good"]
 
 
@@ -92,3 +94,19 @@ def test_with_two_leaves_nothing_is_called_an_outlier_but_the_absolute_bound_sti
     assert list(out.accepted) == ["noisy"]
     out, _ = _combine([noisy])
     assert "past the" in out.rejections[0].reason
+
+
+def test_the_bound_leaves_room_for_rounding_and_a_noisy_weight_and_bad_policies_are_refused():
+    rng = np.random.default_rng(4)
+    coarse = _sum("coarse", rng, count=10, scale=1.5)  # the rounding of ten coarse devices
+    out, _ = _combine([coarse])
+    assert "past the" in out.rejections[0].reason
+    out, _ = _combine([coarse], rounding_norm=2.0)  # sqrt(10) * 2 / 10 = 0.63 more allowed
+    assert list(out.accepted) == ["coarse"]
+    heavy = _sum("heavy", rng, count=10, weight=11.0)  # noise on the decoded weight
+    assert "outside" in _combine([heavy])[0].rejections[0].reason
+    assert list(_combine([heavy], weight_noise=0.5)[0].accepted) == ["heavy"]
+    with pytest.raises(ValueError, match="max_cohort"):
+        LeafPolicy(clip_bound=1.0, max_cohort=2.5)
+    with pytest.raises(ValueError, match="rounding_norm"):
+        LeafPolicy(clip_bound=1.0, rounding_norm=-1.0)

@@ -10,7 +10,7 @@ import pytest
 from app_custom.privacy.dp import PrivacyConfigError
 from app_custom.privacy.private_update import PrivacySettings, cohort_mean, prepare_update
 from app_custom.privacy.quantization import decode_sum
-from app_custom.privacy.rotation import rotate, unrotate
+from app_custom.privacy.rotation import rotate, rotation_signs, unrotate
 from app_custom.privacy.secagg_crypto import SessionContext
 
 SHAPES = {"trunk.w": (20, 10), "head.b": (5,)}
@@ -99,3 +99,13 @@ def test_a_delta_with_all_its_norm_on_one_value_is_spread_and_decoded_to_within_
     mean = cohort_mean(decode_sum(total, ring), 6, shapes, s, CONTEXT)
     assert abs(mean["head.b"][2] - 2.0) < 4 / ring.scale
     assert np.abs(mean["trunk.w"]).max() < 4 / ring.scale
+
+
+def test_the_rotation_signs_are_pinned_so_every_platform_rotates_alike():
+    # SHAKE-256 bits, not a NumPy generator stream: a device and its aggregator on different NumPy
+    # builds must agree, or the sum rotated back is garbage
+    pinned = [1, 1, -1, -1, -1, -1, -1, 1, 1, 1, -1, -1, -1, 1, -1, 1]
+    assert rotation_signs(CONTEXT, 16).tolist() == pinned
+    spike = np.zeros(16)
+    spike[2] = 1.0
+    assert np.isclose(rotate(spike, CONTEXT)[0], -1 / 4)  # DCT-II's first row is 1/sqrt(16); sign -1

@@ -71,6 +71,8 @@ def _broken(edit):
         (lambda r: r["server"].update(host="bad host"), "server.host"),
         (lambda r: r["regions"][0].update(leaves=[]), "leaves: expected a non-empty list"),
         (lambda r: r["devices"].update(valid_days=0), "valid_days"),
+        (lambda r: r["regions"][0].update(name="r" * 60), "regions\\[0\\].name"),  # "<region>-relay" > 64
+        (lambda r: r.update({1: "x"}), "unknown keys \\['1'\\]"),
     ],
 )
 def test_a_bad_fleet_description_is_refused_naming_the_field(edit, message):

@@ -77,3 +77,27 @@ def test_revoked_expired_foreign_and_stale_crl_are_each_refused_with_the_reason(
         _verify(ca, b"garbage")
     with pytest.raises(IdentityError, match="device id"):
         ca.issue("robot 17", 10, now=NOW)
+
+
+def test_unreadable_ca_material_long_ids_and_other_curves_get_clear_errors(ca):
+    identity = ca.issue("robot-17", 10, now=NOW)
+    with pytest.raises(IdentityError, match="unreadable"):
+        verify_device_certificate(identity.cert_pem, (ca.dir / "ca.pem").read_bytes(), b"garbage", NOW)
+    with pytest.raises(IdentityError, match="timezone-aware"):
+        _verify(ca, identity.cert_pem, NOW.replace(tzinfo=None))
+    with pytest.raises(IdentityError, match="at most 64"):
+        ca.issue("r" * 100, 10, now=NOW)
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "drone-9")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    with pytest.raises(IdentityError, match="P-256"):
+        ca.issue("drone-9", 10, csr.public_bytes(serialization.Encoding.PEM), now=NOW)
+
+
+def test_reopening_the_ca_refreshes_the_crl_so_leaves_keep_trusting_devices(ca):
+    identity = ca.issue("robot-17", 30, now=NOW)
+    later = NOW + dt.timedelta(days=10)
+    with pytest.raises(IdentityError, match="revocation list expired"):
+        _verify(ca, identity.cert_pem, later)
+    DeviceCA.create(ca.dir, "fleetnest-test", now=later)  # what every provisioning run does
+    assert _verify(ca, identity.cert_pem, later) == "robot-17"

@@ -102,3 +102,13 @@ def test_certificates_due_for_renewal_are_renewed_in_one_command(fleet, capsys):
     old = x509.load_pem_x509_certificate((fleet / "drone-1" / "device.crt").read_bytes())
     new = x509.load_pem_x509_certificate((fleet / "renewed" / "drone-1" / "device.crt").read_bytes())
     assert new.serial_number != old.serial_number and new.not_valid_after_utc >= old.not_valid_after_utc
+
+
+def test_republishing_the_crl_reaches_every_leaf_kit(fleet, capsys):
+    args = ["provision", "--fleet", str(fleet / "fleet.yaml"), "--workspace", str(fleet / "ws")]
+    kits = sorted((fleet / "ws" / "fleetnest-test").glob("prod_*"))[-1]
+    before = (kits / "eu-depot-1" / "local" / "device_ca" / "crl.pem").read_bytes()
+    assert main(args + ["crl"]) == 0
+    assert "republished" in capsys.readouterr().out
+    after = (kits / "eu-depot-1" / "local" / "device_ca" / "crl.pem").read_bytes()
+    assert after != before and after == (kits / "eu-depot-2" / "local" / "device_ca" / "crl.pem").read_bytes()
