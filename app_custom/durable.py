@@ -16,14 +16,22 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, payload: dict, mode: int = 0o666) -> None:
-    """Write ``payload`` as JSON to ``path`` through a synced temporary file and a rename; ``mode``
-    (before the umask) is the new file's permission, e.g. 0o600 for secrets."""
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file and a rename; ``mode`` (before the
+    umask) is the new file's permission, e.g. 0o600 for secrets. The temporary file is always
+    created afresh (a leftover is removed, a link never followed), so it never inherits a wider mode."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, payload: dict, mode: int = 0o666) -> None:
+    """``payload`` as JSON, written like ``write_bytes_atomic``."""
+    write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True).encode(), mode)

@@ -15,9 +15,10 @@ Leaves refuse a CRL past its next update (7 days): republish at least weekly and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from app_custom.durable import write_bytes_atomic
 
 from .fleet import FleetSpecError, load_fleet_spec
 from .identities import DeviceCA, IdentityError
@@ -25,7 +26,6 @@ from .project import (
     Provisioned,
     ProvisionError,
     distribute_device_ca,
-    newest_kits,
     provision,
     rotate_site,
     site_certificate,
@@ -39,20 +39,14 @@ def _fail(what: str, err: Exception) -> int:
 
 def _existing(args: argparse.Namespace):
     spec = load_fleet_spec(args.fleet)
-    project_dir = Path(args.workspace).resolve() / spec.project
-    state = project_dir / "state"
-    if not (state / "device_ca").is_dir():
-        raise ProvisionError(f"no provisioned fleet in {project_dir}: run `fleetnest provision` first")
-    return spec, Provisioned(Path(args.workspace).resolve(), newest_kits(project_dir), state, state / "device_ca")
+    return spec, Provisioned.existing(args.workspace, spec.project)
 
 
 def _write_identity(out: Path, identity) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "device.crt").write_bytes(identity.cert_pem)
     if identity.key_pem is not None:
-        fd = os.open(out / "device.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(identity.key_pem)
+        write_bytes_atomic(out / "device.key", identity.key_pem, 0o600)
 
 
 def _issue(args: argparse.Namespace, device_id: str, revoke_previous: bool) -> int:

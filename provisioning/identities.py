@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from app_custom.device_identity import DEVICE_ID, URN, IdentityError, verify_device_certificate
-from app_custom.durable import write_json_atomic
+from app_custom.durable import write_bytes_atomic, write_json_atomic
 
 __all__ = ["DeviceCA", "IdentityError", "IssuedIdentity", "verify_device_certificate"]
 
@@ -38,24 +38,6 @@ CRL_VALID_DAYS = 7  # leaves refuse a CRL past its next update: republish at lea
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)  # never reuse a leftover file's mode or follow its link
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -104,13 +86,14 @@ class DeviceCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(
+        write_bytes_atomic(
             directory / "ca.key",
             key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ),
+            0o600,
         )
-        _write_public(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        write_bytes_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
         ca = cls(directory)
         ca.publish_crl(now)
         return ca
@@ -223,7 +206,7 @@ class DeviceCA:
             )
         crl = builder.sign(self._key, hashes.SHA256())
         path = self.dir / "crl.pem"
-        _write_public(path, crl.public_bytes(serialization.Encoding.PEM))
+        write_bytes_atomic(path, crl.public_bytes(serialization.Encoding.PEM))
         return path
 
     def due_for_renewal(self, within_days: int, now: dt.datetime | None = None) -> list[str]:

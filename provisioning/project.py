@@ -18,7 +18,6 @@ What this adds:
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import yaml
 from cryptography import x509
 
-from app_custom.durable import write_json_atomic
+from app_custom.durable import write_bytes_atomic, write_json_atomic
 
 from .fleet import FleetSpec
 from .identities import DeviceCA
@@ -108,10 +107,35 @@ def project_config(spec: FleetSpec) -> dict:
 
 @dataclass(frozen=True)
 class Provisioned:
+    """Where a provisioned fleet lives: ``<workspace>/<project>/``, the one place its layout is known."""
+
     workspace: Path
-    kits: Path  # the newest prod_NN folder: one startup kit per site and admin
-    state: Path  # FLARE's provisioning state (root CA, every site's key): keep it offline
-    device_ca: Path
+    project: str
+
+    @classmethod
+    def existing(cls, workspace: str | Path, project: str) -> Provisioned:
+        found = cls(Path(workspace).resolve(), project)
+        if not found.device_ca.is_dir():
+            raise ProvisionError(f"no provisioned fleet in {found.project_dir}: run `fleetnest provision` first")
+        return found
+
+    @property
+    def project_dir(self) -> Path:
+        return self.workspace / self.project
+
+    @property
+    def kits(self) -> Path:
+        """The newest prod_NN folder: one startup kit per site and admin."""
+        return newest_kits(self.project_dir)
+
+    @property
+    def state(self) -> Path:
+        """FLARE's provisioning state (root CA, every site's key) and the device CA: keep it offline."""
+        return self.project_dir / "state"
+
+    @property
+    def device_ca(self) -> Path:
+        return self.state / "device_ca"
 
     def kit(self, site: str) -> Path:
         return self.kits / site
@@ -143,14 +167,12 @@ def provision(spec: FleetSpec, workspace: str | Path, gen_scripts: bool = True) 
     done = subprocess.run(command, capture_output=True, text=True, cwd=workspace, timeout=300)
     if done.returncode != 0:
         raise ProvisionError(f"nvflare provision failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    project_dir = workspace / spec.project
-    kits = newest_kits(project_dir)
+    result = Provisioned(workspace, spec.project)
+    kits = result.kits
     missing = [s for s in _sites(spec) if not (kits / s / "startup").is_dir()]
     if missing:
         raise ProvisionError(f"nvflare provision wrote no startup kit for {missing}:\n{done.stdout}\n{done.stderr}")
-    state = project_dir / "state"
-    ca = DeviceCA.create(state / "device_ca", spec.project)
-    result = Provisioned(workspace, kits, state, ca.dir)
+    DeviceCA.create(result.device_ca, spec.project)
     distribute_device_ca(spec, result)
     _write_proxy_files(spec, result)
     return result
@@ -167,9 +189,7 @@ def distribute_device_ca(spec: FleetSpec, provisioned: Provisioned) -> None:
         target = provisioned.kit(leaf.name) / "local" / "device_ca"
         target.mkdir(parents=True, exist_ok=True)
         for name in DEVICE_CA_FILES:  # atomically: a running leaf may be reading the CRL
-            tmp = target / f".{name}.tmp"
-            shutil.copyfile(provisioned.device_ca / name, tmp)
-            os.replace(tmp, target / name)
+            write_bytes_atomic(target / name, (provisioned.device_ca / name).read_bytes())
 
 
 def _write_proxy_files(spec: FleetSpec, provisioned: Provisioned) -> None:
@@ -191,10 +211,9 @@ def site_certificate(provisioned: Provisioned, site: str) -> x509.Certificate:
 def rotate_site(spec: FleetSpec, workspace: str | Path, site: str) -> Provisioned:
     """A new key and certificate for ``site`` under the same root; every other site keeps its own.
     Deploy the site's new startup kit (``Provisioned.kit(site)``) and restart it."""
-    workspace = Path(workspace).resolve()
     if site not in _sites(spec):
         raise ProvisionError(f"{site!r} is not a site of fleet {spec.project!r}: {_sites(spec)}")
-    state_file = workspace / spec.project / "state" / "cert.json"
+    state_file = Provisioned(Path(workspace).resolve(), spec.project).state / "cert.json"
     if not state_file.exists():
         raise ProvisionError(f"no provisioning state in {state_file.parent}: provision the fleet first")
     state = json.loads(state_file.read_text())

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app_custom.nested.slow_delta import UpdateError, check_tensors
+from app_custom.privacy.private_update import flatten
 
 from .aggregation import Rejection, SlowDeltaAggregator
 
@@ -90,10 +91,6 @@ class Combined:
     devices: int = 0
 
 
-def _flat(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(tensors[k], dtype=np.float64).ravel() for k in sorted(tensors)])
-
-
 class LeafSumCombiner:
     """Checks and weighs a buffer of leaf sums, then feeds ``aggregator``."""
 
@@ -124,7 +121,7 @@ class LeafSumCombiner:
         # the clip bound, plus the noise and the rounding of the sum (norms concentrate: 10 % to spare)
         spread = policy.noise_norm + math.sqrt(count) * policy.rounding_norm
         bound = (policy.clip_bound + 1.1 * spread / weight) * 1.01
-        norm = float(np.linalg.norm(_flat(item.total))) / weight
+        norm = float(np.linalg.norm(flatten(item.total, self.expected))) / weight
         if norm > bound:
             raise UpdateError(f"its mean has norm {norm:.4g}, past the {bound:.4g} no clipped cohort can reach")
         return 1.0 / math.sqrt(1.0 + staleness)
@@ -143,7 +140,7 @@ class LeafSumCombiner:
                 checked[leaf] = (item, self._check(item, current_version))
             except UpdateError as err:
                 out.rejections.append(aggregator.reject(f"leaf {leaf}", str(err)))
-        means = {leaf: _flat(item.total) / item.weight for leaf, (item, _) in checked.items()}
+        means = {leaf: flatten(item.total, self.expected) / item.weight for leaf, (item, _) in checked.items()}
         for leaf, reason in self._outliers(means).items():
             del checked[leaf]
             out.rejections.append(aggregator.reject(f"leaf {leaf}", reason))
