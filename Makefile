@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 job: $(STAMP)
 	$(PY) jobs/nested_fedavg/job.py --refresh
 	$(PY) jobs/nested_private/job.py --refresh
+	$(PY) jobs/nested_fleet/job.py --refresh
 
 demo: job
 	$(VENV)/bin/fleetnest simulate --devices 8 --rounds 8 --out demo_out

@@ -44,9 +44,11 @@ def _existing(args: argparse.Namespace):
 
 def _write_identity(out: Path, identity) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "device.crt").write_bytes(identity.cert_pem)
+    # key first, each file atomic: a running device sees old pair, new key beside the old
+    # certificate (it keeps the old pair until they match), or the new pair; never half a file
     if identity.key_pem is not None:
         write_bytes_atomic(out / "device.key", identity.key_pem, 0o600)
+    write_bytes_atomic(out / "device.crt", identity.cert_pem, 0o644)
 
 
 def _issue(args: argparse.Namespace, device_id: str, revoke_previous: bool) -> int:

@@ -64,3 +64,42 @@ def build_nested_job(
         job.to_clients(FastLayerGuard(config=config), filter_type=FilterType.TASK_RESULT, tasks=tasks)
     job.to_clients(OutboundAudit(), filter_type=FilterType.TASK_RESULT, tasks=tasks)
     return job
+
+
+def build_fleet_job(
+    name: str,
+    config: dict,
+    data: dict,
+    privacy: dict,
+    assessor: dict | None = None,
+    leaf: dict | None = None,
+    num_rounds: int = 10,
+    update_interval: float = 1.0,
+) -> FedJob:
+    """The hierarchical job: ``ScatterAndGatherForEdge`` with ``NestedFleetAssessor`` on the server;
+    on every client (cluster tier and leaves alike) ``EdgeTaskReceiver`` and ``NestedFleetExecutor``.
+    ``assessor`` and ``leaf`` are extra keyword arguments of those two; ``mode`` goes to both.
+    A leaf is found by devices through the job's name (``edge_method`` marks it as an edge job)."""
+    from nvflare.apis.app_validation import AppValidationKey
+    from nvflare.edge.controllers.sage import ScatterAndGatherForEdge
+    from nvflare.edge.widgets.etr import EdgeTaskReceiver
+
+    from app_custom.flare.fleet_assessor import NestedFleetAssessor
+    from app_custom.flare.fleet_executor import NestedFleetExecutor
+
+    assessor, leaf = dict(assessor or {}), dict(leaf or {})
+    mode = assessor.get("mode", leaf.get("mode", "async"))
+    assessor["mode"] = leaf["mode"] = mode
+    # SAGE sends one task per round; asynchronous mode keeps a single task open
+    rounds = 1 if mode == "async" else assessor.get("max_rounds", num_rounds)
+    job = FedJob(name=name, min_clients=1, meta_props={"edge_method": "fleetnest", AppValidationKey.BYOC: True})
+    job.to_server(NestedFleetAssessor(config=config, data=data, privacy=privacy, **assessor), id="wf_assessor")
+    job.to_server(
+        ScatterAndGatherForEdge(
+            num_rounds=rounds, assessor_id="wf_assessor", update_interval=update_interval, assess_interval=0.5
+        ),
+        id="sage",
+    )
+    job.to_clients(EdgeTaskReceiver(), id="edge_task_receiver")
+    job.to_clients(NestedFleetExecutor(privacy=privacy, **leaf), id="executor", tasks=["train"])
+    return job

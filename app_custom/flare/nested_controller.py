@@ -21,13 +21,11 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
 from app_custom.cluster.aggregation import SlowDeltaAggregator
-from app_custom.cluster.archive import ACCEPTED, REJECTED, VersionArchive, VersionRecord
-from app_custom.cluster.gate import SlowLayerValidator, ValidationGate
+from app_custom.cluster.gate import ValidationGate
+from app_custom.cluster.versions import GlobalVersions
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
-from app_custom.nested.models import input_spec
-from app_custom.nested.slow_delta import shapes_of
 
 METRICS_FILE = "fleet_metrics.json"
 
@@ -88,69 +86,37 @@ class NestedFedAvg(ModelController):
 
     def run(self) -> None:
         fleet = load_fleet(self.data["fn"], self.data.get("kwargs", {}))
-        probe = SlowLayerValidator(
-            self.nested, fleet.cluster_validation, self.nested.model.num_classes or fleet.num_classes
+        versions = GlobalVersions(
+            self.config,
+            fleet.cluster_validation,
+            self.nested.model.num_classes or fleet.num_classes,
+            self._archive_root(),
+            self.aggregator,
+            self.gate,
         )
-        archive = VersionArchive(self._archive_root())
-        archive.write_model_card(
-            {
-                "config": self.config,
-                "input_spec": input_spec(fleet.cluster_validation.x),
-                "num_classes": probe.num_classes,
-                "shared_names": probe.shared_names,
-            }
-        )
-        current_version = archive.current_version()
-        if current_version is None:
-            current = {name: p.detach().numpy().copy() for name, p in probe.model.named_parameters()}
-            current = {name: current[name] for name in probe.shared_names}
-            record = archive.save(
-                current,
-                VersionRecord(0, ACCEPTED, None, None, 0, probe.measure(current), "initial weights"),
-            )
-            start_round = 0
-        else:
-            current, record = archive.load(current_version)
-            self.aggregator.restore_velocity(archive.load_server_state(current_version))
-            last_round = archive.last_round()
-            start_round = 0 if last_round is None else last_round + 1
-            self.info(f"resuming from archived global version {current_version}, at round {start_round}")
-        expected = shapes_of(current)
-        # the gate compares per-sample scores; the untrained initial version is no reference
-        current_scores = None if record.round is None else probe.score(current)
-        log = self._read_log() if current_version is not None else {"rounds": [], "final": {}}
+        start_round = versions.next_round() if versions.resumed else 0
+        if versions.resumed:
+            self.info(f"resuming from archived global version {versions.version}, at round {start_round}")
+        log = self._read_log() if versions.resumed else {"rounds": [], "final": {}}
 
         for round_ in range(start_round, self.num_rounds):
             if self.abort_signal.triggered:
                 return
             self.aggregator.reset()
-            entry = {"round": round_} | self._collect_round(round_, current, record.version, expected)
+            entry = {"round": round_} | self._collect_round(
+                round_, versions.current, versions.version, versions.expected
+            )
             entry["rejected"] = {r.contributor: r.reason for r in self.aggregator.rejections}
-            if self.aggregator.count and expected:
-                candidate = self.aggregator.apply(current)
-                scores = probe.score(candidate)
-                metrics = scores.summary()
-                verdict = self.gate.assess(scores, current_scores)
-                new = VersionRecord(
-                    version=archive.next_version(),
-                    status=ACCEPTED if verdict.accepted else REJECTED,
-                    parent=record.version,
-                    round=round_,
-                    num_devices=self.aggregator.count,
-                    metrics=metrics,
-                    reason=verdict.reason,
-                )
-                velocity = self.aggregator.pending_velocity if verdict.accepted else None
-                archive.save(candidate, new, server_state=velocity)
-                self.info(f"round {round_}: version {new.version} {new.status}: {verdict.reason}")
-                entry.update(version=new.version, status=new.status, probe=metrics)
-                if verdict.accepted:
-                    self.aggregator.commit()
-                    current, record, current_scores = candidate, new, scores
+            if self.aggregator.count and versions.expected:
+                proposal = versions.propose(round_)
+                new = proposal.record
+                self.info(f"round {round_}: version {new.version} {new.status}: {new.reason}")
+                entry.update(version=new.version, status=new.status, probe=new.metrics)
             else:
-                entry.update(version=record.version, status="unchanged")
+                entry.update(version=versions.version, status="unchanged")
             log["rounds"].append(entry)
             self._write_log(log)
+        current, record = versions.current, versions.record
 
         if self.final_validation:
             results = self.send_model_and_wait(

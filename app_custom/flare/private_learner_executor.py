@@ -29,7 +29,7 @@ from app_custom.durable import write_json_atomic
 from app_custom.flare.fast_layer_guard import SECAGG_KEY
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
 from app_custom.privacy.dp import PrivacyLedger, privatize
-from app_custom.privacy.private_update import PrivacySettings, flatten, prepare_update, unflatten
+from app_custom.privacy.private_update import PrivacySettings, flatten, prepare_update, session_params, unflatten
 from app_custom.privacy.quantization import QuantizationError
 from app_custom.privacy.secagg import (
     ProtocolError,
@@ -39,7 +39,6 @@ from app_custom.privacy.secagg import (
     SharesFor,
     UnmaskRequest,
 )
-from app_custom.privacy.secagg_crypto import SessionContext
 from app_custom.privacy.session_store import discard_session, load_session, save_session
 from app_custom.privacy.wire import WireError, decode_message, encode_message
 
@@ -62,28 +61,8 @@ def message_bytes(params: dict | None) -> bytes:
 
 def secagg_params(settings: PrivacySettings, spec: dict, length: int) -> tuple[SecAggParams, tuple[str, ...]]:
     """The round's protocol parameters from the ``secagg`` entry the aggregator sends with the model."""
-    if not isinstance(spec, dict):
-        raise WireError("the task carries no secagg round description")
-    cohort = spec.get("cohort")
-    if not isinstance(cohort, list) or not cohort or not all(isinstance(d, str) for d in cohort):
-        raise WireError(f"secagg.cohort must be a list of device ids, got {cohort!r}")
-    context = SessionContext(spec.get("job_id"), spec.get("round"), spec.get("cohort_id"))
-    params = SecAggParams(
-        context,
-        settings.ring(len(cohort), length),
-        length,
-        neighbours=settings.neighbours,
-        max_dropout=settings.max_dropout,
-        min_survivors=min_survivors(settings, len(cohort)),
-    )
-    return params, tuple(cohort)
-
-
-def min_survivors(settings: PrivacySettings, cohort: int) -> int:
-    """A sum is released only over at least this many devices: the DP noise shares assume them."""
-    if settings.dp.mode == "distributed" and settings.dp.noise_multiplier > 0:
-        return max(2, min(settings.dp.contributors_assumed, cohort))
-    return min(2, cohort)
+    params = session_params(settings, spec, length)
+    return params, tuple(spec["cohort"])
 
 
 class PrivateLearnerExecutor(NestedLearnerExecutor):

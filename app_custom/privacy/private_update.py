@@ -26,7 +26,9 @@ from app_custom.nested.slow_delta import Tensors
 from .dp import DPConfig, PrivacyConfigError, clip_l2, privatize
 from .quantization import QuantizationError, Ring, quantize
 from .rotation import coordinate_bound, rotate, unrotate
+from .secagg import SecAggParams
 from .secagg_crypto import SessionContext
+from .wire import WireError
 
 # wire size per value: 0.375 of fp32 for the masked vector (keys and shares come on top); holds
 # the sum of up to 1024 devices, each with at least 2 bits per rotated value
@@ -167,6 +169,25 @@ def prepare_update(
     return quantize(rotate(noised, context), settings.ring(cohort, noised.size), rng), norm
 
 
+def cohort_sum(
+    total: np.ndarray,
+    survivors: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: PrivacySettings,
+    context: SessionContext,
+) -> tuple[Tensors, float]:
+    """The cohort's summed slow delta and its summed weight (the survivors, or under sample
+    weighting their decoded weights) from the decoded (rotated) sum of their updates."""
+    if survivors < 1:
+        raise ValueError("no survivors to sum over")
+    total = unrotate(total, context)
+    if not settings.weighted:
+        return unflatten(total, shapes), float(survivors)
+    # the summed weight carries noise too; below one device's worth it would blow the mean up
+    weight = max(float(total[-1]) * math.sqrt(2) / settings.dp.clip_norm, 1.0 / settings.weight_cap, 1e-6)
+    return unflatten(total[:-1], shapes), weight
+
+
 def cohort_mean(
     total: np.ndarray,
     survivors: int,
@@ -175,11 +196,33 @@ def cohort_mean(
     context: SessionContext,
 ) -> Tensors:
     """The cohort's mean slow delta from the decoded (rotated) sum of its survivors' updates."""
-    if survivors < 1:
-        raise ValueError("no survivors to average over")
-    total = unrotate(total, context)
-    if not settings.weighted:
-        return unflatten(total / survivors, shapes)
-    # the summed weight carries noise too; below one device's worth it would blow the mean up
-    weight = max(float(total[-1]) * math.sqrt(2) / settings.dp.clip_norm, 1.0 / settings.weight_cap, 1e-6)
-    return unflatten(total[:-1] / weight, shapes)
+    summed, weight = cohort_sum(total, survivors, shapes, settings, context)
+    return {name: value / weight for name, value in summed.items()}
+
+
+def session_params(settings: PrivacySettings, spec: Mapping, length: int) -> SecAggParams:
+    """The protocol parameters every party derives from a session's description (``job_id``,
+    ``round``, ``cohort_id``, ``cohort``), sent by the aggregator with the global slow layers."""
+    if not isinstance(spec, Mapping):
+        raise WireError("the task carries no secagg session description")
+    cohort = spec.get("cohort")
+    if not isinstance(cohort, list) or not cohort or not all(isinstance(d, str) for d in cohort):
+        raise WireError(f"secagg cohort must be a list of device ids, got {cohort!r}")
+    if len(set(cohort)) != len(cohort):
+        raise WireError("secagg cohort names a device twice")
+    context = SessionContext(spec.get("job_id"), spec.get("round"), spec.get("cohort_id"))
+    return SecAggParams(
+        context,
+        settings.ring(len(cohort), length),
+        length,
+        neighbours=settings.neighbours,
+        max_dropout=settings.max_dropout,
+        min_survivors=min_survivors(settings, len(cohort)),
+    )
+
+
+def min_survivors(settings: PrivacySettings, cohort: int) -> int:
+    """A sum is released only over at least this many devices: the DP noise shares assume them."""
+    if settings.dp.mode == "distributed" and settings.dp.noise_multiplier > 0:
+        return max(2, min(settings.dp.contributors_assumed, cohort))
+    return min(2, cohort)

@@ -33,7 +33,7 @@ def _imported_modules(path: Path, package: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("name", ["nested_fedavg", "nested_private"])
+@pytest.mark.parametrize("name", ["nested_fedavg", "nested_private", "nested_fleet"])
 def test_committed_job_folder_matches_a_fresh_export_and_carries_all_its_code(tmp_path, name):
     job = ROOT / "jobs" / name
     proc = subprocess.run(

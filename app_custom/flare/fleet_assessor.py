@@ -1,0 +1,238 @@
+"""The cluster of the hierarchy: FLARE's ``ScatterAndGatherForEdge`` with this ``Assessor``.
+
+It hands out the current global slow-layer version, takes leaf sums from its children (checked
+on arrival: fields, then shape, count, weight, base version and norm by the ``LeafSumCombiner``),
+buffers them (one per leaf), and when the buffer holds ``buffer_size`` leaves, or its oldest sum
+has waited ``buffer_timeout`` seconds, combines them (staleness-weighted, an outlying leaf
+refused) and makes a candidate version through ``GlobalVersions``: the same gate and archive as
+the flat job. Each refusal is logged with the leaf and the reason; a repeated (leaf, session) is
+dropped, so a resent report is harmless.
+
+``mode``: ``sync`` ends the FLARE round after each version (leaves start new sessions from it:
+no staleness); ``async`` keeps one task open and sends each new version in its replies to the
+children's reports (buffered asynchronous aggregation, FedBuff). The workflow ends after
+``num_versions`` accepted versions, or ``max_rounds`` rounds (sync), or ``max_wait`` seconds
+without a version.
+
+The archive lives in the server's workspace (``archive_dir``, relative to it unless absolute), not
+in the job's run folder: a restarted server, or the same job submitted again, resumes from its
+current version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.edge.assessor import Assessment, Assessor
+
+from app_custom.cluster.aggregation import SlowDeltaAggregator
+from app_custom.cluster.gate import ValidationGate
+from app_custom.cluster.leaf_sums import LeafPolicy, LeafSum, LeafSumCombiner
+from app_custom.cluster.versions import GlobalVersions
+from app_custom.durable import write_json_atomic
+from app_custom.flare.fleet_messages import read_report, version_message
+from app_custom.flare.learner_executor import check_data_spec
+from app_custom.nested.config import NestedConfig
+from app_custom.nested.device_data import load_fleet
+from app_custom.privacy.private_update import PrivacySettings
+
+LOG_FILE = "fleet_versions.json"
+
+
+class NestedFleetAssessor(Assessor):
+    def __init__(
+        self,
+        config: dict,
+        data: dict,
+        privacy: dict,
+        mode: str = "async",
+        num_versions: int = 3,
+        max_rounds: int = 10,
+        buffer_size: int = 2,
+        buffer_timeout: float = 30.0,
+        max_wait: float = 600.0,
+        max_staleness: int = 4,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        max_acc_drop: float = 0.05,
+        max_loss_rise: float = 0.25,
+        max_cohort: int = 1024,
+        archive_dir: str = "fleetnest_archive",
+    ) -> None:
+        """Args:
+        config, data: the nested configuration and the data spec (the cluster uses its validation set).
+        privacy: the devices' ``PrivacySettings`` mapping (clip bound and noise bound the leaf-sum check).
+        mode: ``sync`` or ``async`` (see the module's text).
+        num_versions: accepted versions after which the workflow ends.
+        max_rounds: in sync mode, rounds after which it ends anyway.
+        buffer_size, buffer_timeout: a version is made from ``buffer_size`` leaves' sums, or from
+            what the buffer holds once its oldest sum waited ``buffer_timeout`` seconds.
+        max_wait: seconds without any leaf sum after which the workflow ends (a fleet gone quiet).
+        max_staleness: versions a sum may lag behind and still count (by 1/sqrt(1 + s)).
+        max_cohort: the largest cohort a leaf may report.
+        """
+        super().__init__()
+        if mode not in ("sync", "async"):
+            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        for name, value in (("num_versions", num_versions), ("max_rounds", max_rounds), ("buffer_size", buffer_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("buffer_timeout", buffer_timeout), ("max_wait", max_wait)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self.config, self.privacy, self.mode = config, privacy, mode
+        self.nested = NestedConfig.from_dict(config)
+        self.data = check_data_spec(data)
+        self.settings = PrivacySettings.from_dict(privacy)
+        self.num_versions, self.max_rounds = num_versions, max_rounds
+        self.buffer_size, self.buffer_timeout, self.max_wait = buffer_size, buffer_timeout, max_wait
+        self.max_staleness, self.max_cohort = max_staleness, max_cohort
+        self.server_lr, self.server_momentum = server_lr, server_momentum
+        self.max_acc_drop, self.max_loss_rise = max_acc_drop, max_loss_rise
+        self.archive_dir = archive_dir
+        self.versions: GlobalVersions | None = None
+        self.combiner: LeafSumCombiner | None = None
+        self._lock = threading.Lock()
+        self._buffer: dict[str, LeafSum] = {}
+        self._backlog: list[LeafSum] = []
+        self._first_at: float | None = None
+        self._last_sum_at = time.monotonic()
+        self._seen: set[tuple[str, int]] = set()
+        self._accepted = 0
+        self._round = 0
+        self._log: dict = {"versions": [], "refused": []}
+        self._log_path: Path | None = None
+
+    # ---- SAGE's assessor API -------------------------------------------------------------------
+    def start_task(self, fl_ctx: FLContext) -> Shareable:
+        if self.versions is None:
+            self._open(fl_ctx)
+        with self._lock:
+            self._round += 1
+            return version_message(self.versions.version, self.versions.current)
+
+    def process_child_update(self, update: Shareable, fl_ctx: FLContext):
+        child = fl_ctx.get_peer_context().get_identity_name() if fl_ctx.get_peer_context() else "?"
+        known, entries, problems = read_report(update)
+        with self._lock:
+            for problem in problems:
+                self._refuse(fl_ctx, f"from {child}: {problem}")
+            for session, item in entries:
+                key = (item.leaf, session)
+                if key in self._seen:
+                    continue  # a resent report: that sum is counted already
+                self._seen.add(key)
+                self._last_sum_at = time.monotonic()
+                if item.leaf in self._buffer:
+                    self._backlog.append(item)
+                else:
+                    self._add_to_buffer(item)
+            newer = self.versions.current if known is None or known < self.versions.version else None
+            return bool(entries), version_message(self.versions.version, newer)
+
+    def assess(self, fl_ctx: FLContext) -> Assessment:
+        with self._lock:
+            now = time.monotonic()
+            full = len(self._buffer) >= self.buffer_size
+            waited = self._first_at is not None and now - self._first_at >= self.buffer_timeout
+            if self._buffer and (full or waited):
+                self._make_version(fl_ctx)
+                if self._accepted >= self.num_versions:
+                    return Assessment.WORKFLOW_DONE
+                if self.mode == "sync":
+                    return Assessment.WORKFLOW_DONE if self._round >= self.max_rounds else Assessment.TASK_DONE
+            if now - self._last_sum_at > self.max_wait:
+                self.log_warning(fl_ctx, f"no leaf sum for {self.max_wait:.0f} s: ending the workflow")
+                return Assessment.WORKFLOW_DONE
+            return Assessment.CONTINUE
+
+    def end_task(self, fl_ctx: FLContext) -> None:
+        with self._lock:  # in sync mode a sum of the ended round that came too late is void
+            if self.mode == "sync":
+                self._buffer, self._backlog, self._first_at = {}, [], None
+
+    # ---- versions ------------------------------------------------------------------------------
+    def _open(self, fl_ctx: FLContext) -> None:
+        fleet = load_fleet(self.data["fn"], self.data.get("kwargs", {}))
+        root = Path(self.archive_dir)
+        if not root.is_absolute():
+            workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+            root = Path(workspace.get_root_dir()) / root
+        self.versions = GlobalVersions(
+            self.config,
+            fleet.cluster_validation,
+            self.nested.model.num_classes or fleet.num_classes,
+            root,
+            SlowDeltaAggregator(self.server_lr, self.server_momentum),
+            ValidationGate(self.max_acc_drop, self.max_loss_rise),
+        )
+        dp = self.settings.dp
+        length = self.settings.update_length(self.versions.expected)
+        ring = self.settings.ring(self.max_cohort, length)  # the largest cohort has the coarsest step
+        policy = LeafPolicy(
+            clip_bound=dp.clip_norm,
+            # the noise on a typical cohort's sum; a larger cohort's sum is divided by more weight
+            noise_norm=dp.device_noise_std * math.sqrt(length * dp.cohort_size),
+            rounding_norm=math.sqrt(length) / ring.scale / 2,
+            max_staleness=self.max_staleness,
+            max_cohort=self.max_cohort,
+        )
+        self.combiner = LeafSumCombiner(policy, self.versions.expected)
+        self._log_path = root / LOG_FILE
+        if self._log_path.exists():
+            self._log = json.loads(self._log_path.read_text())
+        state = "resumed from" if self.versions.resumed else "starting at"
+        self.log_info(fl_ctx, f"{state} global version {self.versions.version} ({root})")
+
+    def _add_to_buffer(self, item: LeafSum) -> None:
+        if not self._buffer:
+            self._first_at = time.monotonic()
+        self._buffer[item.leaf] = item
+
+    def _make_version(self, fl_ctx: FLContext) -> None:
+        versions = self.versions
+        versions.aggregator.reset()
+        items = list(self._buffer.values())
+        combined = self.combiner.combine(items, versions.version, versions.aggregator)
+        for rejection in combined.rejections:
+            self._refuse(fl_ctx, f"{rejection.contributor}: {rejection.reason}")
+        self._buffer, self._first_at = {}, None
+        backlog, self._backlog = self._backlog, []
+        for item in backlog:
+            (self._backlog.append if item.leaf in self._buffer else self._add_to_buffer)(item)
+        entry = {"leaves": combined.accepted, "devices": combined.devices, "at": time.time()}
+        if versions.aggregator.count:
+            proposal = versions.propose(self._round, combined.devices)
+            record = proposal.record
+            self._accepted += proposal.accepted
+            self.log_info(
+                fl_ctx,
+                f"version {record.version} {record.status} from {len(combined.accepted)} leaf sums"
+                f" ({combined.devices} devices): {record.reason}",
+            )
+            entry |= {"version": record.version, "status": record.status, "probe": record.metrics}
+        else:
+            entry |= {"version": versions.version, "status": "unchanged"}
+        self._log["versions"].append(entry)
+        self._write_log()
+
+    def _refuse(self, fl_ctx: FLContext, reason: str) -> None:
+        self.log_warning(fl_ctx, f"refused a leaf sum {reason}")
+        self._log["refused"].append({"reason": reason, "at": time.time()})
+        self._write_log()
+
+    def _write_log(self) -> None:
+        if self._log_path is not None:
+            write_json_atomic(self._log_path, self._log)
+
+    def finalize(self, fl_ctx: FLContext) -> None:
+        self._write_log()
+        if self.versions is not None:
+            self.log_info(fl_ctx, f"final global version {self.versions.version}; {self._accepted} accepted this run")

@@ -1,0 +1,342 @@
+"""The clients of the hierarchy: a leaf sums its device cohorts securely; a cluster-tier client
+forwards its leaves' sums. One executor serves both (FLARE's ``EdgeTaskExecutor``, a
+``HierarchicalUpdateGatherer``), with ``CohortUpdater`` as its updater.
+
+At a leaf, devices poll through FLARE's edge API (routing proxy -> this leaf's ``ApiService`` ->
+``EdgeTaskReceiver`` -> here). Each poll gets the device's next step in the leaf's current
+``LeafCohort`` session; each answer must be a signed envelope from a certificate of the fleet's
+device CA (``local/device_ca`` in the leaf's workspace, CRL re-read on change) naming the device
+the proxy says sent it, for the session and stage in progress. Anything else is refused with a
+log line naming the device and the reason, and the session goes on. A finished session's
+decoded sum goes up with the next update report; it is resent until the parent acknowledges it
+(the cluster drops a (leaf, session) it has seen), so a lost report loses nothing.
+
+``mode``: ``sync`` runs one session per FLARE task (round); ``async`` starts the next session as
+soon as one ends, from the newest global version the parent has sent (buffered asynchronous
+aggregation: the cluster weighs each sum by its staleness).
+
+Every device message the leaf accepted is summarised (type and size, never values) in
+``leaf_audit.jsonl`` in the leaf's workspace: the tests read it to show that the leaf held only
+masked vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.edge.constants import EdgeApiStatus
+from nvflare.edge.executors.ete import EdgeTaskExecutor
+from nvflare.edge.executors.hug import TaskInfo
+from nvflare.edge.updater import Updater
+from nvflare.edge.web.models.result_report import ResultReport
+from nvflare.edge.web.models.result_response import ResultResponse
+from nvflare.edge.web.models.selection_request import SelectionRequest
+from nvflare.edge.web.models.selection_response import SelectionResponse
+from nvflare.edge.web.models.task_request import TaskRequest
+from nvflare.edge.web.models.task_response import TaskResponse
+
+from app_custom.cluster.leaf_cohort import TRAIN, CohortRefusal, LeafCohort
+from app_custom.device_identity import DeviceAuthenticator, IdentityError
+from app_custom.edge_messages import (
+    EdgeMessageError,
+    check_enrol,
+    read_answer,
+    read_enrol_cookie,
+    read_result_body,
+    session_of,
+    task_data,
+)
+from app_custom.flare.fleet_messages import leaf_sum_entry, read_report, read_version, report, version_message
+from app_custom.flare.outbound_audit import secagg_summary
+from app_custom.nested.slow_delta import UpdateError, shapes_of
+from app_custom.privacy.private_update import PrivacySettings
+
+MODES = ("sync", "async")
+AUDIT_FILE = "leaf_audit.jsonl"
+DEVICE_CA_DIR = "local/device_ca"
+
+
+class CohortUpdater(Updater):
+    """The leaf's sessions and the sums waiting for the parent; at a cluster-tier client, the
+    children's sums waiting to be forwarded. Thread-safe: device polls, child reports and the
+    periodic parent report arrive on different threads."""
+
+    def __init__(self, settings: PrivacySettings, mode: str, cohort: dict, leaf: bool) -> None:
+        super().__init__()
+        self.settings, self.mode, self.cohort_args, self.is_leaf = settings, mode, cohort, leaf
+        self.job_id, self.site = "", ""
+        self.version: int | None = None
+        self.weights: dict[str, np.ndarray] | None = None
+        self.session: LeafCohort | None = None
+        self._next_session = 0
+        self._started_in_task = False
+        self._pending: dict[tuple[str, int], dict] = {}  # (leaf, session) -> entry, until acknowledged
+        self._in_flight: set[tuple[str, int]] = set()
+        self._lock = threading.RLock()
+        self.log = None
+
+    # ---- HUG's updater API -----------------------------------------------------------------------
+    def start_task(self, task_data: Shareable, fl_ctx: FLContext):
+        version, weights = read_version(task_data)
+        with self._lock:
+            self.job_id, self.site = fl_ctx.get_job_id(), fl_ctx.get_identity_name()
+            self._adopt(version, weights)
+            self._started_in_task = False
+            if self.mode == "sync":
+                self.session = None
+        return super().start_task(task_data, fl_ctx)
+
+    def prepare_update_for_parent(self, fl_ctx: FLContext) -> Shareable | None:
+        with self._lock:
+            if self.session is not None:
+                self.session.tick()
+                self._collect(fl_ctx)
+            # an empty report too: the parent's reply carries any newer global version
+            self._in_flight = set(self._pending)
+            return report(self.version, list(self._pending.values()))
+
+    def process_parent_update_reply(self, reply: Shareable, fl_ctx: FLContext) -> None:
+        with self._lock:
+            for key in self._in_flight:  # the parent took the report: those sums are delivered
+                self._pending.pop(key, None)
+            self._in_flight = set()
+            try:
+                version, weights = read_version(reply)
+            except UpdateError as err:
+                self.log_error(fl_ctx, f"ignoring the parent's reply: {err}")
+                return
+            self._adopt(version, weights)
+
+    def process_child_update(self, update: Shareable, fl_ctx: FLContext):
+        child = fl_ctx.get_peer_context().get_identity_name()
+        known, entries, problems = read_report(update)
+        for problem in problems:
+            self.log_warning(fl_ctx, f"refused a sum from {child}: {problem}")
+        with self._lock:
+            for session, item in entries:
+                self._pending[(item.leaf, session)] = leaf_sum_entry(session, item)
+            newer = self.weights if self.version is not None and (known is None or known < self.version) else None
+            return bool(entries), version_message(self.version or 0, newer)
+
+    def end_task(self, fl_ctx: FLContext):
+        with self._lock:
+            self._collect(fl_ctx)
+        super().end_task(fl_ctx)
+
+    # ---- devices -------------------------------------------------------------------------------
+    def next_task(self, device: str, fl_ctx: FLContext, admit: Callable[[], None]) -> dict | None:
+        """The device's next step; ``admit`` (raising on an untrusted device) runs before it joins a cohort."""
+        with self._lock:
+            session = self._current_session(fl_ctx)
+            if session is None:
+                return None
+            if session.would_enrol(device):
+                admit()
+            task = session.task_for(device)
+            if task is None:
+                return None
+            weights = self.weights if task.stage == TRAIN else None
+            return task_data(task.stage, task.spec, session.base_version, weights, task.message)
+
+    def take_answer(self, device: str, answer: dict, fl_ctx: FLContext) -> None:
+        """Feed a checked answer to the session; ``CohortRefusal`` when it does not belong there."""
+        with self._lock:
+            session = self.session
+            if session is None or session.done:
+                raise CohortRefusal("no session in progress")
+            if answer["session"] != session_of(session.spec):
+                raise CohortRefusal(f"an answer for session {answer['session']}, this is {session_of(session.spec)}")
+            session.submit(device, answer["stage"], answer["message"], answer["skip_reason"])
+
+    def _current_session(self, fl_ctx: FLContext) -> LeafCohort | None:
+        if self.weights is None or not self.is_leaf:
+            return None
+        if self.session is not None:
+            self.session.tick()
+            self._collect(fl_ctx)
+        if self.session is None or (self.session.done and self.mode == "async"):
+            if self.mode == "sync" and self._started_in_task:
+                return None
+            self._next_session += 1
+            self.session = LeafCohort(
+                job_id=self.job_id,
+                leaf=self.site,
+                session=self._next_session,
+                base_version=self.version,
+                settings=self.settings,
+                shapes=shapes_of(self.weights),
+                **self.cohort_args,
+            )
+            self._started_in_task = True
+        return self.session
+
+    def _collect(self, fl_ctx: FLContext) -> None:
+        session = self.session
+        if session is None or not session.done or session.collected:
+            return
+        session.collected = True
+        for rejection in session.rejections:
+            self.log_warning(
+                fl_ctx,
+                f"session {session.session}: refused {rejection.stage} from {rejection.sender}: {rejection.reason}",
+            )
+        if session.failure:
+            self.log_warning(fl_ctx, f"session {session.session} released nothing: {session.failure}")
+            return
+        item = session.outcome
+        self._pending[(item.leaf, session.session)] = leaf_sum_entry(session.session, item)
+        self.log_info(
+            fl_ctx,
+            f"session {session.session}: secure sum of {item.count} devices from version {item.base_version} ready"
+            f" ({len(session.skipped)} sat out)",
+        )
+
+    def _adopt(self, version: int | None, weights: dict | None) -> None:
+        if version is None or weights is None:
+            return
+        if self.version is None or version > self.version:
+            self.version, self.weights = version, weights
+
+
+class NestedFleetExecutor(EdgeTaskExecutor):
+    def __init__(
+        self,
+        privacy: dict,
+        mode: str = "async",
+        cohort_size: int = 3,
+        min_devices: int = 2,
+        stage_timeout: float = 20.0,
+        enrol_timeout: float = 10.0,
+        update_timeout: float = 30.0,
+        device_ca_dir: str = DEVICE_CA_DIR,
+    ) -> None:
+        """Args:
+        privacy: the ``PrivacySettings`` mapping the devices use (secure aggregation is required).
+        mode: ``sync`` (one cohort session per round) or ``async`` (sessions back to back).
+        cohort_size, min_devices: a session's cohort closes when full, or when ``enrol_timeout``
+            passed with at least ``min_devices``.
+        stage_timeout: seconds a protocol stage waits for devices that have not answered; they
+            drop out (their masks are recovered) and the session goes on.
+        update_timeout: seconds a report to the parent may take.
+        device_ca_dir: the fleet's device CA and CRL, relative to the site's workspace.
+        """
+        super().__init__(updater_id="", update_timeout=update_timeout)
+        self.privacy = privacy
+        self.settings = PrivacySettings.from_dict(privacy)
+        if not self.settings.secure_aggregation:
+            raise ValueError("the fleet job needs secure_aggregation: a leaf must never see a single delta")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("stage_timeout", stage_timeout), ("enrol_timeout", enrol_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name, value in (("cohort_size", cohort_size), ("min_devices", min_devices)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
+        if min_devices > cohort_size:
+            raise ValueError(f"min_devices ({min_devices}) exceeds cohort_size ({cohort_size})")
+        self.mode, self.cohort_size, self.min_devices = mode, cohort_size, min_devices
+        self.stage_timeout, self.enrol_timeout = stage_timeout, enrol_timeout
+        self.device_ca_dir = device_ca_dir
+        self._authenticator: DeviceAuthenticator | None = None
+        self._audit_path: Path | None = None
+        self._updater_obj: CohortUpdater | None = None
+
+    def get_updater(self, fl_ctx: FLContext):
+        leaf = bool(fl_ctx.get_prop(ReservedKey.IS_LEAF))
+        cohort = {
+            "cohort_size": self.cohort_size,
+            "min_devices": self.min_devices,
+            "stage_timeout": self.stage_timeout,
+            "enrol_timeout": self.enrol_timeout,
+        }
+        self._updater_obj = CohortUpdater(self.settings, self.mode, cohort, leaf)
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        root = Path(workspace.get_root_dir()) if workspace else Path.cwd()
+        if leaf:
+            try:
+                self._authenticator = DeviceAuthenticator(root / self.device_ca_dir)
+            except IdentityError as err:
+                self.system_panic(f"this leaf cannot authenticate devices: {err}", fl_ctx)
+                return None
+            self._audit_path = root / AUDIT_FILE
+        return self._updater_obj
+
+    # ---- the edge API ------------------------------------------------------------------------
+    def process_edge_task_request(self, request: TaskRequest, current_task: TaskInfo, fl_ctx: FLContext):
+        job_id = fl_ctx.get_job_id()
+        device = request.get_device_id()
+
+        def admit() -> None:
+            if self._authenticator is None:
+                raise CohortRefusal("this site is not a leaf")
+            signer, payload = self._authenticator.open(read_enrol_cookie(request.cookie))
+            if signer != device:
+                raise IdentityError(f"signed by {signer}, sent as {device}")
+            check_enrol(payload, device, job_id, time.time())
+
+        try:
+            data = self._updater_obj.next_task(device, fl_ctx, admit)
+        except (IdentityError, EdgeMessageError, CohortRefusal) as err:
+            self.log_warning(fl_ctx, f"refused to enrol device {device!r}: {err}")
+            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=30, message=f"not enrolled: {err}"[:300])
+        except Exception as err:  # a poll must never take the leaf down
+            self.log_exception(fl_ctx, f"device {device}: cannot make its task: {err}")
+            data = None
+        if data is None:
+            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=1, message="no step for this device now")
+        cookie = {"session": data["spec"].get("round"), "stage": data["stage"]}
+        return TaskResponse(
+            EdgeApiStatus.OK,
+            job_id,
+            retry_wait=0,
+            task_id=current_task.id,
+            task_name=data["stage"],
+            task_data=data,
+            cookie=cookie,
+        )
+
+    def process_edge_result_report(self, request: ResultReport, current_task: TaskInfo, fl_ctx: FLContext):
+        claimed = request.get_device_id()
+        try:
+            if self._authenticator is None:
+                raise CohortRefusal("this site is not a leaf")
+            device, payload = self._authenticator.open(read_result_body(request.result))
+            if device != claimed:
+                raise IdentityError(f"signed by {device}, sent as {claimed}")
+            answer = read_answer(payload)
+            if answer["device"] != device:
+                raise EdgeMessageError(f"the payload names {answer['device']}, the certificate {device}")
+            self._updater_obj.take_answer(device, answer, fl_ctx)
+        except (IdentityError, EdgeMessageError, CohortRefusal) as err:
+            self.log_warning(fl_ctx, f"refused a result from device {claimed!r}: {err}")
+            return ResultResponse(EdgeApiStatus.INVALID_REQUEST, message=str(err)[:300])
+        except Exception as err:  # garbage must never take the leaf down
+            self.log_exception(fl_ctx, f"refused a result from device {claimed!r}: unexpected {err!r}")
+            return ResultResponse(EdgeApiStatus.ERROR, message="internal error")
+        self._audit(device, answer)
+        return ResultResponse(EdgeApiStatus.OK, task_id=current_task.id, task_name=answer["stage"])
+
+    def process_edge_selection_request(self, request: SelectionRequest, current_task: TaskInfo, fl_ctx: FLContext):
+        return SelectionResponse(EdgeApiStatus.OK, job_id=fl_ctx.get_job_id())
+
+    def _audit(self, device: str, answer: dict) -> None:
+        raw = answer["message"]
+        record = {"device": device, "stage": answer["stage"], "session": answer["session"]}
+        if raw is None:
+            record["skipped"] = True
+        else:
+            record["secagg"] = secagg_summary(np.frombuffer(raw, dtype=np.uint8))
+        with open(self._audit_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,271 @@
+"""A device of the hierarchy: the nested learner behind FLARE's edge API.
+
+``FleetDevice`` is the device's side of a leaf's secure-aggregation session (``LeafCohort``): it
+merges the global slow layers with its own fast layers, trains, clips, noises, rotates and
+quantizes its slow delta (``prepare_update``), and answers each stage with the protocol message
+of ``SecAggDevice``. Every answer passes the same check as the flat job's ``FastLayerGuard``
+(one secure-aggregation message a device may send, scalar metrics) before it is signed with the
+device's key and sent; nothing else leaves. The privacy budget is charged before a masked
+vector leaves and kept on disk (``privacy_ledger.json``), with the learner's state
+(``device_state.pt``); a device that restarts mid-session drops out of it (its masks are
+recovered by the leaf) and joins the next one.
+
+``run_device`` is the poll loop over FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``,
+``/result`` through the routing proxy), with retries and backoff when the proxy or the leaf is
+away. The identity (``device.key``, ``device.crt``) is re-read whenever the files change, so a
+rotated certificate is used from the next answer on.
+
+python -m edge_runtime.fleet_device --proxy http://127.0.0.1:4321 --device robot-3 \
+    --identity DIR --state DIR --job nested_fleet --index 2 --data-fn simulator.fleets:make_fleet ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from app_custom.device_identity import sign_message
+from app_custom.durable import write_json_atomic
+from app_custom.edge_messages import (
+    EdgeMessageError,
+    answer_payload,
+    enrol_cookie,
+    enrol_payload,
+    read_task,
+    result_body,
+)
+from app_custom.flare.fast_layer_guard import SECAGG_KEY, leaving_keys_problems
+from app_custom.flare.outbound_audit import secagg_summary
+from app_custom.nested.config import NestedConfig
+from app_custom.nested.device_data import load_fleet
+from app_custom.nested.learner import NestedLearner
+from app_custom.privacy.dp import PrivacyLedger
+from app_custom.privacy.private_update import PrivacySettings, prepare_update, session_params
+from app_custom.privacy.secagg import ProtocolError, Roster, SecAggDevice, SharesFor, UnmaskRequest
+from app_custom.privacy.wire import WireError, decode_message, encode_message
+
+log = logging.getLogger("fleetnest.device")
+STATE_FILE, LEDGER_FILE, AUDIT_FILE = "device_state.pt", "privacy_ledger.json", "outbound_audit.jsonl"
+
+
+class DeviceIdentity:
+    """The device's key and certificate, re-read when either file changes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._stamp: tuple | None = None
+        self.key_pem = self.cert_pem = b""
+
+    def current(self) -> tuple[bytes, bytes]:
+        paths = (self.dir / "device.key", self.dir / "device.crt")
+        stamp = tuple((p.stat().st_ino, p.stat().st_mtime_ns) for p in paths)
+        if stamp != self._stamp:
+            key_pem, cert_pem = (p.read_bytes() for p in paths)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            if key.public_key().public_numbers() != cert.public_key().public_numbers():
+                if self._stamp is None:
+                    raise ValueError("device.key and device.crt do not belong together")
+                log.info("device.key and device.crt do not match yet (a rotation in progress): keeping the old pair")
+                return self.key_pem, self.cert_pem
+            if self._stamp is not None:
+                log.info("identity changed on disk: now certificate %s", cert.serial_number)
+            self.key_pem, self.cert_pem, self._stamp = key_pem, cert_pem, stamp
+        return self.key_pem, self.cert_pem
+
+
+class FleetDevice:
+    def __init__(self, device_id: str, config: dict, data: dict, privacy: dict, index: int, state_dir: Path) -> None:
+        self.id = device_id
+        self.nested = NestedConfig.from_dict(config)
+        self.settings = PrivacySettings.from_dict(privacy)
+        fleet = load_fleet(data["fn"], data.get("kwargs", {}))
+        if not 0 <= index < len(fleet.devices):
+            raise ValueError(f"device index {index} is outside the fleet's {len(fleet.devices)} devices")
+        num_classes = self.nested.model.num_classes or fleet.num_classes
+        self.learner = NestedLearner(self.nested, fleet.devices[index], num_classes, device_seed=index)
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if (state_dir / STATE_FILE).exists():
+            self.learner.load(state_dir / STATE_FILE)
+            log.info("%s: resumed its device state", device_id)
+        history = None
+        if (state_dir / LEDGER_FILE).exists():
+            history = json.loads((state_dir / LEDGER_FILE).read_text())["history"]
+        self.ledger = PrivacyLedger(self.settings.dp, history)
+        self._rng = np.random.default_rng(secrets.randbits(128))
+        self._session: SecAggDevice | None = None
+        self._levels: np.ndarray | None = None
+        self.metrics: dict[str, float] = {}
+
+    def answer(
+        self, stage: str, spec: dict, version: int, weights: dict | None, message: bytes | None
+    ) -> tuple[bytes | None, str | None, dict]:
+        """(protocol message, skip reason, metrics) for one step of a session."""
+        if stage == "train":
+            return self._train(spec, version, weights)
+        if self._session is None or self._session.params.context.round != spec.get("round"):
+            raise ProtocolError("leaf", stage, "no session of this device in progress (restarted?)")
+        if stage == "share":
+            return encode_message(self._session.share_keys(decode_message(message, Roster))), None, {}
+        if stage == "mask":
+            mine = decode_message(message, dict).get(self.id)
+            if not isinstance(mine, SharesFor):
+                raise ProtocolError("leaf", stage, f"no shares routed to {self.id}")
+            # charge the budget before the masked vector leaves: a crash after sending cannot under-count
+            self.ledger.record_contribution()
+            write_json_atomic(self.state_dir / LEDGER_FILE, {"history": self.ledger.history})
+            masked = self._session.masked_input(mine, self._levels)
+            self._levels = None
+            return encode_message(masked), None, {"dp_epsilon": self.ledger.epsilon()}
+        if stage == "unmask":
+            shares = self._session.unmask(decode_message(message, UnmaskRequest))
+            self._session = None
+            return encode_message(shares), None, {}
+        raise ProtocolError("leaf", stage, f"unknown stage {stage!r}")
+
+    def _train(self, spec: dict, version: int, weights: dict | None) -> tuple[bytes | None, str | None, dict]:
+        if weights is None:
+            raise EdgeMessageError("a train task without the global slow layers")
+        self._session, self._levels = None, None
+        params = session_params(self.settings, spec, self.settings.update_length(_shapes(weights)))
+        if self.id not in spec["cohort"]:
+            raise ProtocolError("leaf", "train", f"{self.id} is not in the session's cohort")
+        merge = self.learner.receive_global(weights, version)
+        outcome = self.learner.train_round()
+        self.learner.save(self.state_dir / STATE_FILE)
+        self.metrics = {"acc_after_merge": merge.acc_after} | outcome.metrics
+        log.info("%s: trained from version %d: %s", self.id, version, self.metrics)
+        reason = self.ledger.over_budget_reason()
+        if reason:
+            return None, reason, {}
+        self._levels, _ = prepare_update(
+            outcome.slow_delta,
+            _shapes(weights),
+            self.settings,
+            len(spec["cohort"]),
+            self._rng,
+            params.context,
+            outcome.num_samples,
+        )
+        self._session = SecAggDevice(self.id, params)
+        return encode_message(self._session.advertise()), None, {}
+
+    def leaving_problems(self, message: bytes | None, metrics: dict) -> list[str]:
+        """The flat job's outbound check, applied to what this device is about to send."""
+        params = {} if message is None else {SECAGG_KEY: np.frombuffer(message, dtype=np.uint8)}
+        return leaving_keys_problems(self.nested, params, metrics)
+
+
+def _shapes(weights: dict) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(value.shape) for name, value in weights.items()}
+
+
+def run_device(args: argparse.Namespace) -> int:
+    from nvflare.edge.constants import EdgeApiStatus
+    from nvflare.edge.simulation.feg_api import FegApi
+    from nvflare.edge.web.models.device_info import DeviceInfo
+    from nvflare.edge.web.models.job_request import JobRequest
+    from nvflare.edge.web.models.result_report import ResultReport
+    from nvflare.edge.web.models.task_request import TaskRequest
+    from nvflare.edge.web.models.user_info import UserInfo
+
+    torch.set_num_threads(1)
+    job = json.loads(Path(args.job_config).read_text())
+    device = FleetDevice(args.device, job["config"], job["data"], job["privacy"], args.index, Path(args.state))
+    identity = DeviceIdentity(Path(args.identity))
+    audit = Path(args.state) / AUDIT_FILE
+    info, user = DeviceInfo(args.device, app_name="fleetnest", platform="linux"), UserInfo()
+    api = FegApi(args.proxy.rstrip("/") + "/", info, user)
+    deadline = time.monotonic() + args.max_runtime
+    job_id, cookie, backoff = None, None, 1.0
+    while time.monotonic() < deadline:
+        try:
+            if job_id is None:
+                reply = api.get_job(JobRequest(args.job, info, user, capabilities={"methods": ["fleetnest"]}))
+                if reply.get("status") != EdgeApiStatus.OK or not reply.get("job_id"):
+                    time.sleep(min(float(reply.get("retry_wait") or 2), 5))
+                    continue
+                job_id = reply["job_id"]
+                log.info("%s: joined job %s", args.device, job_id)
+            key_pem, cert_pem = identity.current()
+            token = sign_message(enrol_payload(args.device, job_id, time.time()), key_pem, cert_pem)
+            task = api.get_task(TaskRequest(info, user, job_id, dict(cookie or {}) | enrol_cookie(token)))
+            status = task.get("status")
+            if status in (EdgeApiStatus.NO_JOB, EdgeApiStatus.DONE):
+                job_id, cookie = None, None  # the job ended: look for the next one
+                continue
+            if status != EdgeApiStatus.OK or not task.get("task_data"):
+                time.sleep(min(float(task.get("retry_wait") or 1), 5))
+                continue
+            cookie = task.get("cookie")
+            stage, spec, version, weights, message = read_task(task["task_data"])
+            out, skip, metrics = device.answer(stage, spec, version, weights, message)
+            problems = device.leaving_problems(out, metrics)
+            if problems:
+                raise RuntimeError(f"refusing to send: {problems}")
+            key_pem, cert_pem = identity.current()
+            envelope = sign_message(answer_payload(args.device, stage, spec, out, metrics, skip), key_pem, cert_pem)
+            body = result_body(envelope)
+            result = api.report_result(
+                ResultReport(info, user, job_id, task["task_id"], stage, EdgeApiStatus.OK, body, cookie)
+            )
+            _audit(audit, stage, spec, out, metrics, result.get("status"))
+            if result.get("status") != EdgeApiStatus.OK:
+                log.warning("%s: the leaf refused its %s answer: %s", args.device, stage, result.get("message"))
+            backoff = 1.0
+        except (EdgeMessageError, WireError, ProtocolError, ValueError) as err:
+            log.warning("%s: dropping out of this step: %s", args.device, err)
+            time.sleep(1.0)
+        except (requests.RequestException, OSError, KeyError) as err:
+            # proxy or leaf away (or restarting): back off and try again, from the job request on
+            log.warning("%s: edge API unreachable (%s); retrying in %.0f s", args.device, err, backoff)
+            job_id, cookie = None, None
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+        except Exception as err:  # the ApiError of FegApi and anything unexpected: never crash the device
+            log.warning("%s: %s; retrying", args.device, err)
+            job_id, cookie = None, None
+            time.sleep(2.0)
+    return 0
+
+
+def _audit(path: Path, stage: str, spec: dict, out: bytes | None, metrics: dict, status: str | None) -> None:
+    record = {"stage": stage, "session": spec.get("round"), "metrics": sorted(metrics), "status": status}
+    if out is not None:
+        record["secagg"] = secagg_summary(np.frombuffer(out, dtype=np.uint8))
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_runtime.fleet_device", description=__doc__.split("\n")[0])
+    parser.add_argument("--proxy", required=True, help="the routing proxy's URL")
+    parser.add_argument("--device", required=True, help="this device's id (its certificate's common name)")
+    parser.add_argument("--identity", required=True, help="folder with device.key and device.crt")
+    parser.add_argument("--state", required=True, help="folder for the device's own state")
+    parser.add_argument("--job", default="nested_fleet", help="the job name to ask the leaf for")
+    parser.add_argument("--job-config", required=True, help="JSON with the job's config, data and privacy")
+    parser.add_argument("--index", type=int, required=True, help="this device's entry in the fleet's data")
+    parser.add_argument("--max-runtime", type=float, default=3600.0, help="seconds before the device stops")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    return run_device(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The device of the hierarchy against a real leaf session, in one process: three devices with
+the shipped job's model and data train, protect their slow deltas and complete a secure sum; what
+they send is only protocol messages (no fast-layer value), and an attempt to send anything else
+is caught before it leaves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from app_custom.cluster.leaf_cohort import LeafCohort
+from app_custom.privacy.private_update import PrivacySettings
+from edge_runtime.fleet_device import LEDGER_FILE, STATE_FILE, FleetDevice
+from jobs.nested_fleet.job import settings as job_settings
+
+
+@pytest.fixture(scope="module")
+def job():
+    return job_settings(argparse.Namespace(devices=8, cohort=3, noise=0.05))
+
+
+def test_devices_complete_a_secure_sum_and_send_nothing_but_protocol_messages(job, tmp_path):
+    devices = {
+        f"robot-{i}": FleetDevice(f"robot-{i}", job["config"], job["data"], job["privacy"], i, tmp_path / f"d{i}")
+        for i in range(3)
+    }
+    weights = devices["robot-0"].learner.initial_slow()
+    cohort = LeafCohort(
+        job_id="job-1",
+        leaf="eu-depot-1",
+        session=1,
+        base_version=0,
+        settings=PrivacySettings.from_dict(job["privacy"]),
+        shapes={name: value.shape for name, value in weights.items()},
+        cohort_size=3,
+        min_devices=2,
+        stage_timeout=60,
+    )
+    for name in devices:
+        cohort.task_for(name)
+    sent: dict[str, list[bytes]] = {name: [] for name in devices}
+    while not cohort.done:
+        for name, device in devices.items():
+            task = cohort.task_for(name)
+            if task is None:
+                continue
+            message, skip, metrics = device.answer(
+                task.stage, task.spec, 0, weights if task.stage == "train" else None, task.message
+            )
+            assert skip is None and device.leaving_problems(message, metrics) == []
+            sent[name].append(message)
+            cohort.submit(name, task.stage, message)
+    assert cohort.failure is None and cohort.outcome.count == 3
+    for name, device in devices.items():
+        assert len(sent[name]) == 4  # advert, shares, masked vector, unmask shares
+        fast = [
+            np.ascontiguousarray(p.detach().numpy(), dtype=np.float32).ravel()[:4].tobytes()
+            for n, p in device.learner.model.named_parameters()
+            if n in device.learner.private_names and p.numel() >= 4
+        ]
+        assert fast and not any(chunk in raw for chunk in fast for raw in sent[name])
+        assert (tmp_path / f"d{name[-1]}" / STATE_FILE).exists()
+        ledger = json.loads((tmp_path / f"d{name[-1]}" / LEDGER_FILE).read_text())
+        assert len(ledger["history"]) == 1  # charged once, before the masked vector left
+
+
+def test_anything_but_a_protocol_message_is_stopped_before_it_leaves(job, tmp_path):
+    device = FleetDevice("robot-0", job["config"], job["data"], job["privacy"], 0, tmp_path)
+    fast = next(p for n, p in device.learner.model.named_parameters() if n in device.learner.private_names)
+    leak = np.ascontiguousarray(fast.detach().numpy(), dtype=np.float32).tobytes()
+    assert any("not a device secure-aggregation message" in p for p in device.leaving_problems(leak, {}))
+    assert device.leaving_problems(None, {"acc": np.zeros(3)})  # an array hidden in the metrics

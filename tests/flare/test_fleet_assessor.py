@@ -1,0 +1,80 @@
+"""The cluster's assessor at its trust boundary: leaf sums with the wrong fields, count, shape or
+values are refused with a log line naming the leaf and the reason, a resent sum is counted once,
+and well-formed sums make a version through the same gate and archive as the flat job."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import numpy as np
+import pytest
+from nvflare.apis.fl_context import FLContext
+from nvflare.edge.assessor import Assessment
+
+from app_custom.cluster.leaf_sums import LeafSum
+from app_custom.flare.fleet_assessor import NestedFleetAssessor
+from app_custom.flare.fleet_messages import leaf_sum_entry, report
+from jobs.nested_fleet.job import settings as job_settings
+
+
+@pytest.fixture
+def assessor(tmp_path):
+    args = type("Args", (), {"devices": 8, "cohort": 3, "noise": 0.0})()
+    common = job_settings(args)
+    assessor = NestedFleetAssessor(**common, buffer_size=2, archive_dir=str(tmp_path / "archive"))
+    task = assessor.start_task(FLContext())
+    assert task["global_version"] == 0
+    return assessor, task["slow"]
+
+
+def _entry(leaf, slow, session=1, count=3, scale=0.01, **change):
+    total = {name: np.full(value.shape, scale * count, np.float32) for name, value in slow.items()}
+    entry = leaf_sum_entry(session, LeafSum(leaf, 0, count, float(count), total))
+    return entry | change
+
+
+def _send(assessor, *entries):
+    return assessor.process_child_update(report(0, list(entries)), FLContext())
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda slow: {"count": 0}, "count must be a positive integer"),
+        (lambda slow: {"count": 5000}, "exceeds the largest cohort"),
+        (lambda slow: {"weight": 7.0}, "weight 7.0 is outside"),
+        (lambda slow: {"total": {k: np.zeros((3, 3), np.float32) for k in slow}}, "shape"),
+        (lambda slow: {"total": {"not.a.layer": np.zeros(3, np.float32)}}, "unknown keys"),
+        (lambda slow: {"total": {k: np.full(v.shape, np.nan, np.float32) for k, v in slow.items()}}, "NaN|finite"),
+        (lambda slow: {"total": {k: np.full(v.shape, 50.0, np.float32) for k, v in slow.items()}}, "past the"),
+        (lambda slow: {"leaf": 7}, "leaf must be a site name"),
+        (lambda slow: {"extra": 1}, "exactly the fields"),
+    ],
+)
+def test_a_malformed_leaf_sum_is_refused_with_a_log_line_and_nothing_breaks(assessor, caplog, change, reason):
+    assessor, slow = assessor
+    caplog.set_level(logging.WARNING)
+    _send(assessor, _entry("eu-depot-1", slow) | change(slow))
+    _send(assessor, _entry("eu-depot-2", slow))  # a good leaf beside it
+    assert assessor.assess(FLContext()) == Assessment.CONTINUE  # one good leaf of a buffer of two
+    refused = [r.getMessage() for r in caplog.records if "refused a leaf sum" in r.getMessage()]
+    assert any(re.search(reason, m) for m in refused), refused
+    assert all("leaf" in m for m in refused)  # each names the leaf it refused
+    log = json.loads((assessor.versions.archive.root / "fleet_versions.json").read_text())
+    assert log["refused"], "the refusal is kept with the version log"
+
+
+def test_well_formed_sums_make_a_version_and_a_resent_sum_counts_once(assessor):
+    assessor, slow = assessor
+    accepted, reply = _send(assessor, _entry("eu-depot-1", slow))
+    assert accepted and reply["global_version"] == 0
+    _send(assessor, _entry("eu-depot-1", slow))  # the same (leaf, session) again: a resent report
+    assert assessor.assess(FLContext()) == Assessment.CONTINUE  # one leaf of a buffer of two
+    _send(assessor, _entry("eu-depot-2", slow))
+    assessor.assess(FLContext())
+    versions = assessor.versions.archive.versions()
+    assert [v.version for v in versions] == [0, 1] and versions[1].num_devices == 6
+    _, reply = _send(assessor, _entry("eu-depot-1", slow, session=2))
+    assert reply["global_version"] == 1 and set(reply["slow"]) == set(slow)  # the child was behind

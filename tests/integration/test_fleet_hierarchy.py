@@ -1,0 +1,243 @@
+"""The hierarchy as a real FLARE deployment on localhost: ``fleetnest provision`` (server, relay
+with mutual TLS, a cluster-tier client, two leaves), every process started from its startup kit,
+FLARE's routing proxy, seven device processes, ``jobs/nested_fleet`` submitted through the admin
+API (Flare API). The tests run in order on one deployment:
+
+1. three accepted versions; the leaves held only masked vectors; no fast-layer value left a device;
+2. a device's certificate is rotated mid-run and it keeps contributing; a revoked device, garbage,
+   an expired and a foreign certificate are refused with a log line;
+3. a leaf is killed: the job goes on with the other leaf and completes;
+4. the server is killed mid-job and restarted: the job submitted again resumes from the last
+   accepted version (and the killed leaf rejoins);
+and everything is shut down with no process or port left behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from nvflare.edge.constants import EdgeApiStatus
+from nvflare.edge.simulation.feg_api import FegApi
+from nvflare.edge.web.models.device_info import DeviceInfo
+from nvflare.edge.web.models.job_request import JobRequest
+from nvflare.edge.web.models.result_report import ResultReport
+from nvflare.edge.web.models.user_info import UserInfo
+from nvflare.fuel.utils.hash_utils import UniformHash
+
+from app_custom.device_identity import sign_message
+from app_custom.edge_messages import answer_payload, result_body
+from provisioning.identities import DeviceCA
+
+from .localhost_fleet import REPO, LocalFleet, environment, port_in_use, processes_under, wait_until
+
+pytestmark = pytest.mark.integration
+
+DEVICE_MESSAGES = {"KeyAdvert", "ShareBundle", "MaskedInput", "UnmaskShares"}
+JOB = ("--buffer-timeout", "5", "--max-wait", "120", "--stage-timeout", "8")
+
+
+def _devices_by_leaf(leaves: list[str], per_leaf: int) -> dict[str, list[str]]:
+    """Device ids the routing proxy sends to each leaf (it hashes the id over its leaf list)."""
+    hashing, found = UniformHash(len(leaves)), {leaf: [] for leaf in leaves}
+    for n in range(200):
+        device = f"robot-{n}"
+        leaf = leaves[hashing.hash(device)]
+        if len(found[leaf]) < per_leaf:
+            found[leaf].append(device)
+    return found
+
+
+class State:
+    """What the ordered tests share."""
+
+    fleet: LocalFleet
+    by_leaf: dict[str, list[str]]
+    survivor: str
+    victim: str
+    job_id: str
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fleet")
+    fleet = LocalFleet.provision(base)
+    s = State()
+    s.fleet = fleet
+    leaves = fleet.leaves
+    lcp = json.loads((fleet.provisioned.kits / "scripts" / "lcp_map.json").read_text())
+    assert list(lcp) == leaves
+    s.by_leaf = _devices_by_leaf(leaves, 4)
+    s.survivor, s.victim = leaves
+    s.by_leaf[s.victim] = s.by_leaf[s.victim][:3]  # 4 devices on the surviving leaf, 3 on the other
+    try:
+        fleet.start_all()
+        fleet.wait_for_clients(3, timeout=120)
+        fleet.start_proxy()
+        config = base / "device_job.json"
+        out = subprocess.run(
+            [sys.executable, str(REPO / "jobs/nested_fleet/job.py"), "--print-device-config"],
+            capture_output=True,
+            text=True,
+            env=environment(),
+            check=True,
+        )
+        config.write_text(out.stdout)
+        index = 0
+        for devices in s.by_leaf.values():
+            for device in devices:
+                identity = base / "devices" / device / "identity"
+                assert fleet.cli("device", "--id", device, "--out", str(identity)) == 0
+                fleet.start_device(device, index, config, identity)
+                index += 1
+        yield s
+    finally:
+        ports = dict(fleet.ports)
+        fleet.stop_all()
+        leftover = [name for name, port in ports.items() if port_in_use(port)]
+        assert not leftover, f"ports still in use after shutdown: {leftover}"
+        assert not processes_under(base), processes_under(base)
+
+
+def _job_status(fleet: LocalFleet, job_id: str) -> str:
+    session = fleet.session()
+    try:
+        return str(session.get_job_meta(job_id).get("status"))
+    finally:
+        session.close()
+
+
+def _leaf_audit(fleet: LocalFleet, leaf: str) -> list[dict]:
+    path = fleet.kit(leaf) / "leaf_audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _device_audit(fleet: LocalFleet, device: str) -> list[dict]:
+    path = fleet.base / "devices" / device / "state" / "outbound_audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versions(state):
+    fleet = state.fleet
+    state.job_id = fleet.submit("--versions", "7", *JOB)
+    wait_until(lambda: len(fleet.accepted()) >= 3, 150, "three accepted global versions", interval=2)
+    for version in fleet.accepted():
+        assert version["num_devices"] >= 2 and version["parent"] is not None
+    # the leaves held only secure-aggregation messages: masked vectors of 12-bit ring elements
+    for leaf in fleet.leaves:
+        records = _leaf_audit(fleet, leaf)
+        assert records, f"{leaf} accepted no device message"
+        assert {r["secagg"]["type"] for r in records if "secagg" in r} <= DEVICE_MESSAGES
+        masked = [r["secagg"] for r in records if r.get("secagg", {}).get("type") == "MaskedInput"]
+        assert masked and all(m["ring_bits"] == 12 for m in masked)
+        assert all(m["payload_bytes"] == (m["length"] * 12 + 7) // 8 for m in masked)
+    # what left each device: protocol messages and its privacy spending, nothing else
+    for devices in state.by_leaf.values():
+        for device in devices:
+            records = _device_audit(fleet, device)
+            assert records, f"{device} sent nothing"
+            assert all(r["secagg"]["type"] in DEVICE_MESSAGES for r in records if "secagg" in r)
+            assert {name for r in records for name in r["metrics"]} <= {"dp_epsilon"}
+
+
+def _edge_api(fleet: LocalFleet, device: str) -> tuple[FegApi, DeviceInfo, UserInfo, str]:
+    info, user = DeviceInfo(device), UserInfo()
+    api = FegApi(fleet.proxy_url + "/", info, user)
+    reply = wait_until(
+        lambda: (
+            (r := api.get_job(JobRequest("nested_fleet", info, user, {"methods": ["fleetnest"]}))).get("job_id") and r
+        ),
+        30,
+        f"a job for {device}",
+    )
+    return api, info, user, reply["job_id"]
+
+
+def _send(fleet: LocalFleet, device: str, result: dict) -> dict:
+    api, info, user, job_id = _edge_api(fleet, device)
+    return api.report_result(ResultReport(info, user, job_id, "task", "train", EdgeApiStatus.OK, result))
+
+
+def _refusals(fleet: LocalFleet, leaf: str, device: str) -> list[str]:
+    return re.findall(rf"refused (?:a result from|to enrol) device '{re.escape(device)}': (.*)", fleet.log(leaf))
+
+
+def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused(state, tmp_path):
+    fleet = state.fleet
+    rotated, revoked = state.by_leaf[state.survivor][:2]
+    identity = fleet.base / "devices" / rotated / "identity"
+    before = (identity / "device.crt").read_bytes()
+    sent_before = len(_device_audit(fleet, rotated))
+    assert fleet.cli("rotate", "--device", rotated, "--out", str(identity), "--revoke-previous") == 0
+    assert (identity / "device.crt").read_bytes() != before
+    assert fleet.cli("revoke", "--device", revoked) == 0
+    rotated_at = time.time()
+
+    # garbage, a certificate of another CA, an expired certificate: each refused, the leaf goes on
+    strangers = [d for d in _devices_by_leaf(fleet.leaves, 8)[state.survivor] if d not in state.by_leaf[state.survivor]]
+    garbage, foreign, expired = strangers[:3]
+    assert _send(fleet, garbage, {"envelope": "bm90IGFuIGVudmVsb3Bl"})["status"] == EdgeApiStatus.INVALID_REQUEST
+    other_ca = DeviceCA.create(tmp_path / "other_ca", "another-fleet")
+    stranger = other_ca.issue(foreign, 7)
+    payload = answer_payload(foreign, "train", {}, b"x", {})
+    reply = _send(fleet, foreign, result_body(sign_message(payload, stranger.key_pem, stranger.cert_pem)))
+    assert reply["status"] == EdgeApiStatus.INVALID_REQUEST
+    ca = DeviceCA(fleet.provisioned.device_ca)
+    old = ca.issue(expired, 1, now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+    payload = answer_payload(expired, "train", {}, b"x", {})
+    reply = _send(fleet, expired, result_body(sign_message(payload, old.key_pem, old.cert_pem)))
+    assert reply["status"] == EdgeApiStatus.INVALID_REQUEST
+
+    leaf = state.survivor
+    assert any("malformed signed envelope" in r for r in _refusals(fleet, leaf, garbage))
+    assert any("not issued by this fleet's device CA" in r for r in _refusals(fleet, leaf, foreign))
+    assert any("is valid" in r and "not at" in r for r in _refusals(fleet, leaf, expired))
+
+    def rotated_device_contributed() -> bool:
+        sent = _device_audit(fleet, rotated)[sent_before:]
+        return any(r.get("secagg", {}).get("type") == "MaskedInput" and r["status"] == "OK" for r in sent)
+
+    wait_until(rotated_device_contributed, 90, f"{rotated} to send a masked vector with its new certificate")
+    wait_until(lambda: any("has been revoked" in r for r in _refusals(fleet, leaf, revoked)), 90, f"{revoked} refused")
+    assert time.time() > rotated_at
+
+
+def test_a_killed_leaf_does_not_stop_the_job(state):
+    fleet = state.fleet
+    fleet.kill(state.victim)
+    killed_at = time.time()
+    wait_until(
+        lambda: sum(v["created_at"] > killed_at for v in fleet.accepted()) >= 1,
+        120,
+        "an accepted version after the leaf was killed",
+        interval=2,
+    )
+    wait_until(lambda: "FINISHED" in _job_status(fleet, state.job_id), 150, "the job to complete", interval=3)
+    assert "COMPLETED" in _job_status(fleet, state.job_id)
+
+
+def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
+    fleet = state.fleet
+    fleet.start_site(state.victim, "client")  # the killed leaf rejoins
+    fleet.wait_for_clients(3, timeout=120)
+    fleet.submit("--versions", "20", *JOB)
+    accepted = len(fleet.accepted())
+    wait_until(lambda: len(fleet.accepted()) > accepted, 120, "a version of the second job", interval=2)
+    fleet.kill("server")
+    last = json.loads((fleet.archive / "current.json").read_text())["version"]
+    resumes = len(re.findall(r"resumed from global version (\d+)", fleet.log("server")))
+    fleet.start_site("server", "server")
+    fleet.wait_for_clients(3, timeout=120)
+    fleet.submit("--versions", "1", *JOB)
+    found = wait_until(
+        lambda: (r := re.findall(r"resumed from global version (\d+)", fleet.log("server")))[resumes:] and r,
+        120,
+        "the resubmitted job to resume",
+    )
+    assert int(found[-1]) == last
+    wait_until(lambda: any(v["parent"] == last for v in fleet.versions()), 120, f"a version made from version {last}")
