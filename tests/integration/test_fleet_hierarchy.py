@@ -7,8 +7,8 @@ API (Flare API). The tests run in order on one deployment:
 2. a device's certificate is rotated mid-run and it keeps contributing; a revoked device, garbage,
    an expired and a foreign certificate are refused with a log line;
 3. a leaf is killed: the job goes on with the other leaf and completes;
-4. the server is killed mid-job and restarted: the job submitted again resumes from the last
-   accepted version (and the killed leaf rejoins);
+4. the server is killed mid-job and restarted: the job submitted again (in synchronous mode)
+   resumes from the last accepted version (and the killed leaf rejoins);
 and everything is shut down with no process or port left behind.
 """
 
@@ -233,7 +233,7 @@ def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
     resumes = len(re.findall(r"resumed from global version (\d+)", fleet.log("server")))
     fleet.start_site("server", "server")
     fleet.wait_for_clients(3, timeout=120)
-    fleet.submit("--versions", "1", *JOB)
+    fleet.submit("--versions", "1", "--mode", "sync", *JOB)  # the synchronous mode, on the same archive
     found = wait_until(
         lambda: (r := re.findall(r"resumed from global version (\d+)", fleet.log("server")))[resumes:] and r,
         120,
