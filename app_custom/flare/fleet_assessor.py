@@ -11,7 +11,7 @@ dropped, so a resent report is harmless.
 ``mode``: ``sync`` ends the FLARE round after each version (leaves start new sessions from it:
 no staleness); ``async`` keeps one task open and sends each new version in its replies to the
 children's reports (buffered asynchronous aggregation, FedBuff). The workflow ends after
-``num_versions`` accepted versions, or ``max_rounds`` rounds (sync), or ``max_wait`` seconds
+``num_versions`` accepted versions, or ``max_rounds`` rounds (sync) or candidates (async), or ``max_wait`` seconds
 without a version.
 
 The archive lives in the server's workspace (``archive_dir``, relative to it unless absolute), not
@@ -71,7 +71,7 @@ class NestedFleetAssessor(Assessor):
         privacy: the devices' ``PrivacySettings`` mapping (clip bound and noise bound the leaf-sum check).
         mode: ``sync`` or ``async`` (see the module's text).
         num_versions: accepted versions after which the workflow ends.
-        max_rounds: in sync mode, rounds after which it ends anyway.
+        max_rounds: rounds (sync) or candidate versions, accepted or not (async), after which it ends anyway.
         buffer_size, buffer_timeout: a version is made from ``buffer_size`` leaves' sums, or from
             what the buffer holds once its oldest sum waited ``buffer_timeout`` seconds.
         max_wait: seconds without any leaf sum after which the workflow ends (a fleet gone quiet).
@@ -107,6 +107,7 @@ class NestedFleetAssessor(Assessor):
         self._seen: set[tuple[str, int]] = set()
         self._accepted = 0
         self._round = 0
+        self._candidates = 0
         self._log: dict = {"versions": [], "refused": []}
         self._log_path: Path | None = None
 
@@ -121,6 +122,8 @@ class NestedFleetAssessor(Assessor):
     def process_child_update(self, update: Shareable, fl_ctx: FLContext):
         child = fl_ctx.get_peer_context().get_identity_name() if fl_ctx.get_peer_context() else "?"
         known, entries, problems = read_report(update)
+        if self.versions is None:  # no task handed out yet: nothing can be judged
+            return False, None
         with self._lock:
             for problem in problems:
                 self._refuse(fl_ctx, f"from {child}: {problem}")
@@ -146,8 +149,12 @@ class NestedFleetAssessor(Assessor):
                 self._make_version(fl_ctx)
                 if self._accepted >= self.num_versions:
                     return Assessment.WORKFLOW_DONE
+                spent = self._round if self.mode == "sync" else self._candidates
+                if spent >= self.max_rounds:
+                    self.log_warning(fl_ctx, f"{self._accepted} of {self.num_versions} versions accepted in {spent}")
+                    return Assessment.WORKFLOW_DONE
                 if self.mode == "sync":
-                    return Assessment.WORKFLOW_DONE if self._round >= self.max_rounds else Assessment.TASK_DONE
+                    return Assessment.TASK_DONE
             if now - self._last_sum_at > self.max_wait:
                 self.log_warning(fl_ctx, f"no leaf sum for {self.max_wait:.0f} s: ending the workflow")
                 return Assessment.WORKFLOW_DONE
@@ -209,6 +216,7 @@ class NestedFleetAssessor(Assessor):
             (self._backlog.append if item.leaf in self._buffer else self._add_to_buffer)(item)
         entry = {"leaves": combined.accepted, "devices": combined.devices, "at": time.time()}
         if versions.aggregator.count:
+            self._candidates += 1
             proposal = versions.propose(self._round, combined.devices)
             record = proposal.record
             self._accepted += proposal.accepted

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cohort", type=int, default=3, help="devices per leaf session")
     parser.add_argument("--noise", type=float, default=0.05, help="noise multiplier on a cohort's sum")
     parser.add_argument("--versions", type=int, default=3, help="accepted versions to make")
+    parser.add_argument("--max-rounds", type=int, default=10, help="rounds (sync) or candidates (async) at most")
     parser.add_argument("--buffer", type=int, default=2, help="leaf sums per version")
     parser.add_argument("--buffer-timeout", type=float, default=30.0, help="seconds a partial buffer waits")
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds without a leaf sum before ending")
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         assessor={
             "mode": args.mode,
             "num_versions": args.versions,
+            "max_rounds": args.max_rounds,
             "buffer_size": args.buffer,
             "buffer_timeout": args.buffer_timeout,
             "max_wait": args.max_wait,

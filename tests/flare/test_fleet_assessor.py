@@ -78,3 +78,21 @@ def test_well_formed_sums_make_a_version_and_a_resent_sum_counts_once(assessor):
     assert [v.version for v in versions] == [0, 1] and versions[1].num_devices == 6
     _, reply = _send(assessor, _entry("eu-depot-1", slow, session=2))
     assert reply["global_version"] == 1 and set(reply["slow"]) == set(slow)  # the child was behind
+
+
+def test_sync_mode_ends_the_round_with_each_version_and_the_workflow_at_max_rounds(tmp_path):
+    args = type("Args", (), {"devices": 8, "cohort": 3, "noise": 0.0})()
+    common = job_settings(args)
+    assessor = NestedFleetAssessor(
+        **common, mode="sync", num_versions=5, max_rounds=2, buffer_size=1, archive_dir=str(tmp_path / "a")
+    )
+    slow = assessor.start_task(FLContext())["slow"]
+    assert assessor.assess(FLContext()) == Assessment.CONTINUE  # nothing reported yet
+    _send(assessor, _entry("eu-depot-1", slow))
+    assert assessor.assess(FLContext()) == Assessment.TASK_DONE
+    assessor.end_task(FLContext())
+    task = assessor.start_task(FLContext())
+    _send(assessor, _entry("eu-depot-1", task["slow"], session=2) | {"base_version": task["global_version"]})
+    assert assessor.assess(FLContext()) == Assessment.WORKFLOW_DONE  # two rounds of at most two
+    resumed = NestedFleetAssessor(**common, mode="sync", archive_dir=str(tmp_path / "a"))
+    assert resumed.start_task(FLContext())["global_version"] == assessor.versions.version

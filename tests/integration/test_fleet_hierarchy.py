@@ -124,7 +124,7 @@ def _device_audit(fleet: LocalFleet, device: str) -> list[dict]:
 
 def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versions(state):
     fleet = state.fleet
-    state.job_id = fleet.submit("--versions", "7", *JOB)
+    state.job_id = fleet.submit("--versions", "7", "--max-rounds", "12", *JOB)
     wait_until(lambda: len(fleet.accepted()) >= 3, 150, "three accepted global versions", interval=2)
     for version in fleet.accepted():
         assert version["num_devices"] >= 2 and version["parent"] is not None
@@ -225,7 +225,7 @@ def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
     fleet = state.fleet
     fleet.start_site(state.victim, "client")  # the killed leaf rejoins
     fleet.wait_for_clients(3, timeout=120)
-    fleet.submit("--versions", "20", *JOB)
+    fleet.submit("--versions", "20", "--max-rounds", "30", *JOB)
     accepted = len(fleet.accepted())
     wait_until(lambda: len(fleet.accepted()) > accepted, 120, "a version of the second job", interval=2)
     fleet.kill("server")
