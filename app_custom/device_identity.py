@@ -104,15 +104,21 @@ class DeviceAuthenticator:
         self._crl_pem, self._crl_stamp = b"", None
         self._load_crl()
 
-    def _load_crl(self) -> None:
+    def _load_crl(self) -> bool:
         path = self.dir / "crl.pem"
         try:
             stat = path.stat()
             stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             if stamp != self._crl_stamp:
                 self._crl_pem, self._crl_stamp = path.read_bytes(), stamp
+                return True
+            return False
         except OSError as err:
             raise IdentityError(f"no revocation list in {self.dir}: {err}") from err
+
+    def refresh(self) -> bool:
+        """Re-read the CRL if its file changed; True when it did (what was trusted must be checked again)."""
+        return self._load_crl()
 
     def open(self, envelope: bytes, now: dt.datetime | None = None) -> tuple[str, bytes]:
         """(device id, payload) of a genuine envelope, or ``IdentityError`` saying why not."""

@@ -35,3 +35,11 @@ def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
 def write_json_atomic(path: Path, payload: dict, mode: int = 0o666) -> None:
     """``payload`` as JSON, written like ``write_bytes_atomic``."""
     write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True).encode(), mode)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append ``record`` as one JSON line and sync it: an audit line, once written, survives a crash."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import secrets
 import sys
 import time
@@ -37,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from app_custom.device_identity import sign_message
-from app_custom.durable import write_json_atomic
+from app_custom.durable import append_jsonl, write_json_atomic
 from app_custom.edge_messages import (
     EdgeMessageError,
     answer_payload,
@@ -51,6 +50,7 @@ from app_custom.flare.outbound_audit import secagg_summary
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from app_custom.nested.learner import NestedLearner
+from app_custom.nested.slow_delta import shapes_of
 from app_custom.privacy.dp import PrivacyLedger
 from app_custom.privacy.private_update import PrivacySettings, prepare_update, session_params
 from app_custom.privacy.secagg import ProtocolError, Roster, SecAggDevice, SharesFor, UnmaskRequest
@@ -58,6 +58,7 @@ from app_custom.privacy.wire import WireError, decode_message, encode_message
 
 log = logging.getLogger("fleetnest.device")
 STATE_FILE, LEDGER_FILE, AUDIT_FILE = "device_state.pt", "privacy_ledger.json", "outbound_audit.jsonl"
+TOKEN_RENEW_S = 60.0
 
 
 class DeviceIdentity:
@@ -84,6 +85,23 @@ class DeviceIdentity:
                 log.info("identity changed on disk: now certificate %s", cert.serial_number)
             self.key_pem, self.cert_pem, self._stamp = key_pem, cert_pem, stamp
         return self.key_pem, self.cert_pem
+
+
+class PollToken:
+    """The signed token every task request carries, renewed every ``TOKEN_RENEW_S`` (and when the
+    identity on disk changes), so that a leaf checks a signature once a minute, not every poll."""
+
+    def __init__(self, device: str, identity: DeviceIdentity) -> None:
+        self.device, self.identity = device, identity
+        self._token, self._for, self._at = b"", None, 0.0
+
+    def current(self, job_id: str) -> bytes:
+        key_pem, cert_pem = self.identity.current()
+        now = time.time()
+        if self._for != (job_id, cert_pem) or now - self._at > TOKEN_RENEW_S:
+            self._token = sign_message(enrol_payload(self.device, job_id, now), key_pem, cert_pem)
+            self._for, self._at = (job_id, cert_pem), now
+        return self._token
 
 
 class FleetDevice:
@@ -140,9 +158,13 @@ class FleetDevice:
         if weights is None:
             raise EdgeMessageError("a train task without the global slow layers")
         self._session, self._levels = None, None
-        params = session_params(self.settings, spec, self.settings.update_length(_shapes(weights)))
+        params = session_params(self.settings, spec, self.settings.update_length(shapes_of(weights)))
         if self.id not in spec["cohort"]:
             raise ProtocolError("leaf", "train", f"{self.id} is not in the session's cohort")
+        needed = self.settings.dp.contributors_assumed
+        if self.settings.dp.noise_multiplier > 0 and len(spec["cohort"]) < needed:
+            # this device's noise share is sized for a sum of at least that many devices
+            raise ProtocolError("leaf", "train", f"a cohort of {len(spec['cohort'])} cannot hide it (needs {needed})")
         merge = self.learner.receive_global(weights, version)
         outcome = self.learner.train_round()
         self.learner.save(self.state_dir / STATE_FILE)
@@ -153,7 +175,7 @@ class FleetDevice:
             return None, reason, {}
         self._levels, _ = prepare_update(
             outcome.slow_delta,
-            _shapes(weights),
+            shapes_of(weights),
             self.settings,
             len(spec["cohort"]),
             self._rng,
@@ -169,10 +191,6 @@ class FleetDevice:
         return leaving_keys_problems(self.nested, params, metrics)
 
 
-def _shapes(weights: dict) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(value.shape) for name, value in weights.items()}
-
-
 def run_device(args: argparse.Namespace) -> int:
     from nvflare.edge.constants import EdgeApiStatus
     from nvflare.edge.simulation.feg_api import FegApi
@@ -186,6 +204,7 @@ def run_device(args: argparse.Namespace) -> int:
     job = json.loads(Path(args.job_config).read_text())
     device = FleetDevice(args.device, job["config"], job["data"], job["privacy"], args.index, Path(args.state))
     identity = DeviceIdentity(Path(args.identity))
+    tokens = PollToken(args.device, identity)
     audit = Path(args.state) / AUDIT_FILE
     info, user = DeviceInfo(args.device, app_name="fleetnest", platform="linux"), UserInfo()
     api = FegApi(args.proxy.rstrip("/") + "/", info, user)
@@ -200,8 +219,7 @@ def run_device(args: argparse.Namespace) -> int:
                     continue
                 job_id = reply["job_id"]
                 log.info("%s: joined job %s", args.device, job_id)
-            key_pem, cert_pem = identity.current()
-            token = sign_message(enrol_payload(args.device, job_id, time.time()), key_pem, cert_pem)
+            token = tokens.current(job_id)
             task = api.get_task(TaskRequest(info, user, job_id, dict(cookie or {}) | enrol_cookie(token)))
             status = task.get("status")
             if status in (EdgeApiStatus.NO_JOB, EdgeApiStatus.DONE):
@@ -246,10 +264,7 @@ def _audit(path: Path, stage: str, spec: dict, out: bytes | None, metrics: dict,
     record = {"stage": stage, "session": spec.get("round"), "metrics": sorted(metrics), "status": status}
     if out is not None:
         record["secagg"] = secagg_summary(np.frombuffer(out, dtype=np.uint8))
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,10 +99,6 @@ class LeafCohort:
         self.collected = False  # the leaf has taken the outcome (or the failure) from this session
 
     # ---- devices ----------------------------------------------------------------------------
-    def would_enrol(self, device: str) -> bool:
-        """Whether a poll from ``device`` would make it a member (the leaf checks its identity first)."""
-        return self.stage == ENROL and device not in self.cohort and len(self.cohort) < self.cohort_size
-
     def task_for(self, device: str) -> CohortTask | None:
         """The device's next step in this session, or None (wait, or nothing for it here)."""
         self.tick()

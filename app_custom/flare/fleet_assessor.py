@@ -25,6 +25,7 @@ import json
 import math
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from nvflare.apis.fl_constant import FLContextKey
@@ -33,17 +34,20 @@ from nvflare.apis.shareable import Shareable
 from nvflare.edge.assessor import Assessment, Assessor
 
 from app_custom.cluster.aggregation import SlowDeltaAggregator
+from app_custom.cluster.archive import ACCEPTED
 from app_custom.cluster.gate import ValidationGate
 from app_custom.cluster.leaf_sums import LeafPolicy, LeafSum, LeafSumCombiner
 from app_custom.cluster.versions import GlobalVersions
 from app_custom.durable import write_json_atomic
-from app_custom.flare.fleet_messages import read_report, version_message
+from app_custom.flare.fleet_messages import ACKNOWLEDGED, leaves_under, read_report, version_message
 from app_custom.flare.learner_executor import check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from app_custom.privacy.private_update import PrivacySettings
 
 LOG_FILE = "fleet_versions.json"
+MAX_BACKLOG_PER_BUFFER = 4  # sums waiting for a later buffer, per buffer slot
+MAX_LOGGED = 1000  # refusals kept in the version log
 
 
 class NestedFleetAssessor(Assessor):
@@ -64,6 +68,7 @@ class NestedFleetAssessor(Assessor):
         max_acc_drop: float = 0.05,
         max_loss_rise: float = 0.25,
         max_cohort: int = 1024,
+        versions_per_task: int = 5,
         archive_dir: str = "fleetnest_archive",
     ) -> None:
         """Args:
@@ -77,11 +82,19 @@ class NestedFleetAssessor(Assessor):
         max_wait: seconds without any leaf sum after which the workflow ends (a fleet gone quiet).
         max_staleness: versions a sum may lag behind and still count (by 1/sqrt(1 + s)).
         max_cohort: the largest cohort a leaf may report.
+        versions_per_task: in async mode the FLARE task is renewed after this many candidates, so
+            that a leaf whose reporting loop ended (a timeout, a restart) gets the next task.
+        archive_dir: relative to the server's workspace (then one folder per job name) or absolute.
         """
         super().__init__()
         if mode not in ("sync", "async"):
             raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
-        for name, value in (("num_versions", num_versions), ("max_rounds", max_rounds), ("buffer_size", buffer_size)):
+        for name, value in (
+            ("num_versions", num_versions),
+            ("max_rounds", max_rounds),
+            ("buffer_size", buffer_size),
+            ("versions_per_task", versions_per_task),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, value in (("buffer_timeout", buffer_timeout), ("max_wait", max_wait)):
@@ -94,12 +107,16 @@ class NestedFleetAssessor(Assessor):
         self.num_versions, self.max_rounds = num_versions, max_rounds
         self.buffer_size, self.buffer_timeout, self.max_wait = buffer_size, buffer_timeout, max_wait
         self.max_staleness, self.max_cohort = max_staleness, max_cohort
+        self.versions_per_task = versions_per_task
         self.server_lr, self.server_momentum = server_lr, server_momentum
         self.max_acc_drop, self.max_loss_rise = max_acc_drop, max_loss_rise
         self.archive_dir = archive_dir
         self.versions: GlobalVersions | None = None
         self.combiner: LeafSumCombiner | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the buffer and what is published; never held while scoring
+        self._version_lock = threading.Lock()  # one candidate at a time
+        self._published: tuple[int, dict] = (0, {})
+        self._accepted_versions: list[int] = []  # what leaves may train from, in order
         self._buffer: dict[str, LeafSum] = {}
         self._backlog: list[LeafSum] = []
         self._first_at: float | None = None
@@ -107,7 +124,9 @@ class NestedFleetAssessor(Assessor):
         self._seen: set[tuple[str, int]] = set()
         self._accepted = 0
         self._round = 0
-        self._candidates = 0
+        self._candidates = 0  # candidate versions made by this run
+        self._rounds_run = 0  # FLARE rounds of this run (the archive's round numbers go on from before)
+        self._task_candidates = 0
         self._log: dict = {"versions": [], "refused": []}
         self._log_path: Path | None = None
 
@@ -117,48 +136,64 @@ class NestedFleetAssessor(Assessor):
             self._open(fl_ctx)
         with self._lock:
             self._round += 1
-            return version_message(self.versions.version, self.versions.current)
+            self._rounds_run += 1
+            self._task_candidates = 0
+            return version_message(*self._published)
 
     def process_child_update(self, update: Shareable, fl_ctx: FLContext):
-        child = fl_ctx.get_peer_context().get_identity_name() if fl_ctx.get_peer_context() else "?"
+        peer = fl_ctx.get_peer_context()
+        child = peer.get_identity_name() if peer else "?"
         known, entries, problems = read_report(update)
         if self.versions is None:  # no task handed out yet: nothing can be judged
             return False, None
+        allowed = leaves_under(fl_ctx, child)
+        refusals = [f"from {child}: {problem}" for problem in problems]
+        acknowledged = []
         with self._lock:
-            for problem in problems:
-                self._refuse(fl_ctx, f"from {child}: {problem}")
             for session, item in entries:
+                acknowledged.append([item.leaf, session])
+                if allowed is not None and item.leaf not in allowed:
+                    refusals.append(f"from {child}: leaf {item.leaf} is not one of its leaves")
+                    continue
                 key = (item.leaf, session)
                 if key in self._seen:
                     continue  # a resent report: that sum is counted already
                 self._seen.add(key)
                 self._last_sum_at = time.monotonic()
-                if item.leaf in self._buffer:
+                if item.leaf not in self._buffer:
+                    self._add_to_buffer(item)
+                elif len(self._backlog) < MAX_BACKLOG_PER_BUFFER * self.buffer_size:
                     self._backlog.append(item)
                 else:
-                    self._add_to_buffer(item)
-            newer = self.versions.current if known is None or known < self.versions.version else None
-            return bool(entries), version_message(self.versions.version, newer)
+                    refusals.append(f"leaf {item.leaf}: the backlog is full; its sum of session {session} is dropped")
+            version, weights = self._published
+            self._refuse(fl_ctx, refusals)
+        reply = version_message(version, weights if known is None or known < version else None)
+        reply[ACKNOWLEDGED] = acknowledged
+        return bool(entries), reply
 
     def assess(self, fl_ctx: FLContext) -> Assessment:
         with self._lock:
             now = time.monotonic()
             full = len(self._buffer) >= self.buffer_size
             waited = self._first_at is not None and now - self._first_at >= self.buffer_timeout
-            if self._buffer and (full or waited):
-                self._make_version(fl_ctx)
-                if self._accepted >= self.num_versions:
-                    return Assessment.WORKFLOW_DONE
-                spent = self._round if self.mode == "sync" else self._candidates
-                if spent >= self.max_rounds:
-                    self.log_warning(fl_ctx, f"{self._accepted} of {self.num_versions} versions accepted in {spent}")
-                    return Assessment.WORKFLOW_DONE
-                if self.mode == "sync":
-                    return Assessment.TASK_DONE
-            if now - self._last_sum_at > self.max_wait:
-                self.log_warning(fl_ctx, f"no leaf sum for {self.max_wait:.0f} s: ending the workflow")
+            items = self._take_buffer() if self._buffer and (full or waited) else None
+            quiet = now - self._last_sum_at > self.max_wait
+        if items:
+            with self._version_lock:
+                self._make_version(fl_ctx, items)
+            if self._accepted >= self.num_versions:
                 return Assessment.WORKFLOW_DONE
-            return Assessment.CONTINUE
+            spent = self._rounds_run if self.mode == "sync" else self._candidates
+            if spent >= self.max_rounds:
+                self.log_warning(fl_ctx, f"{self._accepted} of {self.num_versions} versions accepted in {spent}")
+                return Assessment.WORKFLOW_DONE
+            if self.mode == "sync" or self._task_candidates >= self.versions_per_task:
+                return Assessment.TASK_DONE
+        elif quiet:
+            self.log_warning(fl_ctx, f"no leaf sum for {self.max_wait:.0f} s: ending the workflow")
+            return Assessment.WORKFLOW_DONE
+        return Assessment.CONTINUE
 
     def end_task(self, fl_ctx: FLContext) -> None:
         with self._lock:  # in sync mode a sum of the ended round that came too late is void
@@ -170,8 +205,10 @@ class NestedFleetAssessor(Assessor):
         fleet = load_fleet(self.data["fn"], self.data.get("kwargs", {}))
         root = Path(self.archive_dir)
         if not root.is_absolute():
+            # one archive per job name: the same job submitted again resumes, another starts its own
             workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
-            root = Path(workspace.get_root_dir()) / root
+            job_name = (fl_ctx.get_prop(FLContextKey.JOB_META) or {}).get("name") or "job"
+            root = Path(workspace.get_root_dir()) / root / job_name
         self.versions = GlobalVersions(
             self.config,
             fleet.cluster_validation,
@@ -188,6 +225,10 @@ class NestedFleetAssessor(Assessor):
             # the noise on a typical cohort's sum; a larger cohort's sum is divided by more weight
             noise_norm=dp.device_noise_std * math.sqrt(length * dp.cohort_size),
             rounding_norm=math.sqrt(length) / ring.scale / 2,
+            # the decoded weight of a cohort carries the noise of its weight coordinate (samples weighting)
+            weight_noise=dp.device_noise_std * math.sqrt(2 * dp.cohort_size) / dp.clip_norm
+            if self.settings.weighted
+            else 0,
             max_staleness=self.max_staleness,
             max_cohort=self.max_cohort,
         )
@@ -195,6 +236,9 @@ class NestedFleetAssessor(Assessor):
         self._log_path = root / LOG_FILE
         if self._log_path.exists():
             self._log = json.loads(self._log_path.read_text())
+        self._round = self.versions.next_round() - 1  # start_task counts on from the archive's rounds
+        self._accepted_versions = [r.version for r in self.versions.archive.versions() if r.status == ACCEPTED]
+        self._published = (self.versions.version, self.versions.current)
         state = "resumed from" if self.versions.resumed else "starting at"
         self.log_info(fl_ctx, f"{state} global version {self.versions.version} ({root})")
 
@@ -203,20 +247,32 @@ class NestedFleetAssessor(Assessor):
             self._first_at = time.monotonic()
         self._buffer[item.leaf] = item
 
-    def _make_version(self, fl_ctx: FLContext) -> None:
-        versions = self.versions
-        versions.aggregator.reset()
+    def _take_buffer(self) -> list[LeafSum]:
+        """The buffer's sums; the backlog moves up (one sum per leaf)."""
         items = list(self._buffer.values())
-        combined = self.combiner.combine(items, versions.version, versions.aggregator)
-        for rejection in combined.rejections:
-            self._refuse(fl_ctx, f"{rejection.contributor}: {rejection.reason}")
         self._buffer, self._first_at = {}, None
         backlog, self._backlog = self._backlog, []
         for item in backlog:
             (self._backlog.append if item.leaf in self._buffer else self._add_to_buffer)(item)
+        return items
+
+    def _make_version(self, fl_ctx: FLContext, items: list[LeafSum]) -> None:
+        versions = self.versions
+        versions.aggregator.reset()
+        # staleness counts accepted versions: rejected candidates were never sent to a leaf
+        order = {version: n for n, version in enumerate(self._accepted_versions)}
+        refusals, ranked = [], []
+        for item in items:
+            if item.base_version not in order:
+                refusals.append(f"leaf {item.leaf}: base version {item.base_version} was never an accepted version")
+            else:
+                ranked.append(replace(item, base_version=order[item.base_version]))
+        combined = self.combiner.combine(ranked, len(order) - 1, versions.aggregator)
+        refusals += [f"{rejection.contributor}: {rejection.reason}" for rejection in combined.rejections]
         entry = {"leaves": combined.accepted, "devices": combined.devices, "at": time.time()}
         if versions.aggregator.count:
             self._candidates += 1
+            self._task_candidates += 1
             proposal = versions.propose(self._round, combined.devices)
             record = proposal.record
             self._accepted += proposal.accepted
@@ -226,14 +282,25 @@ class NestedFleetAssessor(Assessor):
                 f" ({combined.devices} devices): {record.reason}",
             )
             entry |= {"version": record.version, "status": record.status, "probe": record.metrics}
+            if proposal.accepted:
+                with self._lock:
+                    self._accepted_versions.append(record.version)
+                    self._published = (versions.version, versions.current)
         else:
             entry |= {"version": versions.version, "status": "unchanged"}
-        self._log["versions"].append(entry)
-        self._write_log()
+        with self._lock:
+            self._log["versions"].append(entry)
+            self._refuse(fl_ctx, refusals)
+            self._write_log()
 
-    def _refuse(self, fl_ctx: FLContext, reason: str) -> None:
-        self.log_warning(fl_ctx, f"refused a leaf sum {reason}")
-        self._log["refused"].append({"reason": reason, "at": time.time()})
+    def _refuse(self, fl_ctx: FLContext, reasons: list[str]) -> None:
+        """Log each refusal; keep them with the version log (one write for the lot). Caller holds the lock."""
+        if not reasons:
+            return
+        for reason in reasons:
+            self.log_warning(fl_ctx, f"refused a leaf sum {reason}")
+        now = time.time()
+        self._log["refused"] = (self._log["refused"] + [{"reason": r, "at": now} for r in reasons])[-MAX_LOGGED:]
         self._write_log()
 
     def _write_log(self) -> None:
@@ -241,6 +308,7 @@ class NestedFleetAssessor(Assessor):
             write_json_atomic(self._log_path, self._log)
 
     def finalize(self, fl_ctx: FLContext) -> None:
-        self._write_log()
+        with self._lock:
+            self._write_log()
         if self.versions is not None:
             self.log_info(fl_ctx, f"final global version {self.versions.version}; {self._accepted} accepted this run")

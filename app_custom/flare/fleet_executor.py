@@ -22,11 +22,10 @@ masked vectors.
 
 from __future__ import annotations
 
-import json
-import os
+import hashlib
+import secrets
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ from nvflare.edge.web.models.task_response import TaskResponse
 
 from app_custom.cluster.leaf_cohort import TRAIN, CohortRefusal, LeafCohort
 from app_custom.device_identity import DeviceAuthenticator, IdentityError
+from app_custom.durable import append_jsonl
 from app_custom.edge_messages import (
     EdgeMessageError,
     check_enrol,
@@ -55,13 +55,25 @@ from app_custom.edge_messages import (
     session_of,
     task_data,
 )
-from app_custom.flare.fleet_messages import leaf_sum_entry, read_report, read_version, report, version_message
+from app_custom.flare.fleet_messages import (
+    ACKNOWLEDGED,
+    acknowledged,
+    leaf_sum_entry,
+    leaves_under,
+    read_report,
+    read_version,
+    report,
+    version_message,
+)
 from app_custom.flare.outbound_audit import secagg_summary
 from app_custom.nested.slow_delta import UpdateError, shapes_of
 from app_custom.privacy.private_update import PrivacySettings
 
 MODES = ("sync", "async")
 AUDIT_FILE = "leaf_audit.jsonl"
+MAX_PENDING = 10_000  # sums waiting for the parent (a cluster-tier client forwards many leaves')
+TOKEN_CACHE = 100_000  # verified device tokens remembered
+TOKEN_TTL_S = 60.0  # how long a verified token is trusted without a new check
 DEVICE_CA_DIR = "local/device_ca"
 
 
@@ -77,7 +89,9 @@ class CohortUpdater(Updater):
         self.version: int | None = None
         self.weights: dict[str, np.ndarray] | None = None
         self.session: LeafCohort | None = None
-        self._next_session = 0
+        self._session_weights: dict[str, np.ndarray] | None = None  # what the session's devices train from
+        # session numbers start at a random point: a leaf restarted within a job never reuses one
+        self._next_session = secrets.randbits(31) << 16
         self._started_in_task = False
         self._pending: dict[tuple[str, int], dict] = {}  # (leaf, session) -> entry, until acknowledged
         self._in_flight: set[tuple[str, int]] = set()
@@ -106,7 +120,8 @@ class CohortUpdater(Updater):
 
     def process_parent_update_reply(self, reply: Shareable, fl_ctx: FLContext) -> None:
         with self._lock:
-            for key in self._in_flight:  # the parent took the report: those sums are delivered
+            taken = acknowledged(reply)  # what the parent took; the rest is sent again
+            for key in self._in_flight if taken is None else self._in_flight & taken:
                 self._pending.pop(key, None)
             self._in_flight = set()
             try:
@@ -119,13 +134,23 @@ class CohortUpdater(Updater):
     def process_child_update(self, update: Shareable, fl_ctx: FLContext):
         child = fl_ctx.get_peer_context().get_identity_name()
         known, entries, problems = read_report(update)
+        allowed = leaves_under(fl_ctx, child)
+        taken = []
         for problem in problems:
             self.log_warning(fl_ctx, f"refused a sum from {child}: {problem}")
         with self._lock:
             for session, item in entries:
-                self._pending[(item.leaf, session)] = leaf_sum_entry(session, item)
+                taken.append([item.leaf, session])
+                if allowed is not None and item.leaf not in allowed:
+                    self.log_warning(fl_ctx, f"refused a sum from {child}: leaf {item.leaf} is not one of its leaves")
+                elif len(self._pending) >= MAX_PENDING:
+                    self.log_warning(fl_ctx, f"dropped a sum of {item.leaf}: {MAX_PENDING} sums wait for the parent")
+                else:
+                    self._pending[(item.leaf, session)] = leaf_sum_entry(session, item)
             newer = self.weights if self.version is not None and (known is None or known < self.version) else None
-            return bool(entries), version_message(self.version or 0, newer)
+            reply = version_message(self.version or 0, newer)
+        reply[ACKNOWLEDGED] = taken
+        return bool(entries), reply
 
     def end_task(self, fl_ctx: FLContext):
         with self._lock:
@@ -133,18 +158,16 @@ class CohortUpdater(Updater):
         super().end_task(fl_ctx)
 
     # ---- devices -------------------------------------------------------------------------------
-    def next_task(self, device: str, fl_ctx: FLContext, admit: Callable[[], None]) -> dict | None:
-        """The device's next step; ``admit`` (raising on an untrusted device) runs before it joins a cohort."""
+    def next_task(self, device: str, fl_ctx: FLContext) -> dict | None:
+        """The (authenticated) device's next step, or None."""
         with self._lock:
             session = self._current_session(fl_ctx)
             if session is None:
                 return None
-            if session.would_enrol(device):
-                admit()
             task = session.task_for(device)
             if task is None:
                 return None
-            weights = self.weights if task.stage == TRAIN else None
+            weights = self._session_weights if task.stage == TRAIN else None
             return task_data(task.stage, task.spec, session.base_version, weights, task.message)
 
     def take_answer(self, device: str, answer: dict, fl_ctx: FLContext) -> None:
@@ -163,10 +186,11 @@ class CohortUpdater(Updater):
         if self.session is not None:
             self.session.tick()
             self._collect(fl_ctx)
-        if self.session is None or (self.session.done and self.mode == "async"):
-            if self.mode == "sync" and self._started_in_task:
-                return None
+        if self.session is None or (self.session.done and (self.mode == "async" or self.session.failure)):
+            if self.mode == "sync" and self._started_in_task and not (self.session and self.session.failure):
+                return None  # one sum per round; a failed session may be tried again
             self._next_session += 1
+            self._session_weights = self.weights
             self.session = LeafCohort(
                 job_id=self.job_id,
                 leaf=self.site,
@@ -244,12 +268,19 @@ class NestedFleetExecutor(EdgeTaskExecutor):
                 raise ValueError(f"{name} must be an integer >= 2, got {value!r}")
         if min_devices > cohort_size:
             raise ValueError(f"min_devices ({min_devices}) exceeds cohort_size ({cohort_size})")
+        dp = self.settings.dp
+        if dp.noise_multiplier > 0 and min_devices < dp.contributors_assumed:
+            raise ValueError(
+                f"min_devices ({min_devices}) is below the {dp.contributors_assumed} contributors the devices'"
+                " noise shares assume (dp.min_cohort, else dp.cohort_size): a smaller sum would be under-noised"
+            )
         self.mode, self.cohort_size, self.min_devices = mode, cohort_size, min_devices
         self.stage_timeout, self.enrol_timeout = stage_timeout, enrol_timeout
         self.device_ca_dir = device_ca_dir
         self._authenticator: DeviceAuthenticator | None = None
         self._audit_path: Path | None = None
         self._updater_obj: CohortUpdater | None = None
+        self._tokens: dict[bytes, tuple[str, float]] = {}  # verified token digest -> (device, until)
 
     def get_updater(self, fl_ctx: FLContext):
         leaf = bool(fl_ctx.get_prop(ReservedKey.IS_LEAF))
@@ -275,20 +306,13 @@ class NestedFleetExecutor(EdgeTaskExecutor):
     def process_edge_task_request(self, request: TaskRequest, current_task: TaskInfo, fl_ctx: FLContext):
         job_id = fl_ctx.get_job_id()
         device = request.get_device_id()
-
-        def admit() -> None:
-            if self._authenticator is None:
-                raise CohortRefusal("this site is not a leaf")
-            signer, payload = self._authenticator.open(read_enrol_cookie(request.cookie))
-            if signer != device:
-                raise IdentityError(f"signed by {signer}, sent as {device}")
-            check_enrol(payload, device, job_id, time.time())
-
         try:
-            data = self._updater_obj.next_task(device, fl_ctx, admit)
+            self._authenticate_poll(device, request.cookie, job_id)
         except (IdentityError, EdgeMessageError, CohortRefusal) as err:
-            self.log_warning(fl_ctx, f"refused to enrol device {device!r}: {err}")
-            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=30, message=f"not enrolled: {err}"[:300])
+            self.log_warning(fl_ctx, f"refused a task request from device {device!r}: {err}")
+            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=30, message=f"not admitted: {err}"[:300])
+        try:
+            data = self._updater_obj.next_task(device, fl_ctx)
         except Exception as err:  # a poll must never take the leaf down
             self.log_exception(fl_ctx, f"device {device}: cannot make its task: {err}")
             data = None
@@ -329,6 +353,27 @@ class NestedFleetExecutor(EdgeTaskExecutor):
     def process_edge_selection_request(self, request: SelectionRequest, current_task: TaskInfo, fl_ctx: FLContext):
         return SelectionResponse(EdgeApiStatus.OK, job_id=fl_ctx.get_job_id())
 
+    def _authenticate_poll(self, device: str, cookie: object, job_id: str) -> None:
+        """Every poll carries the device's signed token (it gets the global weights and a cohort
+        place): verified once, then remembered for ``TOKEN_TTL_S``, forgotten when the CRL changes."""
+        if self._authenticator is None:
+            raise CohortRefusal("this site is not a leaf")
+        envelope = read_enrol_cookie(cookie)
+        now = time.time()
+        if self._authenticator.refresh():
+            self._tokens.clear()  # a new CRL: every device is checked against it again
+        digest = hashlib.sha256(envelope).digest()
+        known = self._tokens.get(digest)
+        if known is not None and known[0] == device and known[1] > now:
+            return
+        signer, payload = self._authenticator.open(envelope)
+        if signer != device:
+            raise IdentityError(f"signed by {signer}, sent as {device}")
+        check_enrol(payload, device, job_id, now)
+        if len(self._tokens) >= TOKEN_CACHE:
+            self._tokens.clear()
+        self._tokens[digest] = (device, now + TOKEN_TTL_S)
+
     def _audit(self, device: str, answer: dict) -> None:
         raw = answer["message"]
         record = {"device": device, "stage": answer["stage"], "session": answer["session"]}
@@ -336,7 +381,4 @@ class NestedFleetExecutor(EdgeTaskExecutor):
             record["skipped"] = True
         else:
             record["secagg"] = secagg_summary(np.frombuffer(raw, dtype=np.uint8))
-        with open(self._audit_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self._audit_path, record)

@@ -14,12 +14,16 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.fuel.utils.tree_utils import Forest
 
 from app_custom.cluster.leaf_sums import LeafSum
 from app_custom.nested.slow_delta import UpdateError
 
 GLOBAL_VERSION, SLOW, KNOWN_VERSION, LEAF_SUMS = "global_version", "slow", "known_version", "leaf_sums"
+ACKNOWLEDGED = "acknowledged"  # in a reply: the [leaf, session] pairs the parent took (or refused for good)
 MAX_SUMS_PER_REPORT = 10_000
 
 
@@ -99,3 +103,30 @@ def _entry(entry: object) -> tuple[int, LeafSum]:
     if not isinstance(total, dict) or not all(isinstance(v, np.ndarray) for v in total.values()):
         raise UpdateError("total must map names to arrays")
     return entry["session"], LeafSum(entry["leaf"], entry["base_version"], entry["count"], float(weight), total)
+
+
+def leaves_under(fl_ctx: FLContext, child: str) -> set[str] | None:
+    """The leaf sites at or below ``child`` in the client hierarchy (whose sums it may report);
+    None when the hierarchy is not known (outside a deployment)."""
+    forest = fl_ctx.get_prop(FLContextKey.CLIENT_HIERARCHY)
+    if not isinstance(forest, Forest):
+        return None
+    node = forest.nodes.get(child)
+    if node is None:
+        return set()
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current.children:
+            stack.extend(current.children)
+        else:
+            found.add(current.obj.name)
+    return found
+
+
+def acknowledged(reply: Shareable) -> set[tuple[str, int]] | None:
+    """The (leaf, session) pairs a parent's reply acknowledges; None if it names none (take all)."""
+    pairs = reply.get(ACKNOWLEDGED)
+    if not isinstance(pairs, list):
+        return None
+    return {(p[0], p[1]) for p in pairs if isinstance(p, (list, tuple)) and len(p) == 2}

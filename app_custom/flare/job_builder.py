@@ -90,8 +90,10 @@ def build_fleet_job(
     assessor, leaf = dict(assessor or {}), dict(leaf or {})
     mode = assessor.get("mode", leaf.get("mode", "async"))
     assessor["mode"] = leaf["mode"] = mode
-    # SAGE sends one task per round; asynchronous mode keeps a single task open
-    rounds = 1 if mode == "async" else assessor.get("max_rounds", num_rounds)
+    # SAGE sends one task per round: sync mode one per version, async mode one per few versions
+    # (the assessor ends the workflow itself; this only has to be large enough)
+    assessor.setdefault("max_rounds", num_rounds)
+    rounds = assessor["max_rounds"]
     job = FedJob(name=name, min_clients=1, meta_props={"edge_method": "fleetnest", AppValidationKey.BYOC: True})
     job.to_server(NestedFleetAssessor(config=config, data=data, privacy=privacy, **assessor), id="wf_assessor")
     job.to_server(

@@ -9,8 +9,6 @@ tests read it to prove it.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from nvflare.apis.dxo import from_shareable
@@ -20,6 +18,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
+from app_custom.durable import append_jsonl
 from app_custom.flare.fast_layer_guard import DEVICE_MESSAGES, SECAGG_KEY
 from app_custom.privacy.secagg import MaskedInput
 from app_custom.privacy.wire import WireError, decode_message
@@ -69,8 +68,5 @@ class OutboundAudit(Filter):
             record["meta"] = sorted(meta)
         workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
         root = Path(workspace.get_root_dir()) if workspace else Path.cwd()
-        with open(root / AUDIT_FILE, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(root / AUDIT_FILE, record)
         return shareable

@@ -10,7 +10,8 @@ python jobs/nested_fleet/job.py --export --export-dir D    # export to D/nested_
 It runs only on a provisioned hierarchy (``fleetnest provision``): SimEnv cannot model one. The
 committed folder: asynchronous (FedBuff-style) mode, versions from the sums of 2 leaves (or what
 came within 30 s), 3 accepted versions; each leaf sums cohorts of 3 devices (at least 2) with
-secure aggregation over a 12-bit ring; clip 8, noise multiplier 0.05 on a cohort's sum. The
+secure aggregation over a 12-bit ring; clip 8, noise multiplier 0.05 on the sum of the smallest
+cohort a leaf releases (2 devices: each device's noise share is sized for it). The
 archive is ``fleetnest_archive/`` in the server's workspace: submitting the job again, or
 restarting the server, resumes from its current version.
 """
@@ -40,6 +41,10 @@ from simulator.methods import method_config  # noqa: E402
 JOB_DIR = Path(__file__).resolve().parent
 
 
+def min_devices(args: argparse.Namespace) -> int:
+    return min(2, args.cohort)
+
+
 def settings(args: argparse.Namespace) -> dict:
     data = {"fn": FLEET_FN, "kwargs": {"dataset": "digits", "regime": "label_skew", "num_devices": args.devices}}
     privacy = {
@@ -49,6 +54,7 @@ def settings(args: argparse.Namespace) -> dict:
             "delta": 1e-5,
             "fleet_size": args.devices,
             "cohort_size": args.cohort,
+            "min_cohort": min_devices(args),  # noise shares sized for the smallest sum a leaf releases
             "mode": "distributed",
         },
         "secure_aggregation": True,
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             "buffer_timeout": args.buffer_timeout,
             "max_wait": args.max_wait,
         },
-        leaf={"cohort_size": args.cohort, "min_devices": min(2, args.cohort), "stage_timeout": args.stage_timeout},
+        leaf={"cohort_size": args.cohort, "min_devices": min_devices(args), "stage_timeout": args.stage_timeout},
     )
     if args.refresh:
         refresh_job_folder(job, JOB_DIR)

@@ -33,8 +33,8 @@ class Clock:
 class Device:
     """The device's side of the protocol, as ``edge_runtime.fleet_device`` runs it."""
 
-    def __init__(self, name: str, delta: dict, settings: PrivacySettings) -> None:
-        self.name, self.delta, self.settings = name, delta, settings
+    def __init__(self, name: str, delta: dict, settings: PrivacySettings, samples: int = 100) -> None:
+        self.name, self.delta, self.settings, self.samples = name, delta, settings, samples
         self.session = self.levels = None
         self.sent: list[bytes] = []
 
@@ -43,7 +43,9 @@ class Device:
             params = session_params(self.settings, task.spec, self.settings.update_length(SHAPES))
             rng = np.random.default_rng(7)
             cohort = len(task.spec["cohort"])
-            self.levels, _ = prepare_update(self.delta, SHAPES, self.settings, cohort, rng, params.context)
+            self.levels, _ = prepare_update(
+                self.delta, SHAPES, self.settings, cohort, rng, params.context, self.samples
+            )
             self.session = SecAggDevice(self.name, params)
             out = self.session.advertise()
         elif task.stage == SHARE:
@@ -57,13 +59,13 @@ class Device:
         return raw
 
 
-def _cohort(clock, size=4, min_devices=2, **kw):
+def _cohort(clock, size=4, min_devices=2, privacy=PRIVACY, **kw):
     return LeafCohort(
         job_id="job-1",
         leaf="eu-depot-1",
         session=1,
         base_version=3,
-        settings=PrivacySettings.from_dict(PRIVACY),
+        settings=PrivacySettings.from_dict(privacy),
         shapes=SHAPES,
         cohort_size=size,
         min_devices=min_devices,
@@ -134,12 +136,11 @@ def test_enrolment_closes_at_its_deadline_with_enough_devices_and_waits_without(
     clock.now += 11
     cohort.tick()
     assert cohort.stage == ENROL  # two of at least three: keep enrolling
-    assert cohort.would_enrol("robot-2") and not cohort.would_enrol("robot-0")
     cohort.task_for("robot-2")
     clock.now += 11
     cohort.tick()
     assert cohort.stage == TRAIN and cohort.spec["cohort"] == ["robot-0", "robot-1", "robot-2"]
-    assert not cohort.would_enrol("robot-3")
+    assert cohort.task_for("robot-3") is None and "robot-3" not in cohort.spec["cohort"]
 
 
 def test_out_of_place_messages_are_refused_with_a_reason_and_the_session_goes_on():
@@ -175,3 +176,26 @@ def test_a_device_sitting_out_is_not_counted():
         _run_stage(cohort, {n: d for n, d in devices.items() if n != "robot-3"})
         clock.now += 11 if cohort.stage == TRAIN else 0
     assert cohort.outcome.count == 3 and cohort.skipped == {"robot-3": "privacy budget spent"}
+
+
+def test_under_sample_weighting_the_sum_carries_each_devices_weight():
+    privacy = {k: v for k, v in PRIVACY.items() if k != "weighting"} | {"weight_cap": 256}
+    settings = PrivacySettings.from_dict(privacy)
+    assert settings.weighted
+    rng = np.random.default_rng(3)
+    devices = {
+        f"robot-{i}": Device(
+            f"robot-{i}", {k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in SHAPES.items()}, settings, n
+        )
+        for i, n in enumerate([64, 128, 256])
+    }
+    clock = Clock()
+    cohort = _cohort(clock, size=3, privacy=privacy)
+    for name in devices:
+        cohort.task_for(name)
+    while not cohort.done:
+        _run_stage(cohort, devices)
+    weights = {"robot-0": 0.25, "robot-1": 0.5, "robot-2": 1.0}  # min(samples / weight_cap, 1)
+    assert cohort.outcome.count == 3 and cohort.outcome.weight == pytest.approx(1.75, abs=0.01)
+    expected = sum(weights[n] * d.delta["slow.w"] for n, d in devices.items())
+    assert np.allclose(cohort.outcome.total["slow.w"], expected, atol=0.01)

@@ -182,11 +182,19 @@ class LocalFleet:
         self._spawn(device, command, REPO)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop a site with everything it started: FLARE spawns job processes in sessions of their
+        own, so its process group is not enough (a crashed machine takes them all)."""
         process = self.processes.pop(name)
+        tree = descendants(process.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
         process.wait(timeout=30)
         _reap_group(process.pid)
+        for pid in tree:
+            _wait_gone(pid)
 
     def stop_all(self) -> None:
         for name in list(self.processes):
@@ -236,13 +244,45 @@ class LocalFleet:
 
     @property
     def archive(self) -> Path:
-        return self.kit("server") / "fleetnest_archive"
+        return self.kit("server") / "fleetnest_archive" / "nested_fleet"
 
     def versions(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.archive.glob("v*/meta.json"))]
 
     def accepted(self) -> list[dict]:
         return [v for v in self.versions() if v["status"] == "accepted" and v["round"] is not None]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, stack = [], list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children.get(child, []))
+    return found
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        except OSError:
+            return  # gone
+        if ") Z" in state:  # a zombie waiting for its (new) parent: it holds nothing
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _reap_group(pgid: int) -> None:

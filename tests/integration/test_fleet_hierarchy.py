@@ -164,7 +164,7 @@ def _send(fleet: LocalFleet, device: str, result: dict) -> dict:
 
 
 def _refusals(fleet: LocalFleet, leaf: str, device: str) -> list[str]:
-    return re.findall(rf"refused (?:a result from|to enrol) device '{re.escape(device)}': (.*)", fleet.log(leaf))
+    return re.findall(rf"refused (?:a result|a task request) from device '{re.escape(device)}': (.*)", fleet.log(leaf))
 
 
 def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused(state, tmp_path):
@@ -176,7 +176,6 @@ def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused
     assert fleet.cli("rotate", "--device", rotated, "--out", str(identity), "--revoke-previous") == 0
     assert (identity / "device.crt").read_bytes() != before
     assert fleet.cli("revoke", "--device", revoked) == 0
-    rotated_at = time.time()
 
     # garbage, a certificate of another CA, an expired certificate: each refused, the leaf goes on
     strangers = [d for d in _devices_by_leaf(fleet.leaves, 8)[state.survivor] if d not in state.by_leaf[state.survivor]]
@@ -204,7 +203,6 @@ def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused
 
     wait_until(rotated_device_contributed, 90, f"{rotated} to send a masked vector with its new certificate")
     wait_until(lambda: any("has been revoked" in r for r in _refusals(fleet, leaf, revoked)), 90, f"{revoked} refused")
-    assert time.time() > rotated_at
 
 
 def test_a_killed_leaf_does_not_stop_the_job(state):
@@ -229,6 +227,7 @@ def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
     accepted = len(fleet.accepted())
     wait_until(lambda: len(fleet.accepted()) > accepted, 120, "a version of the second job", interval=2)
     fleet.kill("server")
+    restarted_at = time.time()
     last = json.loads((fleet.archive / "current.json").read_text())["version"]
     resumes = len(re.findall(r"resumed from global version (\d+)", fleet.log("server")))
     fleet.start_site("server", "server")
@@ -240,4 +239,8 @@ def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
         "the resubmitted job to resume",
     )
     assert int(found[-1]) == last
-    wait_until(lambda: any(v["parent"] == last for v in fleet.versions()), 120, f"a version made from version {last}")
+    wait_until(
+        lambda: any(v["parent"] == last and v["created_at"] > restarted_at for v in fleet.versions()),
+        120,
+        f"a version made from version {last} after the restart",
+    )
