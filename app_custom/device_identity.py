@@ -116,9 +116,12 @@ class DeviceAuthenticator:
         except OSError as err:
             raise IdentityError(f"no revocation list in {self.dir}: {err}") from err
 
-    def refresh(self) -> bool:
-        """Re-read the CRL if its file changed; True when it did (what was trusted must be checked again)."""
-        return self._load_crl()
+    @property
+    def crl_stamp(self) -> tuple | None:
+        """Identifies the CRL in force, after re-reading it if its file changed: when it differs from
+        the one a device was checked under, check that device again."""
+        self._load_crl()
+        return self._crl_stamp
 
     def open(self, envelope: bytes, now: dt.datetime | None = None) -> tuple[str, bytes]:
         """(device id, payload) of a genuine envelope, or ``IdentityError`` saying why not."""

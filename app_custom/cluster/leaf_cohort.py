@@ -111,6 +111,14 @@ class LeafCohort:
             return None
         return CohortTask(self.stage, dict(self.spec), self._messages.get(device))
 
+    def drop(self, device: str) -> None:
+        """``device`` gets no further step in this session (as if it had gone quiet)."""
+        if device in self.cohort and self.stage == ENROL:
+            self.cohort.remove(device)
+        elif device in self._eligible:
+            self._answered.add(device)
+        self.tick()
+
     def submit(self, device: str, stage: str, raw: bytes | None, skip_reason: str | None = None) -> None:
         """Take a device's answer to ``stage``; ``CohortRefusal`` when it is not the one expected."""
         self.tick()

@@ -170,6 +170,12 @@ class CohortUpdater(Updater):
             weights = self._session_weights if task.stage == TRAIN else None
             return task_data(task.stage, task.spec, session.base_version, weights, task.message)
 
+    def drop(self, device: str) -> None:
+        """``device`` takes no further part in the current session (it could not be trusted)."""
+        with self._lock:
+            if self.session is not None:
+                self.session.drop(device)
+
     def take_answer(self, device: str, answer: dict, fl_ctx: FLContext) -> None:
         """Feed a checked answer to the session; ``CohortRefusal`` when it does not belong there."""
         with self._lock:
@@ -281,6 +287,7 @@ class NestedFleetExecutor(EdgeTaskExecutor):
         self._audit_path: Path | None = None
         self._updater_obj: CohortUpdater | None = None
         self._tokens: dict[bytes, tuple[str, float]] = {}  # verified token digest -> (device, until)
+        self._tokens_crl: tuple | None = None  # the CRL those tokens were checked under
 
     def get_updater(self, fl_ctx: FLContext):
         leaf = bool(fl_ctx.get_prop(ReservedKey.IS_LEAF))
@@ -341,7 +348,11 @@ class NestedFleetExecutor(EdgeTaskExecutor):
             if answer["device"] != device:
                 raise EdgeMessageError(f"the payload names {answer['device']}, the certificate {device}")
             self._updater_obj.take_answer(device, answer, fl_ctx)
-        except (IdentityError, EdgeMessageError, CohortRefusal) as err:
+        except IdentityError as err:
+            self.log_warning(fl_ctx, f"refused a result from device {claimed!r}: {err}")
+            self._updater_obj.drop(claimed)  # no further step of this session for it
+            return ResultResponse(EdgeApiStatus.INVALID_REQUEST, message=str(err)[:300])
+        except (EdgeMessageError, CohortRefusal) as err:
             self.log_warning(fl_ctx, f"refused a result from device {claimed!r}: {err}")
             return ResultResponse(EdgeApiStatus.INVALID_REQUEST, message=str(err)[:300])
         except Exception as err:  # garbage must never take the leaf down
@@ -360,8 +371,10 @@ class NestedFleetExecutor(EdgeTaskExecutor):
             raise CohortRefusal("this site is not a leaf")
         envelope = read_enrol_cookie(cookie)
         now = time.time()
-        if self._authenticator.refresh():
+        stamp = self._authenticator.crl_stamp
+        if stamp != self._tokens_crl:
             self._tokens.clear()  # a new CRL: every device is checked against it again
+            self._tokens_crl = stamp
         digest = hashlib.sha256(envelope).digest()
         known = self._tokens.get(digest)
         if known is not None and known[0] == device and known[1] > now:

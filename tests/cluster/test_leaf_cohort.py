@@ -199,3 +199,18 @@ def test_under_sample_weighting_the_sum_carries_each_devices_weight():
     assert cohort.outcome.count == 3 and cohort.outcome.weight == pytest.approx(1.75, abs=0.01)
     expected = sum(weights[n] * d.delta["slow.w"] for n, d in devices.items())
     assert np.allclose(cohort.outcome.total["slow.w"], expected, atol=0.01)
+
+
+def test_a_dropped_device_gets_no_further_step_and_the_others_need_not_wait_for_it():
+    clock, devices = Clock(), _devices(4)
+    cohort = _cohort(clock)
+    for name in devices:
+        cohort.task_for(name)
+    _run_stage(cohort, devices)  # train
+    _run_stage(cohort, devices)  # share
+    cohort.drop("robot-1")  # e.g. its certificate was revoked
+    assert cohort.task_for("robot-1") is None
+    _run_stage(cohort, {n: d for n, d in devices.items() if n != "robot-1"})
+    assert cohort.stage == UNMASK  # no deadline needed: everyone else answered
+    _run_stage(cohort, devices)
+    assert cohort.done and cohort.outcome.count == 3
