@@ -1,14 +1,14 @@
 """A device of the hierarchy: the nested learner behind FLARE's edge API.
 
 ``FleetDevice`` is the device's side of a leaf's secure-aggregation session (``LeafCohort``): it
-merges the global slow layers with its own fast layers, trains, clips, noises, rotates and
-quantizes its slow delta (``prepare_update``), and answers each stage with the protocol message
-of ``SecAggDevice``. Every answer passes the same check as the flat job's ``FastLayerGuard``
-(one secure-aggregation message a device may send, scalar metrics) before it is signed with the
-device's key and sent; nothing else leaves. The privacy budget is charged before a masked
-vector leaves and kept on disk (``privacy_ledger.json``), with the learner's state
-(``device_state.pt``); a device that restarts mid-session drops out of it (its masks are
-recovered by the leaf) and joins the next one.
+merges the global slow layers with its own fast layers, trains, and hands its slow delta to
+``DeviceRound`` (the same one the flat job's executor runs: clip, noise, rotate, quantize, mask;
+the budget charged before a masked vector leaves). Every answer passes the same check as the
+flat job's ``FastLayerGuard`` (one secure-aggregation message a device may send, scalar metrics)
+before it is signed with the device's key and sent; nothing else leaves. The learner's state
+(``device_state.pt``), the privacy ledger (``privacy_ledger.json``) and the session in progress
+(``secagg_session.json``, owner-only) are kept on disk, so a device restarted mid-session
+carries on where it was.
 
 ``run_device`` is the poll loop over FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``,
 ``/result`` through the routing proxy), with retries and backoff when the proxy or the leaf is
@@ -51,13 +51,15 @@ from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from app_custom.nested.learner import NestedLearner
 from app_custom.nested.slow_delta import shapes_of
+from app_custom.privacy.device_round import DeviceRound
 from app_custom.privacy.dp import PrivacyLedger
-from app_custom.privacy.private_update import PrivacySettings, prepare_update, session_params
-from app_custom.privacy.secagg import ProtocolError, Roster, SecAggDevice, SharesFor, UnmaskRequest
-from app_custom.privacy.wire import WireError, decode_message, encode_message
+from app_custom.privacy.private_update import PrivacySettings
+from app_custom.privacy.secagg import MASK, UNMASK, ProtocolError
+from app_custom.privacy.wire import WireError, encode_message
 
 log = logging.getLogger("fleetnest.device")
 STATE_FILE, LEDGER_FILE, AUDIT_FILE = "device_state.pt", "privacy_ledger.json", "outbound_audit.jsonl"
+SESSION_FILE = "secagg_session.json"
 TOKEN_RENEW_S = 60.0
 
 
@@ -124,8 +126,9 @@ class FleetDevice:
             history = json.loads((state_dir / LEDGER_FILE).read_text())["history"]
         self.ledger = PrivacyLedger(self.settings.dp, history)
         self._rng = np.random.default_rng(secrets.randbits(128))
-        self._session: SecAggDevice | None = None
-        self._levels: np.ndarray | None = None
+        self._session_path = state_dir / SESSION_FILE
+        # a session this device was in when it stopped: carried on if the leaf is still at it
+        self._round: DeviceRound | None = DeviceRound.load(self._session_path, self.settings)
         self.metrics: dict[str, float] = {}
 
     def answer(
@@ -134,37 +137,30 @@ class FleetDevice:
         """(protocol message, skip reason, metrics) for one step of a session."""
         if stage == "train":
             return self._train(spec, version, weights)
-        if self._session is None or self._session.params.context.round != spec.get("round"):
-            raise ProtocolError("leaf", stage, "no session of this device in progress (restarted?)")
-        if stage == "share":
-            return encode_message(self._session.share_keys(decode_message(message, Roster))), None, {}
-        if stage == "mask":
-            mine = decode_message(message, dict).get(self.id)
-            if not isinstance(mine, SharesFor):
-                raise ProtocolError("leaf", stage, f"no shares routed to {self.id}")
-            # charge the budget before the masked vector leaves: a crash after sending cannot under-count
-            self.ledger.record_contribution()
-            write_json_atomic(self.state_dir / LEDGER_FILE, {"history": self.ledger.history})
-            masked = self._session.masked_input(mine, self._levels)
-            self._levels = None
-            return encode_message(masked), None, {"dp_epsilon": self.ledger.epsilon()}
-        if stage == "unmask":
-            shares = self._session.unmask(decode_message(message, UnmaskRequest))
-            self._session = None
-            return encode_message(shares), None, {}
-        raise ProtocolError("leaf", stage, f"unknown stage {stage!r}")
+        if self._round is None or self._round.round != spec.get("round"):
+            raise ProtocolError("leaf", stage, "no session of this device in progress")
+        out = self._round.answer(stage, message, self._charge)
+        metrics = {"dp_epsilon": self.ledger.epsilon()} if stage == MASK else {}
+        if stage == UNMASK:
+            self._round = None
+            DeviceRound.discard(self._session_path)
+        else:
+            self._round.save(self._session_path)
+        return encode_message(out), None, metrics
+
+    def _charge(self) -> None:
+        """Count this session against the budget before the masked vector leaves."""
+        self.ledger.record_contribution()
+        write_json_atomic(self.state_dir / LEDGER_FILE, {"history": self.ledger.history})
 
     def _train(self, spec: dict, version: int, weights: dict | None) -> tuple[bytes | None, str | None, dict]:
         if weights is None:
             raise EdgeMessageError("a train task without the global slow layers")
-        self._session, self._levels = None, None
-        params = session_params(self.settings, spec, self.settings.update_length(shapes_of(weights)))
-        if self.id not in spec["cohort"]:
-            raise ProtocolError("leaf", "train", f"{self.id} is not in the session's cohort")
-        needed = self.settings.dp.contributors_assumed
-        if self.settings.dp.noise_multiplier > 0 and len(spec["cohort"]) < needed:
-            # this device's noise share is sized for a sum of at least that many devices
-            raise ProtocolError("leaf", "train", f"a cohort of {len(spec['cohort'])} cannot hide it (needs {needed})")
+        self._round = None
+        DeviceRound.discard(self._session_path)  # a new session: whatever was left of the last one is void
+        noise = self.settings.dp.noise_multiplier > 0
+        min_cohort = self.settings.dp.contributors_assumed if noise else 1
+        DeviceRound.check(self.id, spec, shapes_of(weights), self.settings, min_cohort)
         merge = self.learner.receive_global(weights, version)
         outcome = self.learner.train_round()
         self.learner.save(self.state_dir / STATE_FILE)
@@ -173,17 +169,11 @@ class FleetDevice:
         reason = self.ledger.over_budget_reason()
         if reason:
             return None, reason, {}
-        self._levels, _ = prepare_update(
-            outcome.slow_delta,
-            shapes_of(weights),
-            self.settings,
-            len(spec["cohort"]),
-            self._rng,
-            params.context,
-            outcome.num_samples,
+        self._round, _ = DeviceRound.begin(
+            self.id, spec, outcome.slow_delta, self.settings, self._rng, outcome.num_samples, min_cohort
         )
-        self._session = SecAggDevice(self.id, params)
-        return encode_message(self._session.advertise()), None, {}
+        self._round.save(self._session_path)
+        return encode_message(self._round.advert()), None, {}
 
     def leaving_problems(self, message: bytes | None, metrics: dict) -> list[str]:
         """The flat job's outbound check, applied to what this device is about to send."""

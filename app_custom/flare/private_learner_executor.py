@@ -28,22 +28,16 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from app_custom.durable import write_json_atomic
 from app_custom.flare.fast_layer_guard import SECAGG_KEY
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
+from app_custom.privacy.device_round import DeviceRound
 from app_custom.privacy.dp import PrivacyLedger, privatize
-from app_custom.privacy.private_update import PrivacySettings, flatten, prepare_update, session_params, unflatten
+from app_custom.privacy.private_update import PrivacySettings, flatten, session_params, unflatten
 from app_custom.privacy.quantization import QuantizationError
-from app_custom.privacy.secagg import (
-    ProtocolError,
-    Roster,
-    SecAggDevice,
-    SecAggParams,
-    SharesFor,
-    UnmaskRequest,
-)
-from app_custom.privacy.session_store import discard_session, load_session, save_session
-from app_custom.privacy.wire import WireError, decode_message, encode_message
+from app_custom.privacy.secagg import MASK, SHARE, UNMASK, ProtocolError, SecAggParams
+from app_custom.privacy.wire import WireError, encode_message
 
 SHARE_TASK, MASK_TASK, UNMASK_TASK = "secagg_share", "secagg_mask", "secagg_unmask"
 SECAGG_TASKS = (SHARE_TASK, MASK_TASK, UNMASK_TASK)
+STAGE_OF_TASK = {SHARE_TASK: SHARE, MASK_TASK: MASK, UNMASK_TASK: UNMASK}
 LEDGER_FILE = "fleetnest_privacy_ledger.json"
 SESSION_FILE = "fleetnest_secagg_session.json"
 
@@ -86,9 +80,7 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
         self.ledger = PrivacyLedger(self.settings.dp)
         self._ledger_path: Path | None = None
         self._session_path: Path | None = None
-        self._spec: dict | None = None
-        self._session: SecAggDevice | None = None
-        self._levels: np.ndarray | None = None
+        self._round: DeviceRound | None = None  # this round's secure-aggregation session, if any
         self._rng = np.random.default_rng(secrets.randbits(128))  # DP noise and stochastic rounding
 
     def _start(self, fl_ctx: FLContext) -> None:
@@ -111,19 +103,15 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
         write_json_atomic(self._ledger_path, {"history": self.ledger.history, "epsilon": self.ledger.epsilon()})
 
     def _save_session(self) -> None:
-        if self._session_path is None:
-            return
-        if self._session is None:
-            discard_session(self._session_path)
+        if self._round is None:
+            DeviceRound.discard(self._session_path)
         else:
-            save_session(self._session_path, self._spec, self._session, self._levels)
+            self._round.save(self._session_path)
 
     def _load_session(self) -> None:
         """This round's session from disk, when this process did not run its earlier stages."""
-        if self._session is not None or self._session_path is None or not self._session_path.exists():
-            return
-        length_of = lambda spec, length: secagg_params(self.settings, spec, length)[0]  # noqa: E731
-        self._spec, self._session, self._levels = load_session(self._session_path, length_of)
+        if self._round is None:
+            self._round = DeviceRound.load(self._session_path, self.settings)
 
     def _outbound_metrics(self, metrics: dict) -> dict[str, float]:
         """The device's evaluation metrics (only with ``device_metrics``: they are computed on its own
@@ -153,13 +141,13 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             )
         except (WireError, ProtocolError, QuantizationError, ValueError, RuntimeError) as err:
             # a malformed or out-of-order protocol message: this device drops out of the round
-            self._session, self._levels = None, None
+            self._round = None
             self._save_session()
             self.log_error(fl_ctx, f"{task_name}: {err}; leaving this round's secure aggregation")
             return make_reply(ReturnCode.BAD_TASK_DATA)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        self._session, self._levels = None, None
+        self._round = None
         self._save_session()  # a new round: whatever was left of the last one is void
         incoming = FLModelUtils.from_shareable(shareable)
         trained = super().execute(self.train_task, shareable, fl_ctx, abort_signal)
@@ -186,23 +174,19 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             return FLModelUtils.to_shareable(
                 FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta)
             )
-        params, cohort = secagg_params(
-            self.settings, (incoming.meta or {}).get("secagg"), self.settings.update_length(shapes)
-        )
-        me = fl_ctx.get_identity_name()
-        if me not in cohort:
-            raise ProtocolError("aggregator", "advertise", f"{me} is not in the round's cohort")
+        spec = (incoming.meta or {}).get("secagg")
+        if not isinstance(spec, dict):
+            raise WireError("the task carries no secagg round description")
         samples = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
-        self._levels, norm = prepare_update(
-            result.params, shapes, self.settings, len(cohort), self._rng, params.context, samples
+        delta = {name: result.params[name] for name in shapes}
+        self._round, norm = DeviceRound.begin(
+            fl_ctx.get_identity_name(), spec, delta, self.settings, self._rng, samples
         )
-        self._session = SecAggDevice(me, params)
-        self._spec = incoming.meta["secagg"]
         self._save_session()
         # the norm stays on the device: it is data-dependent and no part of the accounted mechanism
         self.log_info(fl_ctx, f"slow delta norm {norm:.3f} before clipping to {self.settings.dp.clip_norm}")
         metrics = self._outbound_metrics(metrics)
-        return self._reply(self._session.advertise(), metrics, meta)
+        return self._reply(self._round.advert(), metrics, meta)
 
     def _noised(self, delta: dict, shapes: dict) -> tuple[dict, float]:
         noised, norm = privatize(flatten(delta, shapes), self.settings.dp, self._rng)
@@ -210,30 +194,21 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
 
     def _stage(self, task_name: str, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         self._load_session()
-        if self._session is None:
+        if self._round is None:
             raise RuntimeError(f"{task_name} without a secure-aggregation session (restarted, or skipped the round)")
         incoming = FLModelUtils.from_shareable(shareable)
-        raw = message_bytes(incoming.params)
-        if task_name == SHARE_TASK:
-            bundle = self._session.share_keys(decode_message(raw, Roster))
-            self._save_session()
-            return self._reply(bundle)
-        if task_name == MASK_TASK:
-            routed = decode_message(raw, dict)
-            mine = routed.get(self._session.id)
-            if not isinstance(mine, SharesFor):
-                raise ProtocolError("aggregator", MASK_TASK, f"no shares routed to {self._session.id}")
-            # charge the budget before the masked vector leaves: a crash after sending cannot under-count
-            self.ledger.record_contribution()
-            self._save_ledger()
-            message = self._session.masked_input(mine, self._levels)
-            self._levels = None
-            self._save_session()
-            return self._reply(message, self._privacy_metrics() | {"dp_contributed": 1})
-        answer = self._session.unmask(decode_message(raw, UnmaskRequest))
-        self._session = None
+        stage = STAGE_OF_TASK[task_name]
+        message = self._round.answer(stage, message_bytes(incoming.params), self._charge)
+        metrics = self._privacy_metrics() | {"dp_contributed": 1} if stage == MASK else None
+        if stage == UNMASK:
+            self._round = None
         self._save_session()
-        return self._reply(answer)
+        return self._reply(message, metrics)
+
+    def _charge(self) -> None:
+        """Count this round against the budget before the masked vector leaves."""
+        self.ledger.record_contribution()
+        self._save_ledger()
 
     @staticmethod
     def _reply(message: object, metrics: dict | None = None, meta: dict | None = None) -> Shareable:

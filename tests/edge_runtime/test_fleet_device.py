@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from app_custom.cluster.leaf_cohort import LeafCohort
+from app_custom.privacy import device_round
 from app_custom.privacy.private_update import PrivacySettings
-from edge_runtime import fleet_device
 from edge_runtime.fleet_device import LEDGER_FILE, STATE_FILE, FleetDevice
 from jobs.nested_fleet.job import settings as job_settings
 
@@ -25,9 +25,9 @@ def job():
 
 def test_devices_complete_a_secure_sum_and_send_nothing_but_protocol_messages(job, tmp_path, monkeypatch):
     protected = []  # what each device hands to clipping, noise, quantization and masking
-    real_prepare = fleet_device.prepare_update
+    real_prepare = device_round.prepare_update
     monkeypatch.setattr(
-        fleet_device,
+        device_round,
         "prepare_update",
         lambda delta, *a, **k: protected.append(dict(delta)) or real_prepare(delta, *a, **k),
     )
@@ -78,3 +78,38 @@ def test_anything_but_a_protocol_message_is_stopped_before_it_leaves(job, tmp_pa
     leak = np.ascontiguousarray(fast.detach().numpy(), dtype=np.float32).tobytes()
     assert any("not a device secure-aggregation message" in p for p in device.leaving_problems(leak, {}))
     assert device.leaving_problems(None, {"acc": np.zeros(3)})  # an array hidden in the metrics
+
+
+def test_a_device_restarted_mid_session_carries_on_from_its_state(job, tmp_path):
+    def make(i):
+        return FleetDevice(f"robot-{i}", job["config"], job["data"], job["privacy"], i, tmp_path / f"d{i}")
+
+    devices = {f"robot-{i}": make(i) for i in range(3)}
+    weights = devices["robot-0"].learner.initial_slow()
+    cohort = LeafCohort(
+        job_id="job-1",
+        leaf="eu-depot-1",
+        session=7,
+        base_version=0,
+        settings=PrivacySettings.from_dict(job["privacy"]),
+        shapes={name: value.shape for name, value in weights.items()},
+        cohort_size=3,
+        min_devices=2,
+        stage_timeout=60,
+    )
+    for name in devices:
+        cohort.task_for(name)
+    stages = 0
+    while not cohort.done:
+        for name in list(devices):
+            task = cohort.task_for(name)
+            if task is None:
+                continue
+            train = weights if task.stage == "train" else None
+            message, _, _ = devices[name].answer(task.stage, task.spec, 0, train, task.message)
+            cohort.submit(name, task.stage, message)
+        stages += 1
+        if stages == 2:  # after sharing: robot-1's process dies and starts again from its state folder
+            devices["robot-1"] = make(1)
+    assert cohort.failure is None and cohort.outcome.count == 3  # robot-1's masked vector made it in
+    assert not (tmp_path / "d1" / "secagg_session.json").exists()  # the finished session is discarded
