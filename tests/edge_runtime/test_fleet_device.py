@@ -23,19 +23,8 @@ def job():
     return job_settings(argparse.Namespace(devices=8, cohort=3, noise=0.05))
 
 
-def test_devices_complete_a_secure_sum_and_send_nothing_but_protocol_messages(job, tmp_path, monkeypatch):
-    protected = []  # what each device hands to clipping, noise, quantization and masking
-    real_prepare = device_round.prepare_update
-    monkeypatch.setattr(
-        device_round,
-        "prepare_update",
-        lambda delta, *a, **k: protected.append(dict(delta)) or real_prepare(delta, *a, **k),
-    )
-    devices = {
-        f"robot-{i}": FleetDevice(f"robot-{i}", job["config"], job["data"], job["privacy"], i, tmp_path / f"d{i}")
-        for i in range(3)
-    }
-    weights = devices["robot-0"].learner.initial_slow()
+def _enrolled_cohort(job, weights, devices) -> LeafCohort:
+    """A leaf's session with ``devices`` enrolled, at its train stage."""
     cohort = LeafCohort(
         job_id="job-1",
         leaf="eu-depot-1",
@@ -49,6 +38,23 @@ def test_devices_complete_a_secure_sum_and_send_nothing_but_protocol_messages(jo
     )
     for name in devices:
         cohort.task_for(name)
+    return cohort
+
+
+def test_devices_complete_a_secure_sum_and_send_nothing_but_protocol_messages(job, tmp_path, monkeypatch):
+    protected = []  # what each device hands to clipping, noise, quantization and masking
+    real_prepare = device_round.prepare_update
+    monkeypatch.setattr(
+        device_round,
+        "prepare_update",
+        lambda delta, *a, **k: protected.append(dict(delta)) or real_prepare(delta, *a, **k),
+    )
+    devices = {
+        f"robot-{i}": FleetDevice(f"robot-{i}", job["config"], job["data"], job["privacy"], i, tmp_path / f"d{i}")
+        for i in range(3)
+    }
+    weights = devices["robot-0"].learner.initial_slow()
+    cohort = _enrolled_cohort(job, weights, devices)
     sent: dict[str, list[bytes]] = {name: [] for name in devices}
     while not cohort.done:
         for name, device in devices.items():
@@ -86,19 +92,7 @@ def test_a_device_restarted_mid_session_carries_on_from_its_state(job, tmp_path)
 
     devices = {f"robot-{i}": make(i) for i in range(3)}
     weights = devices["robot-0"].learner.initial_slow()
-    cohort = LeafCohort(
-        job_id="job-1",
-        leaf="eu-depot-1",
-        session=7,
-        base_version=0,
-        settings=PrivacySettings.from_dict(job["privacy"]),
-        shapes={name: value.shape for name, value in weights.items()},
-        cohort_size=3,
-        min_devices=2,
-        stage_timeout=60,
-    )
-    for name in devices:
-        cohort.task_for(name)
+    cohort = _enrolled_cohort(job, weights, devices)
     stages = 0
     while not cohort.done:
         for name in list(devices):
