@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from edge_runtime.daemon import add_edge_parser
 from provisioning.cli import add_provision_parser
 
 from .fleets import REGIMES
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(run=_simulate)
 
     add_provision_parser(verbs)
+    add_edge_parser(verbs)
 
     ota = verbs.add_parser("ota", help="signed over-the-air releases of global versions").add_subparsers(
         dest="ota_verb", required=True
