@@ -9,14 +9,15 @@ the flat job. Each refusal is logged with the leaf and the reason; a repeated (l
 dropped, so a resent report is harmless.
 
 ``mode``: ``sync`` ends the FLARE round after each version (leaves start new sessions from it:
-no staleness); ``async`` keeps one task open and sends each new version in its replies to the
-children's reports (buffered asynchronous aggregation, FedBuff). The workflow ends after
-``num_versions`` accepted versions, or ``max_rounds`` rounds (sync) or candidates (async), or ``max_wait`` seconds
-without a version.
+no staleness); ``async`` sends each new version in its replies to the children's reports
+(buffered asynchronous aggregation, FedBuff) and renews the FLARE task every
+``versions_per_task`` candidates. Staleness counts accepted versions only. The workflow ends
+after ``num_versions`` accepted versions, or ``max_rounds`` rounds (sync) or candidates (async),
+or ``max_wait`` seconds without a leaf sum.
 
-The archive lives in the server's workspace (``archive_dir``, relative to it unless absolute), not
-in the job's run folder: a restarted server, or the same job submitted again, resumes from its
-current version.
+The archive lives in the server's workspace (``archive_dir``, relative to it and then one folder
+per job name, unless absolute), not in the job's run folder: a restarted server, or the same job
+submitted again, resumes from its current version.
 """
 
 from __future__ import annotations

@@ -96,7 +96,6 @@ class CohortUpdater(Updater):
         self._pending: dict[tuple[str, int], dict] = {}  # (leaf, session) -> entry, until acknowledged
         self._in_flight: set[tuple[str, int]] = set()
         self._lock = threading.RLock()
-        self.log = None
 
     # ---- HUG's updater API -----------------------------------------------------------------------
     def start_task(self, task_data: Shareable, fl_ctx: FLContext):
