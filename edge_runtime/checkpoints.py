@@ -109,10 +109,6 @@ class CheckpointStore:
                 return checkpoint
         return None
 
-    @property
-    def good(self) -> int | None:
-        return self._pointer("good.json")
-
     def _verified(self, seq: int) -> Checkpoint | None:
         path = self.root / NAME.format(seq)
         try:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
-
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import LabelledSet
 from app_custom.nested.models import input_spec
@@ -103,6 +101,3 @@ class GlobalVersions:
             self.aggregator.commit()
             self.current, self.record, self._scores = candidate, record, scores
         return Proposal(record, verdict.accepted)
-
-    def weights(self) -> dict[str, np.ndarray]:
-        return self.current

@@ -40,7 +40,7 @@ from app_custom.cluster.gate import ValidationGate
 from app_custom.cluster.leaf_sums import LeafPolicy, LeafSum, LeafSumCombiner
 from app_custom.cluster.versions import GlobalVersions
 from app_custom.durable import write_json_atomic
-from app_custom.flare.fleet_messages import ACKNOWLEDGED, leaves_under, read_report, version_message
+from app_custom.flare.fleet_messages import ACKNOWLEDGED, MODES, leaves_under, read_report, version_message
 from app_custom.flare.learner_executor import check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
@@ -88,8 +88,8 @@ class NestedFleetAssessor(Assessor):
         archive_dir: relative to the server's workspace (then one folder per job name) or absolute.
         """
         super().__init__()
-        if mode not in ("sync", "async"):
-            raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for name, value in (
             ("num_versions", num_versions),
             ("max_rounds", max_rounds),

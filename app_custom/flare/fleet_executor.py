@@ -57,6 +57,7 @@ from app_custom.edge_messages import (
 )
 from app_custom.flare.fleet_messages import (
     ACKNOWLEDGED,
+    MODES,
     acknowledged,
     leaf_sum_entry,
     leaves_under,
@@ -69,7 +70,6 @@ from app_custom.flare.outbound_audit import secagg_summary
 from app_custom.nested.slow_delta import UpdateError, shapes_of
 from app_custom.privacy.private_update import PrivacySettings
 
-MODES = ("sync", "async")
 AUDIT_FILE = "leaf_audit.jsonl"
 MAX_PENDING = 10_000  # sums waiting for the parent (a cluster-tier client forwards many leaves')
 TOKEN_CACHE = 100_000  # verified device tokens remembered

@@ -23,6 +23,7 @@ from app_custom.cluster.leaf_sums import LeafSum
 from app_custom.nested.slow_delta import UpdateError
 
 GLOBAL_VERSION, SLOW, KNOWN_VERSION, LEAF_SUMS = "global_version", "slow", "known_version", "leaf_sums"
+MODES = ("sync", "async")  # how the cluster and the leaves run rounds: one version per round, or buffered
 ACKNOWLEDGED = "acknowledged"  # in a reply: the [leaf, session] pairs the parent took (or refused for good)
 MAX_SUMS_PER_REPORT = 10_000
 

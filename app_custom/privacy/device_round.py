@@ -101,10 +101,6 @@ class DeviceRound:
             return self.session.unmask(decode_message(raw, UnmaskRequest))
         raise ProtocolError("aggregator", stage, f"unknown stage {stage!r}")
 
-    @property
-    def finished(self) -> bool:
-        return self.session.export_state()["unmasked"]
-
     # ---- on disk ------------------------------------------------------------------------------
     def save(self, path: Path | None) -> None:
         if path is not None:

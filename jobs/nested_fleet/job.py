@@ -34,6 +34,7 @@ EXPORT = _export.parse_known_args()[0]
 from nvflare.recipe.prod_env import ProdEnv  # noqa: E402
 from nvflare.recipe.spec import Recipe  # noqa: E402
 
+from app_custom.flare.fleet_messages import MODES  # noqa: E402
 from app_custom.flare.job_builder import build_fleet_job  # noqa: E402
 from simulator.job_script import FLEET_FN, refresh_job_folder  # noqa: E402
 from simulator.methods import method_config  # noqa: E402
@@ -65,7 +66,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["async", "sync"], default="async")
+    parser.add_argument("--mode", choices=MODES, default="async")
     parser.add_argument("--devices", type=int, default=8, help="devices in the fleet's data")
     parser.add_argument("--cohort", type=int, default=3, help="devices per leaf session")
     parser.add_argument("--noise", type=float, default=0.05, help="noise multiplier on a cohort's sum")

@@ -202,11 +202,10 @@ class LocalFleet:
 
     def log(self, name: str) -> str:
         path = self.base / f"{name}.out"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        kit_logs = [self.kit(name) / "log.txt"] if name in self._sites() else []
-        for run_log in sorted(self.kit(name).glob("*/log.txt")) if name in self._sites() else []:
-            kit_logs.append(run_log)
-        return text + "".join(p.read_text(errors="replace") for p in kit_logs if p.exists())
+        logs = [path]
+        if name in self._sites():  # the site's own log, then each job's
+            logs += [self.kit(name) / "log.txt", *sorted(self.kit(name).glob("*/log.txt"))]
+        return "".join(p.read_text(errors="replace") for p in logs if p.exists())
 
     def _sites(self) -> set[str]:
         return {"server", "eu-relay", "eu", *self.leaves}
