@@ -43,3 +43,20 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def crash_trace(phase: str) -> None:
+    """For the crash tests: with ``FLEETNEST_EDGE_TRACE=<file>`` set, note each phase a process enters
+    (one line, not synced: a SIGKILL keeps the page cache), so a test can tell what it interrupted;
+    ``FLEETNEST_EDGE_CRASH_AT=<phase>`` kills the process (SIGKILL) when it gets there."""
+    path = os.environ.get("FLEETNEST_EDGE_TRACE")
+    if path:
+        import threading
+        import time
+
+        with open(path, "a") as f:
+            f.write(f"{time.time():.3f} {threading.current_thread().name} {phase}\n")
+    if os.environ.get("FLEETNEST_EDGE_CRASH_AT") == phase:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

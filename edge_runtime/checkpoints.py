@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from app_custom.durable import fsync_path, write_bytes_atomic, write_json_atomic
+from app_custom.durable import crash_trace, fsync_path, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger("fleetnest.checkpoints")
 NAME = "ck-{:06d}"
@@ -67,14 +67,20 @@ class CheckpointStore:
         tmp = self.root / f".tmp-{NAME.format(seq)}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o700)
-        digests = {}
-        for name, data in files.items():
-            write_bytes_atomic(tmp / name, data, 0o600)
-            digests[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        meta = {"seq": seq, "files": digests, "info": dict(info or {}), "created_at": time.time()}
-        write_json_atomic(tmp / "meta.json", meta, 0o600)
+        try:
+            digests = {}
+            for name, data in files.items():
+                write_bytes_atomic(tmp / name, data, 0o600)
+                digests[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                crash_trace("checkpoint-files")
+            meta = {"seq": seq, "files": digests, "info": dict(info or {}), "created_at": time.time()}
+            write_json_atomic(tmp / "meta.json", meta, 0o600)
+        except OSError as err:  # a full disk, say: the partial folder goes, the current checkpoint stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {seq} in {self.root}: {err}") from err
         final = self.root / NAME.format(seq)
         tmp.rename(final)
+        crash_trace("checkpoint-renamed")
         fsync_path(self.root)
         write_json_atomic(self.root / "current.json", {"seq": seq}, 0o600)
         self._prune()

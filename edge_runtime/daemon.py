@@ -10,6 +10,7 @@ line for ``systemctl status``. SIGTERM and SIGINT end the loop after the current
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -21,6 +22,9 @@ from app_custom.durable import write_json_atomic
 
 from .config import EdgeConfig, EdgeConfigError
 from .notify import SystemdNotifier
+from .runtime import EdgeRuntime
+
+log = logging.getLogger("fleetnest.edge")
 
 RUN_RECORD = "daemon.json"
 
@@ -34,10 +38,14 @@ class EdgeDaemon:
         steps: Sequence[Step] = (),
         notifier: SystemdNotifier | None = None,
         clock: Callable[[], float] = time.monotonic,
+        runtime: EdgeRuntime | None = None,
     ) -> None:
         self.config, self.steps = config, list(steps)
         self.notifier = notifier or SystemdNotifier()
         self._clock = clock
+        self.runtime = runtime
+        if runtime is not None:
+            self.steps.append(runtime.report)
 
     def recover(self) -> str:
         """Bring the local state back (creating it on first start); a line saying what was found."""
@@ -51,10 +59,17 @@ class EdgeDaemon:
             except (OSError, ValueError, KeyError, TypeError):
                 starts = 0  # an unreadable record is replaced; it holds nothing else
         write_json_atomic(record_path, {"starts": starts + 1, "pid": os.getpid(), "at": time.time()}, 0o600)
-        return f"{self.config.device_id}: state in {state} recovered (start {starts + 1})"
+        line = f"{self.config.device_id}: state in {state} recovered (start {starts + 1})"
+        if self.runtime is not None:
+            line += f": {self.runtime.recover()}"
+        return line
 
     def run(self, stop: threading.Event) -> int:
-        self.notifier.ready(self.recover())
+        line = self.recover()
+        log.info("%s", line)
+        self.notifier.ready(line)
+        if self.runtime is not None:
+            self.runtime.start()
         interval = self.notifier.watchdog_interval_s
         tick = min(self.config.loop_interval_s, interval) if interval else self.config.loop_interval_s
         petted = None
@@ -63,12 +78,17 @@ class EdgeDaemon:
                 note = step()
                 if note:
                     self.notifier.status(note)
+            stalled = self.runtime.stalled() if self.runtime is not None else None
             now = self._clock()
-            if interval and (petted is None or now - petted >= interval):
+            if stalled:
+                self.notifier.status(f"{stalled}: no watchdog ping (systemd restarts the service)")
+            elif interval and (petted is None or now - petted >= interval):
                 self.notifier.watchdog()
                 petted = now
             stop.wait(tick)
         self.notifier.stopping(f"{self.config.device_id}: stopping")
+        if self.runtime is not None:
+            self.runtime.close()
         return 0
 
 
@@ -78,10 +98,12 @@ def run_daemon(config_path: str) -> int:
     except EdgeConfigError as err:
         print(f"fleetnest edge run: {err}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return EdgeDaemon(config).run(stop)
+    runtime = EdgeRuntime(config, stop) if set(config.sections) - {"inference"} else None
+    return EdgeDaemon(config, runtime=runtime).run(stop)
 
 
 def add_edge_parser(verbs) -> None:

@@ -27,6 +27,7 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,20 +108,35 @@ class PollToken:
 
 
 class FleetDevice:
-    def __init__(self, device_id: str, config: dict, data: dict, privacy: dict, index: int, state_dir: Path) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        config: dict,
+        data: dict | None,
+        privacy: dict,
+        index: int,
+        state_dir: Path,
+        learner: NestedLearner | None = None,
+        persist: Callable[[], object] | None = None,
+    ) -> None:
+        """``learner`` and ``persist``: the edge daemon's own learner and its checkpoint (else the
+        learner is built from ``data`` and saved to ``device_state.pt``)."""
         self.id = device_id
         self.nested = NestedConfig.from_dict(config)
         self.settings = PrivacySettings.from_dict(privacy)
-        fleet = load_fleet(data["fn"], data.get("kwargs", {}))
-        if not 0 <= index < len(fleet.devices):
-            raise ValueError(f"device index {index} is outside the fleet's {len(fleet.devices)} devices")
-        num_classes = self.nested.model.num_classes or fleet.num_classes
-        self.learner = NestedLearner(self.nested, fleet.devices[index], num_classes, device_seed=index)
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
-        if (state_dir / STATE_FILE).exists():
-            self.learner.load(state_dir / STATE_FILE)
-            log.info("%s: resumed its device state", device_id)
+        if learner is None:
+            fleet = load_fleet(data["fn"], data.get("kwargs", {}))
+            if not 0 <= index < len(fleet.devices):
+                raise ValueError(f"device index {index} is outside the fleet's {len(fleet.devices)} devices")
+            num_classes = self.nested.model.num_classes or fleet.num_classes
+            learner = NestedLearner(self.nested, fleet.devices[index], num_classes, device_seed=index)
+            if (state_dir / STATE_FILE).exists():
+                learner.load(state_dir / STATE_FILE)
+                log.info("%s: resumed its device state", device_id)
+        self.learner = learner
+        self.persist = persist or (lambda: self.learner.save(self.state_dir / STATE_FILE))
         history = None
         if (state_dir / LEDGER_FILE).exists():
             history = json.loads((state_dir / LEDGER_FILE).read_text())["history"]
@@ -163,7 +179,7 @@ class FleetDevice:
         DeviceRound.check(self.id, spec, shapes_of(weights), self.settings, min_cohort)
         merge = self.learner.receive_global(weights, version)
         outcome = self.learner.train_round()
-        self.learner.save(self.state_dir / STATE_FILE)
+        self.persist()
         self.metrics = {"acc_after_merge": merge.acc_after} | outcome.metrics
         log.info("%s: trained from version %d: %s", self.id, version, self.metrics)
         reason = self.ledger.over_budget_reason()
@@ -181,72 +197,101 @@ class FleetDevice:
         return leaving_keys_problems(self.nested, params, metrics)
 
 
-def run_device(args: argparse.Namespace) -> int:
-    from nvflare.edge.constants import EdgeApiStatus
-    from nvflare.edge.simulation.feg_api import FegApi
-    from nvflare.edge.web.models.device_info import DeviceInfo
-    from nvflare.edge.web.models.job_request import JobRequest
-    from nvflare.edge.web.models.result_report import ResultReport
-    from nvflare.edge.web.models.task_request import TaskRequest
-    from nvflare.edge.web.models.user_info import UserInfo
+class FleetClient:
+    """The device's side of FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``, ``/result``
+    through the routing proxy): one poll at a time, with backoff when the proxy or the leaf is away."""
 
-    torch.set_num_threads(1)
-    job = json.loads(Path(args.job_config).read_text())
-    device = FleetDevice(args.device, job["config"], job["data"], job["privacy"], args.index, Path(args.state))
-    identity = DeviceIdentity(Path(args.identity))
-    tokens = PollToken(args.device, identity)
-    audit = Path(args.state) / AUDIT_FILE
-    info, user = DeviceInfo(args.device, app_name="fleetnest", platform="linux"), UserInfo()
-    api = FegApi(args.proxy.rstrip("/") + "/", info, user)
-    deadline = time.monotonic() + args.max_runtime
-    job_id, cookie, backoff = None, None, 1.0
-    while time.monotonic() < deadline:
+    def __init__(self, device: FleetDevice, proxy: str, identity: DeviceIdentity, job: str) -> None:
+        from nvflare.edge.simulation.feg_api import FegApi
+        from nvflare.edge.web.models.device_info import DeviceInfo
+        from nvflare.edge.web.models.user_info import UserInfo
+
+        self.device, self.identity, self.job = device, identity, job
+        self.tokens = PollToken(device.id, identity)
+        self.audit = device.state_dir / AUDIT_FILE
+        self.info, self.user = DeviceInfo(device.id, app_name="fleetnest", platform="linux"), UserInfo()
+        self.api = FegApi(proxy.rstrip("/") + "/", self.info, self.user)
+        self.job_id: str | None = None
+        self.cookie: dict | None = None
+        self.backoff = 1.0
+        self.last = "not polled yet"
+
+    def poll_once(self) -> float:
+        """Ask for a task and answer it; seconds to wait before the next poll (0: poll again now)."""
+        from nvflare.edge.constants import EdgeApiStatus
+        from nvflare.edge.web.models.job_request import JobRequest
+        from nvflare.edge.web.models.result_report import ResultReport
+        from nvflare.edge.web.models.task_request import TaskRequest
+
+        device, info, user = self.device, self.info, self.user
         try:
-            if job_id is None:
-                reply = api.get_job(JobRequest(args.job, info, user, capabilities={"methods": ["fleetnest"]}))
+            if self.job_id is None:
+                reply = self.api.get_job(JobRequest(self.job, info, user, capabilities={"methods": ["fleetnest"]}))
                 if reply.get("status") != EdgeApiStatus.OK or not reply.get("job_id"):
-                    time.sleep(min(float(reply.get("retry_wait") or 2), 5))
-                    continue
-                job_id = reply["job_id"]
-                log.info("%s: joined job %s", args.device, job_id)
-            token = tokens.current(job_id)
-            task = api.get_task(TaskRequest(info, user, job_id, dict(cookie or {}) | enrol_cookie(token)))
+                    self.last = f"no {self.job} job open"
+                    return min(float(reply.get("retry_wait") or 2), 5)
+                self.job_id = reply["job_id"]
+                log.info("%s: joined job %s", device.id, self.job_id)
+            token = self.tokens.current(self.job_id)
+            task = self.api.get_task(
+                TaskRequest(info, user, self.job_id, dict(self.cookie or {}) | enrol_cookie(token))
+            )
             status = task.get("status")
             if status in (EdgeApiStatus.NO_JOB, EdgeApiStatus.DONE):
-                job_id, cookie = None, None  # the job ended: look for the next one
-                continue
+                self.job_id, self.cookie = None, None  # the job ended: look for the next one
+                return 0.0
             if status != EdgeApiStatus.OK or not task.get("task_data"):
-                time.sleep(min(float(task.get("retry_wait") or 1), 5))
-                continue
-            cookie = task.get("cookie")
+                return min(float(task.get("retry_wait") or 1), 5)
+            self.cookie = task.get("cookie")
             stage, spec, version, weights, message = read_task(task["task_data"])
             out, skip, metrics = device.answer(stage, spec, version, weights, message)
             problems = device.leaving_problems(out, metrics)
             if problems:
                 raise RuntimeError(f"refusing to send: {problems}")
-            key_pem, cert_pem = identity.current()
-            envelope = sign_message(answer_payload(args.device, stage, spec, out, metrics, skip), key_pem, cert_pem)
-            body = result_body(envelope)
-            result = api.report_result(
-                ResultReport(info, user, job_id, task["task_id"], stage, EdgeApiStatus.OK, body, cookie)
+            key_pem, cert_pem = self.identity.current()
+            envelope = sign_message(answer_payload(device.id, stage, spec, out, metrics, skip), key_pem, cert_pem)
+            result = self.api.report_result(
+                ResultReport(
+                    info,
+                    user,
+                    self.job_id,
+                    task["task_id"],
+                    stage,
+                    EdgeApiStatus.OK,
+                    result_body(envelope),
+                    self.cookie,
+                )
             )
-            _audit(audit, stage, spec, out, metrics, result.get("status"))
+            _audit(self.audit, stage, spec, out, metrics, result.get("status"))
             if result.get("status") != EdgeApiStatus.OK:
-                log.warning("%s: the leaf refused its %s answer: %s", args.device, stage, result.get("message"))
-            backoff = 1.0
+                log.warning("%s: the leaf refused its %s answer: %s", device.id, stage, result.get("message"))
+            self.last = f"answered {stage} of session {spec.get('round')} (version {version})"
+            self.backoff = 1.0
+            return 0.0
         except (EdgeMessageError, WireError, ProtocolError, ValueError) as err:
-            log.warning("%s: dropping out of this step: %s", args.device, err)
-            time.sleep(1.0)
+            log.warning("%s: dropping out of this step: %s", device.id, err)
+            return 1.0
         except (requests.RequestException, OSError, KeyError) as err:
             # proxy or leaf away (or restarting): back off and try again, from the job request on
-            log.warning("%s: edge API unreachable (%s); retrying in %.0f s", args.device, err, backoff)
-            job_id, cookie = None, None
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+            log.warning("%s: edge API unreachable (%s); retrying in %.0f s", device.id, err, self.backoff)
+            self.last = "edge API unreachable"
+            self.job_id, self.cookie = None, None
+            wait, self.backoff = self.backoff, min(self.backoff * 2, 10.0)
+            return wait
         except Exception as err:  # the ApiError of FegApi and anything unexpected: never crash the device
-            log.warning("%s: %s; retrying", args.device, err)
-            job_id, cookie = None, None
-            time.sleep(2.0)
+            log.warning("%s: %s; retrying", device.id, err)
+            self.job_id, self.cookie = None, None
+            return 2.0
+
+
+def run_device(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    job = json.loads(Path(args.job_config).read_text())
+    device = FleetDevice(args.device, job["config"], job["data"], job["privacy"], args.index, Path(args.state))
+    client = FleetClient(device, args.proxy, DeviceIdentity(Path(args.identity)), args.job)
+    deadline = time.monotonic() + args.max_runtime
+    while time.monotonic() < deadline:
+        time.sleep(client.poll_once())
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
 GPU_NODES = ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0/ctrl")
 
 
@@ -161,7 +162,9 @@ def prepare_engine(
     trt, reason = tensorrt_status()
     if trt is None:
         note = f"onnxruntime: {reason}"
-        log.info(note)
+        if note not in _LOGGED:  # once per process, not once per model
+            _LOGGED.add(note)
+            log.info(note)
         return OnnxRuntimeEngine(onnx_path), note
     onnx_path = Path(onnx_path)  # pragma: no cover - TensorRT present
     key = EngineKey(

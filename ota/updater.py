@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app_custom.durable import crash_trace
+
 from .bundle import (
     BundleError,
     DeviceProfile,
@@ -67,6 +69,7 @@ class Outcome:
 
 def _crashpoint(phase: str) -> None:
     """Fault injection for the crash tests: ``FLEETNEST_OTA_CRASH_AT=<phase>`` kills the process there."""
+    crash_trace(f"ota-{phase}")
     if os.environ.get("FLEETNEST_OTA_CRASH_AT") == phase:
         os.kill(os.getpid(), signal.SIGKILL)
 

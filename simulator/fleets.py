@@ -22,9 +22,12 @@ an operator's validation set recorded on a few of its own robots would.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from app_custom.nested.device_data import DeviceData, FleetData, Inputs, LabelledSet, concat, take
+from app_custom.nested.models import input_spec
 
 from .datasets import Dataset, load
 
@@ -187,3 +190,15 @@ def make_fleet(
         x_test = x_pool if device_sensors is None else device_sensors(x_pool)
         devices.append(DeviceData(train, LabelledSet(x_test, y_pool, weight)))
     return FleetData(devices=tuple(devices), cluster_validation=cluster, num_classes=data.num_classes)
+
+
+def sensor_stream(index: int, seed: int = 0, **fleet: object) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """A simulated robot's sensors for the edge daemon (``sensor.fn: simulator.fleets:sensor_stream``):
+    device ``index`` of ``make_fleet(**fleet)``, its training samples in a fresh random order each
+    pass, one ``({modality: sample}, label)`` at a time, for ever."""
+    data = make_fleet(**fleet).devices[index].train  # type: ignore[arg-type]
+    x = data.x if isinstance(data.x, dict) else {next(iter(input_spec(data.x))): data.x}
+    rng = np.random.default_rng([seed, index])
+    while True:
+        for i in rng.permutation(len(data.y)):
+            yield {name: value[i] for name, value in x.items()}, int(data.y[i])

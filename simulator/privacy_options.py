@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from app_custom.privacy.dp import noise_for_epsilon
 from app_custom.privacy.private_update import DEFAULT_RING_BITS
 
 DEFAULT_CLIP_NORM = 8.0
@@ -45,6 +44,8 @@ def privacy_of(
     secure = args.secure_agg or always
     fleet = args.fleet_size or devices
     if args.dp_epsilon is not None:
+        from app_custom.privacy.dp import noise_for_epsilon  # opacus: imported when asked for
+
         noise = noise_for_epsilon(args.dp_epsilon, args.dp_delta, devices / fleet, rounds)
     else:
         noise = default_noise if args.noise_multiplier is None else args.noise_multiplier

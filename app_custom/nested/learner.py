@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -131,6 +132,20 @@ class NestedLearner:
     def initial_slow(self) -> Tensors:
         return state_of(self.model, self.shared_names)
 
+    def use_data(self, data: DeviceData) -> None:
+        """Train and evaluate on ``data`` from now on (a device's sample store changes as it goes)."""
+        if input_spec(data.train.x) != input_spec(self.data.train.x):
+            raise ValueError(
+                f"new data has inputs {input_spec(data.train.x)}, the model takes {input_spec(self.data.train.x)}"
+            )
+        self.data = data
+        self._x = _to_torch(data.train.x)
+        self._y = torch.from_numpy(data.train.y)
+
+    def fast_layers(self) -> Tensors:
+        """The private (fast) layers of the model the device serves: what inference installs."""
+        return state_of(self.served, self.private_names)
+
     # ---- merge ---------------------------------------------------------------------------
     def receive_global(self, global_slow: Mapping[str, np.ndarray], version: int | None) -> MergeReport:
         """Merge a new global slow version with this device's fast layers, then refit the fast levels."""
@@ -248,6 +263,27 @@ class NestedLearner:
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "test_acc": self.test_accuracy()}
         return RoundResult(slow_delta=delta, num_samples=len(self._y), metrics=metrics)
 
+    def micro_update(self, steps: int, should_stop: Callable[[], str | None]) -> tuple[int, str | None]:
+        """Up to ``steps`` local steps of the nested schedule (fast levels every step, slow levels at
+        their period) on the current data; (steps done, why it stopped early or None). The caller
+        discards an interrupted update by restoring its last checkpoint."""
+        done = 0
+        for _ in range(steps):
+            reason = should_stop()
+            if reason:
+                return done, reason
+            self._step(self._batch_index(), active=None)
+            done += 1
+        self.schedule.flush()
+        if self.served is not self.model:
+            # the served copy takes the new fast layers; its slow layers stay the merged global ones
+            install(self.served, state_of(self.model, self.private_names))
+        return done, None
+
+    def sample_losses(self) -> np.ndarray:
+        """Per training sample, the served model's cross-entropy (how much it still has to learn)."""
+        return per_sample(self.served, self.data.train)[1]
+
     def test_accuracy(self) -> float:
         """Test accuracy of the model the device serves."""
         return evaluate(self.served, self.data.test)[0]
@@ -260,11 +296,17 @@ class NestedLearner:
         layout["<optimizer>"] = self.config.training.optimizer  # its saved state has that optimiser's form
         return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the whole device-local state atomically (a crash leaves the previous file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
+    def state_bytes(self) -> bytes:
+        """The whole device-local state, serialized (what ``save`` writes)."""
+        buffer = io.BytesIO()
+        torch.save(self._state(), buffer)
+        return buffer.getvalue()
+
+    def restore_bytes(self, data: bytes, where: str = "state") -> None:
+        self._restore(torch.load(io.BytesIO(data), weights_only=True), where)
+
+    def _state(self) -> dict:
+        return {
             "fingerprint": self.fingerprint,
             "model": self.model.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -273,6 +315,12 @@ class NestedLearner:
             "rng": self._rng.get_state(),
             "served": None if self.served is self.model else self.served.state_dict(),
         }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole device-local state atomically (a crash leaves the previous file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = self._state()
         tmp = path.with_suffix(path.suffix + ".tmp")
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -282,10 +330,12 @@ class NestedLearner:
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a saved state; ``IncompatibleState`` if it belongs to another architecture or layout."""
-        state = torch.load(path, weights_only=True)  # tensors and plain containers only: no pickled code
+        self._restore(torch.load(path, weights_only=True), str(path))  # tensors and containers: no pickled code
+
+    def _restore(self, state: dict, where: str) -> None:
         if state.get("fingerprint") != self.fingerprint:
             raise IncompatibleState(
-                f"{path}: saved for model layout {state.get('fingerprint')}, this learner is {self.fingerprint}"
+                f"{where}: saved for model layout {state.get('fingerprint')}, this learner is {self.fingerprint}"
             )
         self.model.load_state_dict(state["model"])
         self.schedule.load_state_dict(state["schedule"])
@@ -296,3 +346,5 @@ class NestedLearner:
         if state["served"] is not None:
             self.served = copy.deepcopy(self.model)
             self.served.load_state_dict(state["served"])
+        else:
+            self.served = self.model

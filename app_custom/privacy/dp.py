@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 
 MODES = ("distributed", "local")
 
@@ -124,6 +123,8 @@ class PrivacyLedger:
 
     def __init__(self, config: DPConfig, history: list | None = None) -> None:
         self.config = config
+        from opacus.accountants import RDPAccountant  # imported when a ledger is made: it takes a second
+
         self._accountant = RDPAccountant()
         for entry in history or []:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
@@ -150,6 +151,8 @@ class PrivacyLedger:
     def epsilon_after_next(self) -> float:
         if self.config.noise_multiplier == 0:
             return math.inf
+        from opacus.accountants import RDPAccountant
+
         trial = RDPAccountant()
         trial.history = self.history
         trial.step(noise_multiplier=self.config.noise_multiplier, sample_rate=self.config.sample_rate)

@@ -29,29 +29,24 @@ from nvflare.edge.web.models.device_info import DeviceInfo
 from nvflare.edge.web.models.job_request import JobRequest
 from nvflare.edge.web.models.result_report import ResultReport
 from nvflare.edge.web.models.user_info import UserInfo
-from nvflare.fuel.utils.hash_utils import UniformHash
 
 from app_custom.device_identity import sign_message
 from app_custom.edge_messages import answer_payload, result_body
 from provisioning.identities import DeviceCA
-
-from .localhost_fleet import REPO, LocalFleet, environment, port_in_use, processes_under, wait_until
+from simulator.localhost_fleet import (
+    REPO,
+    LocalFleet,
+    devices_by_leaf,
+    environment,
+    port_in_use,
+    processes_under,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
 DEVICE_MESSAGES = {"KeyAdvert", "ShareBundle", "MaskedInput", "UnmaskShares"}
 JOB = ("--buffer-timeout", "5", "--max-wait", "120", "--stage-timeout", "8")
-
-
-def _devices_by_leaf(leaves: list[str], per_leaf: int) -> dict[str, list[str]]:
-    """Device ids the routing proxy sends to each leaf (it hashes the id over its leaf list)."""
-    hashing, found = UniformHash(len(leaves)), {leaf: [] for leaf in leaves}
-    for n in range(200):
-        device = f"robot-{n}"
-        leaf = leaves[hashing.hash(device)]
-        if len(found[leaf]) < per_leaf:
-            found[leaf].append(device)
-    return found
 
 
 class State:
@@ -73,7 +68,7 @@ def state(tmp_path_factory):
     leaves = fleet.leaves
     lcp = json.loads((fleet.provisioned.kits / "scripts" / "lcp_map.json").read_text())
     assert list(lcp) == leaves
-    s.by_leaf = _devices_by_leaf(leaves, 4)
+    s.by_leaf = devices_by_leaf(leaves, 4)
     s.survivor, s.victim = leaves
     s.by_leaf[s.victim] = s.by_leaf[s.victim][:3]  # 4 devices on the surviving leaf, 3 on the other
     try:
@@ -199,7 +194,7 @@ def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused
     assert fleet.cli("revoke", "--device", revoked) == 0
 
     # garbage, a certificate of another CA, an expired certificate: each refused, the leaf goes on
-    strangers = [d for d in _devices_by_leaf(fleet.leaves, 8)[state.survivor] if d not in state.by_leaf[state.survivor]]
+    strangers = [d for d in devices_by_leaf(fleet.leaves, 8)[state.survivor] if d not in state.by_leaf[state.survivor]]
     garbage, foreign, expired = strangers[:3]
     assert _send(fleet, garbage, {"envelope": "bm90IGFuIGVudmVsb3Bl"})["status"] == EdgeApiStatus.INVALID_REQUEST
     other_ca = DeviceCA.create(tmp_path / "other_ca", "another-fleet")

@@ -22,7 +22,7 @@ from provisioning.fleet import load_fleet_spec
 from provisioning.project import Provisioned
 from simulator.cli import main as fleetnest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PROJECT = "fleetnest-it"
 ADMIN = "admin@fleetnest.dev"
 CLIENT_OUTCOME_WAIT_S = 20
@@ -98,7 +98,8 @@ class LocalFleet:
             ],
         }
         (base / "fleet.yaml").write_text(yaml.safe_dump(fleet))
-        assert fleetnest(cls._provision_args(base)) == 0
+        if fleetnest(cls._provision_args(base)) != 0:
+            raise RuntimeError(f"fleetnest provision failed for {base / 'fleet.yaml'}")
         return cls(base, ports)
 
     @staticmethod
@@ -238,7 +239,8 @@ class LocalFleet:
         command = [sys.executable, str(REPO / "jobs/nested_fleet/job.py"), "--startup-kit", str(self.admin_kit)]
         command += ["--username", ADMIN, *flags]
         out = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=120, cwd=self.base)
-        assert out.returncode == 0, out.stdout + out.stderr
+        if out.returncode != 0:
+            raise RuntimeError(f"job submission failed: {out.stdout}{out.stderr}")
         return out.stdout.strip().split()[-1]
 
     @property
@@ -250,6 +252,19 @@ class LocalFleet:
 
     def accepted(self) -> list[dict]:
         return [v for v in self.versions() if v["status"] == "accepted" and v["round"] is not None]
+
+
+def devices_by_leaf(leaves: list[str], per_leaf: int) -> dict[str, list[str]]:
+    """Device ids the routing proxy sends to each leaf (it hashes the id over its leaf list)."""
+    from nvflare.fuel.utils.hash_utils import UniformHash
+
+    hashing, found = UniformHash(len(leaves)), {leaf: [] for leaf in leaves}
+    for n in range(200):
+        device = f"robot-{n}"
+        leaf = leaves[hashing.hash(device)]
+        if len(found[leaf]) < per_leaf:
+            found[leaf].append(device)
+    return found
 
 
 def descendants(pid: int) -> list[int]:

@@ -1,0 +1,176 @@
+"""Learning on the device: the gate lets a micro-update run only while the probe says idle and
+charging and stops one at once when that changes, leaving the checkpoint as it was; the sample
+store stays within its bound, evicts as configured and survives a restart; Jetson sysfs is read
+as the kernel lays it out."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime.learning import STATE, ContinualLearner
+from edge_runtime.samples import SampleError, SampleStore
+from edge_runtime.scheduler import FileProbe, JetsonProbe, MicroUpdateGate
+from simulator.edge_fleet import NUM_CLASSES, device_job, set_probe
+from simulator.fleets import sensor_stream
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    return json.loads(device_job(tmp_path_factory.mktemp("job") / "job.json").read_text())
+
+
+def _filled(store: SampleStore, n: int, index: int = 1) -> SampleStore:
+    stream = sensor_stream(index, dataset="digits", num_devices=8)
+    for _ in range(n):
+        x, y = next(stream)
+        store.add(x, y)
+    return store
+
+
+def _learner(tmp_path: Path, job: dict, steps: int = 20) -> ContinualLearner:
+    store = _filled(SampleStore(tmp_path / "samples", 120), 80)
+    return ContinualLearner(tmp_path, job["config"], NUM_CLASSES, store, steps=steps, min_samples=40)
+
+
+def _checkpoint_bytes(learner: ContinualLearner) -> tuple[int, bytes]:
+    latest = learner.store.latest()
+    assert latest is not None
+    return latest.seq, latest.read(STATE)
+
+
+@pytest.mark.parametrize(("idle", "charging"), [(False, True), (True, False), (False, False)])
+def test_no_micro_update_starts_while_busy_or_not_charging(tmp_path, job, idle, charging):
+    probe = tmp_path / "probe.json"
+    set_probe(probe, idle, charging)
+    gate = MicroUpdateGate(FileProbe(probe), budget_s=60)
+    learner = _learner(tmp_path, job)
+    learner.ensure_learner()
+    before = _checkpoint_bytes(learner)
+    may, why = gate.may_start()
+    assert not may and f"idle={idle} charging={charging}" in why
+    assert _checkpoint_bytes(learner) == before and learner.micro_updates == 0
+
+
+def test_a_missing_or_malformed_probe_reads_as_busy(tmp_path):
+    probe = tmp_path / "probe.json"
+    assert not FileProbe(probe).read().may_learn
+    probe.write_text('{"idle": "yes", "charging": true}')
+    conditions = FileProbe(probe).read()
+    assert not conditions.may_learn and "boolean" in conditions.why
+
+
+def test_an_interrupted_micro_update_leaves_the_previous_checkpoint_intact(tmp_path, job):
+    probe = tmp_path / "probe.json"
+    set_probe(probe, True, True)
+    gate = MicroUpdateGate(FileProbe(probe), budget_s=60, recheck_s=0.0)
+    learner = _learner(tmp_path, job, steps=100_000)  # far more steps than it will get to run
+    assert "micro-update 1" in _learner(tmp_path / "warm", job).micro_update(lambda: None)
+    learner.ensure_learner()
+    seq, data = _checkpoint_bytes(learner)
+    fast_before = learner.fast_layers()
+    timer = threading.Timer(1.0, set_probe, (probe, False, True))  # the robot starts moving
+    timer.start()
+    note = learner.micro_update(gate.watch())
+    timer.join()
+    assert "interrupted" in note and "idle=False" in note
+    assert _checkpoint_bytes(learner) == (seq, data)
+    after = learner.fast_layers()  # the partial update was dropped in memory too
+    assert all(np.array_equal(fast_before[k], after[k]) for k in fast_before)
+    assert learner.micro_updates == 0
+
+
+def test_a_micro_update_stops_at_its_time_budget(tmp_path, job):
+    probe = tmp_path / "probe.json"
+    set_probe(probe, True, True)
+    gate = MicroUpdateGate(FileProbe(probe), budget_s=0.5)
+    learner = _learner(tmp_path, job, steps=100_000)
+    learner.ensure_learner()
+    before = _checkpoint_bytes(learner)
+    assert "time budget" in learner.micro_update(gate.watch())
+    assert _checkpoint_bytes(learner) == before
+
+
+def test_a_completed_micro_update_is_checkpointed_and_recovered_with_its_fast_layers(tmp_path, job):
+    learner = _learner(tmp_path, job)
+    assert "micro-update 1: 20 steps" in learner.micro_update(lambda: None)
+    fast = learner.fast_layers()
+    again = ContinualLearner(tmp_path, job["config"], NUM_CLASSES, SampleStore(tmp_path / "samples", 120))
+    assert "1 micro-updates" in again.recover()
+    recovered = again.fast_layers()
+    assert sorted(recovered) == sorted(fast) and all(np.array_equal(fast[k], recovered[k]) for k in fast)
+    assert len(again.samples) == 80
+
+
+def test_the_store_is_bounded_and_evicts_the_oldest(tmp_path):
+    store = _filled(SampleStore(tmp_path, capacity=30, policy="oldest"), 75)
+    assert len(store) == 30 and store.evicted == 45
+    assert sorted(store.seq.tolist()) == list(range(45, 75))
+    store.save()
+    again = SampleStore(tmp_path, capacity=30)
+    assert again.seq.tolist() == store.seq.tolist() and again.seen == 75
+
+
+def test_least_useful_eviction_keeps_what_the_model_still_gets_wrong(tmp_path):
+    store = _filled(SampleStore(tmp_path, capacity=10, policy="least-useful"), 10)
+    store.set_scores(np.arange(10), np.array([5.0, 0.1, 3.0, 0.2, 4.0, 6.0, 0.3, 7.0, 8.0, 9.0]))
+    _filled(store, 3, index=2)  # three new (unscored) samples push out the three best-known ones
+    assert sorted(store.seq.tolist()) == [0, 2, 4, 5, 7, 8, 9, 10, 11, 12]
+
+
+def test_the_store_refuses_a_sample_of_another_shape_or_with_a_nan(tmp_path):
+    store = _filled(SampleStore(tmp_path, capacity=10), 2)
+    with pytest.raises(SampleError, match="shape"):
+        store.add({"vision": np.zeros((1, 4, 4), np.float32)}, 1)
+    with pytest.raises(SampleError, match="finite"):
+        store.add({"vision": np.full((1, 8, 8), np.nan, np.float32)}, 1)
+    with pytest.raises(SampleError, match="modalities"):
+        store.add({"imu": np.zeros((6, 50), np.float32)}, 1)
+    assert len(store) == 2
+
+
+def _sysfs(root: Path, supplies: dict[str, dict[str, str]], gpu: str | None, load: str) -> tuple[Path, Path]:
+    for name, files in supplies.items():
+        folder = root / "sys" / "class" / "power_supply" / name
+        folder.mkdir(parents=True)
+        for key, value in files.items():
+            (folder / key).write_text(value + "\n")
+    if gpu is not None:
+        gpu_file = root / "sys" / "devices" / "platform" / "bus@0" / "17000000.gpu" / "load"
+        gpu_file.parent.mkdir(parents=True)
+        gpu_file.write_text(gpu + "\n")
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc" / "loadavg").write_text(load + " 0.50 0.40 1/300 4242\n")
+    (root / "sys").mkdir(exist_ok=True)
+    return root / "sys", root / "proc"
+
+
+@pytest.mark.parametrize(
+    ("supplies", "gpu", "load", "idle", "charging"),
+    [
+        ({"ucsi-source-psy-USBC000:001": {"type": "USB", "online": "1"}}, "35", "0.40", True, True),
+        ({"battery": {"type": "Battery", "status": "Discharging"}}, "35", "0.40", True, False),
+        ({"battery": {"type": "Battery", "status": "Charging"}}, "850", "0.40", False, True),
+        (
+            {"battery": {"type": "Battery", "status": "Full"}, "ac": {"type": "Mains", "online": "0"}},
+            "0",
+            "3.9",
+            False,
+            True,
+        ),
+        ({}, None, "0.1", True, True),  # a developer kit on its barrel jack: no supply in sysfs
+    ],
+)
+def test_the_jetson_probe_reads_sysfs(tmp_path, supplies, gpu, load, idle, charging):
+    sysfs, proc = _sysfs(tmp_path, supplies, gpu, load)
+    conditions = JetsonProbe(sysfs, proc, cpus=4).read()
+    assert (conditions.idle, conditions.charging) == (idle, charging), conditions.why
+
+
+def test_the_jetson_probe_assumes_battery_when_told(tmp_path):
+    sysfs, proc = _sysfs(tmp_path, {}, "0", "0.1")
+    assert not JetsonProbe(sysfs, proc, no_supply="battery", cpus=4).read().charging
