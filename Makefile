@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-ota bench-privacy bench-scale job clean
+.PHONY: demo test lint bench bench-ota bench-privacy bench-scale bench-edge job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,11 @@ job: $(STAMP)
 	$(PY) jobs/nested_private/job.py --refresh
 	$(PY) jobs/nested_fleet/job.py --refresh
 
+# The nested job and its baselines in FLARE's simulator, then the full loop on this machine:
+# a provisioned FLARE hierarchy, six edge daemons, a signed canary rollout (demo_out/edge/).
 demo: job
 	$(VENV)/bin/fleetnest simulate --devices 8 --rounds 8 --out demo_out
+	$(VENV)/bin/fleetnest edge-demo --out demo_out/edge
 
 test: job
 	$(VENV)/bin/ruff check .
@@ -40,6 +43,9 @@ bench-privacy: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(PY) benchmarks/scale.py
+
+bench-edge: $(STAMP)
+	$(PY) benchmarks/edge.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -102,7 +102,11 @@ def run_daemon(config_path: str) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    runtime = EdgeRuntime(config, stop) if set(config.sections) - {"inference"} else None
+    try:
+        runtime = EdgeRuntime(config, stop) if set(config.sections) - {"inference"} else None
+    except EdgeConfigError as err:
+        print(f"fleetnest edge run: {config_path}: {err}", file=sys.stderr)
+        return 2
     return EdgeDaemon(config, runtime=runtime).run(stop)
 
 

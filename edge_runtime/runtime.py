@@ -31,7 +31,7 @@ import numpy as np
 from app_custom.durable import crash_trace as trace
 from app_custom.nested.device_data import import_function
 
-from .config import EdgeConfig
+from .config import EdgeConfig, EdgeConfigError
 from .inference import ModelServer
 from .learning import ContinualLearner
 from .samples import SampleError, SampleStore
@@ -40,6 +40,38 @@ from .telemetry import HealthPublisher, Metrics
 
 log = logging.getLogger("fleetnest.edge")
 STALL_S = {"inference": 60.0, "learning": 600.0, "ota": 1800.0}
+
+
+def _check_files(config: EdgeConfig) -> dict | None:
+    """The files the configuration names, read and checked before anything starts: an
+    ``EdgeConfigError`` naming the setting and the file; the device job (if learning) returned."""
+    job = None
+    learning, ota, fleet = config.section("learning"), config.section("ota"), config.section("fleet")
+    if learning:
+        path = Path(learning["job_config"])
+        try:
+            job = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise EdgeConfigError(f"learning.job_config: cannot read {path}: {err}") from err
+        missing = {"config", "privacy"} - set(job) if isinstance(job, dict) else {"config", "privacy"}
+        if missing:
+            raise EdgeConfigError(f"learning.job_config: {path} lacks {sorted(missing)} (job.py --print-device-config)")
+        try:
+            from app_custom.nested.config import NestedConfig
+
+            NestedConfig.from_dict(job["config"])
+        except ValueError as err:
+            raise EdgeConfigError(f"learning.job_config: {path}: {err}") from err
+    if ota:
+        try:
+            json.loads(Path(ota["root"]).read_bytes())
+        except (OSError, ValueError) as err:
+            raise EdgeConfigError(f"ota.root: cannot read the trusted root metadata {ota['root']}: {err}") from err
+    if fleet:
+        for name in ("device.key", "device.crt"):
+            if not (Path(fleet["identity"]) / name).is_file():
+                raise EdgeConfigError(f"fleet.identity: {Path(fleet['identity']) / name} does not exist")
+    return job
 
 
 class Worker:
@@ -66,6 +98,7 @@ class Worker:
 class EdgeRuntime:
     def __init__(self, config: EdgeConfig, stop: threading.Event) -> None:
         self.config, self.stop = config, stop
+        self.job = _check_files(config)
         state = config.state_dir
         inference = config.sections["inference"]
         self.models = ModelServer(state, inference["latency_budget_ms"], inference["window"])
@@ -97,7 +130,7 @@ class EdgeRuntime:
                 log.error("%s", err)
                 notes.append(str(err))
                 self.samples = SampleStore(state / "samples", cfg["capacity"], cfg["eviction"])
-            job = json.loads(Path(cfg["job_config"]).read_text())
+            job = self.job
             self.learner = ContinualLearner(
                 state, job["config"], cfg["num_classes"], self.samples, cfg["steps"], cfg["min_samples"]
             )
@@ -227,8 +260,7 @@ class EdgeRuntime:
         learner, gate = self.learner, self.gate
         assert learner is not None and gate is not None
         if self.fleet is None and self.config.section("fleet") and learner.learner is not None:
-            job = json.loads(Path(self.learning_cfg["job_config"]).read_text())
-            self._start_fleet(job, self.config.section("fleet"))
+            self._start_fleet(self.job, self.config.section("fleet"))
         if self.fleet is not None:
             trace("fleet-poll")
             wait = self.fleet.poll_once()
@@ -259,17 +291,14 @@ class EdgeRuntime:
         if not agent.ring:
             try:
                 agent.ring = updater.ring = self._ota_client.ring(self.config.device_id)
-            except Exception as err:  # noqa: BLE001
-                self.ota_note = f"repository unreachable ({err})"
+            except Exception as err:  # noqa: BLE001 - retried; the device serves what it has meanwhile
+                self._ota_status(f"repository unreachable ({err}); serving {self.models.label}")
                 return min(self.ota_poll, 10.0)
         if self.learner is not None:
             updater.fast_layers = self.learner.fast_layers()
         trace("ota-cycle")
         outcome = agent.cycle()
-        note = f"{outcome.status} {outcome.release or ''}: {outcome.reason}"[:200]
-        if note != self.ota_note:
-            log.info("OTA: %s", note)
-        self.ota_note = note
+        self._ota_status(f"{outcome.status} {outcome.release or ''}: {outcome.reason}"[:200])
         if outcome.status == "installed":
             from ota.bundle import load_slow, read_manifest
 
@@ -285,6 +314,13 @@ class EdgeRuntime:
                 break
             self.stop.wait(0.1)
         return 0.0
+
+    def _ota_status(self, note: str) -> None:
+        if note != self.ota_note:
+            log.log(
+                logging.WARNING if note.startswith(("repository", "unavailable")) else logging.INFO, "OTA: %s", note
+            )
+        self.ota_note = note
 
     def start(self) -> None:
         if self.sensor_cfg:

@@ -9,6 +9,7 @@ from pathlib import Path
 from edge_runtime.daemon import add_edge_parser
 from provisioning.cli import add_provision_parser
 
+from .edge_demo import add_edge_demo_parser
 from .fleets import REGIMES
 from .methods import METHODS
 from .privacy_options import add_privacy_arguments, privacy_of
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_provision_parser(verbs)
     add_edge_parser(verbs)
+    add_edge_demo_parser(verbs)
 
     ota = verbs.add_parser("ota", help="signed over-the-air releases of global versions").add_subparsers(
         dest="ota_verb", required=True

@@ -32,16 +32,11 @@ NUM_CLASSES = 10
 INPUT_SPEC = {"vision": [1, 8, 8]}
 
 
-def device_job(path: Path, devices: int = FLEET["num_devices"]) -> Path:
-    """Write the device side of the nested_fleet job (what every daemon's learner runs)."""
+def device_job(path: Path, *flags: str) -> Path:
+    """Write the device side of the nested_fleet job (what every daemon's learner runs); ``flags``
+    are ``job.py``'s, as the job is submitted with them (``--noise`` must match)."""
     out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "nested_fleet" / "job.py"),
-            "--print-device-config",
-            "--devices",
-            str(devices),
-        ],
+        [sys.executable, str(ROOT / "jobs" / "nested_fleet" / "job.py"), "--print-device-config", *flags],
         capture_output=True,
         text=True,
         check=True,
@@ -51,8 +46,11 @@ def device_job(path: Path, devices: int = FLEET["num_devices"]) -> Path:
     return path
 
 
-def seed_archive(root: Path, job: dict, versions: int = 1) -> Path:
+def seed_archive(
+    root: Path, job: dict, versions: int = 1, input_spec: dict | None = None, num_classes: int = NUM_CLASSES
+) -> Path:
     """An archive with the model card, the initial version and ``versions`` accepted trained ones."""
+    input_spec = input_spec or INPUT_SPEC
     import torch
 
     from app_custom.cluster.archive import ACCEPTED, VersionArchive, VersionRecord
@@ -62,10 +60,10 @@ def seed_archive(root: Path, job: dict, versions: int = 1) -> Path:
 
     config = NestedConfig.from_dict(job["config"])
     torch.manual_seed(config.seed)
-    model = build_model(config.model, {k: tuple(v) for k, v in INPUT_SPEC.items()}, NUM_CLASSES)
+    model = build_model(config.model, {k: tuple(v) for k, v in input_spec.items()}, num_classes)
     shared = partition_parameters(model, config.levels).shared_names
     archive = VersionArchive(root)
-    card = {"config": job["config"], "input_spec": INPUT_SPEC, "num_classes": NUM_CLASSES, "shared_names": shared}
+    card = {"config": job["config"], "input_spec": input_spec, "num_classes": num_classes, "shared_names": shared}
     archive.write_model_card(card)
     params = {name: p.detach().numpy().copy() for name, p in model.named_parameters() if name in shared}
     archive.save(params, VersionRecord(0, ACCEPTED, None, None, 0, {}, "initial weights"))
@@ -77,7 +75,14 @@ def seed_archive(root: Path, job: dict, versions: int = 1) -> Path:
 
 
 class OtaService:
-    def __init__(self, work: Path, rings: tuple[tuple[str, float], ...], broker_port: int | None = None, **policy):
+    def __init__(
+        self,
+        work: Path,
+        rings: tuple[tuple[str, float], ...],
+        broker_port: int | None = None,
+        salt: str = "fleetnest-demo",
+        **policy,
+    ):
         from ota import keys as fleet_keys
         from ota.repository import Repository
         from ota.rings import make_layout
@@ -86,7 +91,7 @@ class OtaService:
         self.work = Path(work)
         self.keys = fleet_keys.generate(self.work / "keys")
         self.repository = Repository.create(self.work / "repo", self.keys)
-        self.layout = make_layout("fleetnest-demo", list(rings))
+        self.layout = make_layout(salt, list(rings))
         self.repository.set_layout(self.layout)
         self.server = RepositoryServer(self.work / "repo").start()
         self.root = self.work / "root.json"
@@ -148,6 +153,8 @@ def edge_config(
     ota: OtaService | None = None,
     mqtt_port: int | None = None,
     fleet: dict | None = None,
+    rate_hz: float = 20.0,
+    sensor: dict | None = None,
     **learning,
 ) -> Path:
     """Write ``work/<device>/edge.yaml``: sensors of fleet device ``index``, learning gated by the
@@ -158,7 +165,7 @@ def edge_config(
         "device_id": device,
         "state_dir": str(folder / "state"),
         "loop_interval_s": 0.5,
-        "sensor": {"fn": SENSOR, "kwargs": {"index": index, **FLEET}, "rate_hz": 20},
+        "sensor": sensor or {"fn": SENSOR, "kwargs": {"index": index, **FLEET}, "rate_hz": rate_hz},
         "learning": {
             "job_config": str(job),
             "num_classes": NUM_CLASSES,

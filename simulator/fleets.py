@@ -202,3 +202,16 @@ def sensor_stream(index: int, seed: int = 0, **fleet: object) -> Iterator[tuple[
     while True:
         for i in rng.permutation(len(data.y)):
             yield {name: value[i] for name, value in x.items()}, int(data.y[i])
+
+
+def synthetic_stream(
+    spec: dict[str, list[int]], num_classes: int, seed: int = 0
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Sensors of any shape (``{modality: shape}``), for benchmarks of a model with no shipped data:
+    each class a fixed random pattern per modality plus unit noise, labels uniform, for ever."""
+    rng = np.random.default_rng(seed)
+    patterns = {name: rng.standard_normal((num_classes, *shape)).astype(np.float32) for name, shape in spec.items()}
+    while True:
+        label = int(rng.integers(num_classes))
+        noise = {name: rng.standard_normal(tuple(shape)).astype(np.float32) for name, shape in spec.items()}
+        yield {name: patterns[name][label] + noise[name] for name in spec}, label

@@ -20,7 +20,6 @@ import yaml
 
 from provisioning.fleet import load_fleet_spec
 from provisioning.project import Provisioned
-from simulator.cli import main as fleetnest
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = "fleetnest-it"
@@ -31,6 +30,12 @@ MODULES = {
     "relay": ("nvflare.private.fed.app.relay.relay", "fed_relay.json"),
     "client": ("nvflare.private.fed.app.client.client_train", "fed_client.json"),
 }
+
+
+def fleetnest(argv: list[str]) -> int:
+    from simulator.cli import main  # the CLI also offers the demo, which imports this module
+
+    return main(argv)
 
 
 def free_ports(count: int) -> list[int]:

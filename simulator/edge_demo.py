@@ -1,0 +1,309 @@
+"""The full loop on one machine, with no external service: ``fleetnest edge-demo --out DIR``.
+
+1. ``fleetnest provision`` a localhost fleet and start it: FLARE server, relay, cluster-tier client,
+   two leaves, FLARE's routing proxy (real processes, mutual TLS);
+2. an MQTT broker in-process (amqtt) and the OTA service: TUF repository, signed ring layout
+   (canary, then the fleet), HTTP server, rollout controller taking reports over MQTT;
+3. six edge daemons (``fleetnest edge run``, processes; no systemd), each with its own certificate,
+   simulated sensors and a file probe saying idle and charging: they infer, store samples, learn
+   in micro-updates;
+4. ``jobs/nested_fleet`` submitted through the Flare API: the daemons' learners send clipped,
+   noised, quantized, masked slow deltas through their leaves; the server makes global versions;
+5. the newest accepted version is built into a release, published, and rolled out: canary ring,
+   promoted on healthy MQTT reports, then the fleet; each daemon merges it under its own fast
+   layers and serves it;
+6. the daemons keep inferring; ``report.json`` and ``edge_loop.png`` say what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .edge_fleet import FLEET, DaemonProcess, OtaService, device_job, edge_config, set_probe
+from .localhost_fleet import LocalFleet, devices_by_leaf, wait_until
+
+DEVICES_PER_LEAF = 3
+RINGS = (("canary", 0.4), ("fleet", 1.0))
+
+
+def say(step: str, text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {step:<9} {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """An MQTT 3.1.1 broker (amqtt) on a localhost port, in a thread of this process."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="mqtt-broker", daemon=True)
+
+    def start(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+
+        self.thread.start()
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+
+        async def start() -> Broker:
+            broker = Broker(config, loop=self.loop)
+            await broker.start()
+            return broker
+
+        self.broker = asyncio.run_coroutine_threadsafe(start(), self.loop).result(20)
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(20)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class HealthLog:
+    """Every health record and presence change the daemons publish."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.records: list[dict] = []
+        self.presence: dict[str, str] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleetnest-demo-monitor")
+        self.client.on_connect = lambda c, *_: c.subscribe([("fleetnest/health/+", 1), ("fleetnest/presence/+", 1)])
+        self.client.on_message = self._message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _message(self, client, userdata, message) -> None:
+        device = message.topic.rsplit("/", 1)[-1]
+        if "/presence/" in message.topic:
+            self.presence[device] = message.payload.decode()
+        else:
+            self.records.append(json.loads(message.payload))
+
+    def latest(self) -> dict[str, dict]:
+        return {r["device"]: r for r in self.records}
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _pick_salt(devices: list[str]) -> str:
+    """A ring salt that puts between a third and a half of the demo's devices in the canary ring."""
+    from ota.rings import make_layout, ring_of
+
+    for n in range(1000):
+        layout = make_layout(f"fleetnest-demo-{n}", list(RINGS))
+        canary = sum(ring_of(d, layout) == "canary" for d in devices)
+        if 2 <= canary <= len(devices) // 2:
+            return f"fleetnest-demo-{n}"
+    raise RuntimeError("no ring salt splits the demo's devices")
+
+
+def _accuracy(graph: Path, x: np.ndarray, y: np.ndarray, weight: np.ndarray | None) -> float:
+    from ota.engines import OnnxRuntimeEngine
+
+    engine = OnnxRuntimeEngine(graph)
+    right = engine.run({"vision": x}).argmax(axis=1) == y
+    return float(np.average(right, weights=weight))
+
+
+def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.0) -> dict:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    events: list[tuple[float, str]] = []
+
+    def event(step: str, text: str) -> None:
+        events.append((time.monotonic() - started, time.time(), step, text))
+        say(step, text)
+
+    (out / "flare").mkdir(exist_ok=True)
+    fleet = LocalFleet.provision(out / "flare")
+    event("provision", f"localhost fleet provisioned: server, relay, cluster client eu, leaves {fleet.leaves}")
+    broker = ota = health = None
+    daemons: dict[str, DaemonProcess] = {}
+    try:
+        fleet.start_all()
+        fleet.wait_for_clients(3, timeout=180)
+        fleet.start_proxy()
+        event("flare", f"FLARE is up; the routing proxy listens on {fleet.proxy_url}")
+
+        port = free_port()
+        broker = EmbeddedBroker(port).start()
+        health = HealthLog(port)
+        by_leaf = devices_by_leaf(fleet.leaves, DEVICES_PER_LEAF)
+        devices = [d for leaf in fleet.leaves for d in by_leaf[leaf]]
+        ota = OtaService(out / "ota", RINGS, broker_port=port, salt=_pick_salt(devices), min_reports=2)
+        event("ota", f"MQTT broker on 127.0.0.1:{port}; OTA repository at {ota.url} (rings {[r for r, _ in RINGS]})")
+
+        job = device_job(out / "device_job.json", "--noise", str(noise))
+        probe = out / "probe.json"
+        set_probe(probe, idle=True, charging=True)
+        for index, device in enumerate(devices):
+            identity = out / "identities" / device
+            if fleet.cli("device", "--id", device, "--out", str(identity)) != 0:
+                raise RuntimeError(f"cannot issue a certificate for {device}")
+            fleet_cfg = {"proxy": fleet.proxy_url, "identity": str(identity), "job": "nested_fleet"}
+            config = edge_config(
+                out / "devices", device, index, job, probe, ota, port, fleet_cfg, rate_hz=5.0, min_interval_s=5.0
+            )
+            daemons[device] = DaemonProcess(config).start()
+        for device, daemon in daemons.items():
+            if not daemon.wait_for("serving local model", 120):
+                raise RuntimeError(f"{device} did not start serving:\n{daemon.text()[-3000:]}")
+        rings = {d: ota.ring_of(d) for d in devices}
+        event("devices", f"{len(devices)} edge daemons infer and learn on their own samples; rings {rings}")
+
+        flags = ("--versions", str(versions), "--max-rounds", str(2 * versions), "--noise", str(noise))
+        job_id = fleet.submit(*flags, "--buffer-timeout", "10", "--max-wait", "180")
+        event("job", f"nested_fleet submitted as {job_id}: the daemons send masked slow deltas through their leaves")
+        wait_until(lambda: len(fleet.accepted()) >= versions, timeout, f"{versions} accepted versions", interval=2)
+        accepted = fleet.accepted()
+        for v in accepted:
+            event("cluster", f"global version {v['version']} accepted from {v['num_devices']} devices: {v['metrics']}")
+
+        newest = accepted[-1]["version"]
+        release = ota.publish(fleet.archive, newest)
+        assert ota.controller is not None
+        ota.controller.start(release)
+        event("rollout", f"{release} published and rolled out: ring canary first")
+        seen_stage = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = ota.controller.status()
+            if status["stage"] != seen_stage and status["state"] == "running":
+                seen_stage = status["stage"]
+                event("rollout", status["events"][-1])
+            if status["state"] != "running":
+                break
+            time.sleep(0.5)
+        event("rollout", f"{status['state']}: {status['events'][-1]}")
+        if status["state"] != "completed":
+            raise RuntimeError(f"the rollout ended {status['state']}: {status['reason']}")
+        for device, daemon in daemons.items():
+            if not daemon.wait_for(f"serving {release}+fast", 120):
+                raise RuntimeError(f"{device} does not serve {release} with its fast layers")
+        event("merge", f"every daemon serves {release} with its own fast layers; inferring on for 10 s")
+        time.sleep(10)
+        report = _report(out, fleet, ota, daemons, health, devices, rings, release, accepted, events)
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+        if health is not None:
+            time.sleep(1)
+            health.stop()
+        if ota is not None:
+            ota.close()
+        if broker is not None:
+            broker.stop()
+        fleet.stop_all()
+    say("done", f"report: {out / 'report.json'}, plot: {out / 'edge_loop.png'} ({time.monotonic() - started:.0f} s)")
+    return report
+
+
+def _report(out, fleet, ota, daemons, health, devices, rings, release, accepted, events) -> dict:
+    from simulator.fleets import make_fleet
+
+    data = make_fleet(**FLEET)
+    latest = health.latest()
+    per_device = {}
+    for index, device in enumerate(devices):
+        state = out / "devices" / device / "state"
+        test = data.devices[index].test
+        x = test.x["vision"] if isinstance(test.x, dict) else test.x
+        audit = state / "fleet" / "outbound_audit.jsonl"
+        sent = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+        record = latest.get(device, {})
+        per_device[device] = {
+            "ring": rings[device],
+            "served": record.get("model"),
+            "inferences": record.get("inferences"),
+            "p50_ms": record.get("p50_ms"),
+            "p99_ms": record.get("p99_ms"),
+            "micro_updates": record.get("micro_updates"),
+            "messages_sent": len(sent),
+            "message_types": sorted({r["secagg"]["type"] for r in sent if "secagg" in r}),
+            "acc_release_alone": _accuracy(state / "ota" / "current" / "model.onnx", x, test.y, test.weight),
+            "acc_release_with_own_fast_layers": _accuracy(state / "models" / "good.onnx", x, test.y, test.weight),
+        }
+    report = {
+        "release": release,
+        "global_versions": [{k: v[k] for k in ("version", "parent", "num_devices", "metrics")} for v in accepted],
+        "rollout": ota.controller.status(),
+        "devices": per_device,
+        "presence": health.presence,
+        "events": [{"t_s": round(t, 1), "step": step, "event": text} for t, _, step, text in events],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _plot(out, health.records, per_device, events)
+    for device, row in per_device.items():
+        say(
+            "summary",
+            f"{device} ({row['ring']}): {row['served']}; accuracy {row['acc_release_alone']:.3f} -> "
+            f"{row['acc_release_with_own_fast_layers']:.3f} with its fast layers; p99 {row['p99_ms']} ms; "
+            f"{row['micro_updates']} micro-updates; sent {row['messages_sent']} masked protocol messages",
+        )
+    return report
+
+
+def _plot(out: Path, records: list[dict], per_device: dict, events: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    t0 = min((r["at"] for r in records), default=0.0)
+    for device in per_device:
+        mine = [r for r in records if r["device"] == device and r.get("p99_ms") is not None]
+        left.plot([r["at"] - t0 for r in mine], [r["p99_ms"] for r in mine], label=device, lw=1)
+    left.axhline(30, color="red", ls="--", lw=1, label="30 ms budget")
+    for _, at, step, _ in events:
+        if step in ("job", "merge"):
+            left.axvline(at - t0, color="grey", ls=":", lw=1)
+            left.annotate(
+                "job submitted" if step == "job" else "release served", (at - t0, 30), fontsize=7, rotation=90
+            )
+    left.set(xlabel="seconds", ylabel="p99 latency (ms)", yscale="log", title="Inference latency on each daemon")
+    left.legend(fontsize=7)
+    names = list(per_device)
+    xs = np.arange(len(names))
+    alone = [per_device[n]["acc_release_alone"] for n in names]
+    personal = [per_device[n]["acc_release_with_own_fast_layers"] for n in names]
+    right.bar(xs - 0.2, alone, 0.4, label="release alone")
+    right.bar(xs + 0.2, personal, 0.4, label="+ own fast layers")
+    right.set_xticks(xs, [f"{n}\n{per_device[n]['ring']}" for n in names], fontsize=7)
+    right.set(ylabel="accuracy on the device's own test data", ylim=(0, 1), title="After the rollout")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "edge_loop.png", dpi=110)
+    plt.close(fig)
+
+
+def add_edge_demo_parser(verbs) -> None:
+    demo = verbs.add_parser("edge-demo", help="the full loop: FLARE hierarchy, edge daemons, signed canary rollout")
+    demo.add_argument("--out", default="demo_out/edge", help="folder for the fleet, the devices and the report")
+    demo.add_argument("--versions", type=int, default=12, help="accepted global versions before the rollout")
+    demo.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        help="DP noise multiplier on each leaf's sum (0: secure aggregation without noise; see the README)",
+    )
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take")
+    demo.set_defaults(run=lambda args: 0 if run(Path(args.out), args.versions, args.noise, args.timeout) else 1)
