@@ -147,6 +147,11 @@ class FleetDevice:
         self._round: DeviceRound | None = DeviceRound.load(self._session_path, self.settings)
         self.metrics: dict[str, float] = {}
 
+    @property
+    def in_session(self) -> bool:
+        """Whether this device is between the train step and the end of a session."""
+        return self._round is not None
+
     def answer(
         self, stage: str, spec: dict, version: int, weights: dict | None, message: bytes | None
     ) -> tuple[bytes | None, str | None, dict]:

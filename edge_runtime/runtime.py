@@ -261,7 +261,9 @@ class EdgeRuntime:
         assert learner is not None and gate is not None
         if self.fleet is None and self.config.section("fleet") and learner.learner is not None:
             self._start_fleet(self.job, self.config.section("fleet"))
-        if self.fleet is not None:
+        # a session's training is learning too: joined only while idle and charging; a session
+        # already joined is finished (its remaining steps are small protocol messages)
+        if self.fleet is not None and (self.fleet.device.in_session or gate.probe.read().may_learn):
             trace("fleet-poll")
             wait = self.fleet.poll_once()
             if wait == 0.0:
@@ -269,6 +271,8 @@ class EdgeRuntime:
                 return 0.0
         may, why = gate.may_start()
         if not may:
+            if why != self.learning_note and not why.startswith("next micro-update"):
+                log.info("%s", why)
             self.learning_note = why
             return 1.0
         trace("micro-update")

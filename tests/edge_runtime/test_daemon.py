@@ -162,3 +162,15 @@ def test_the_command_exits_2_with_the_reason_on_a_bad_config(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "state_dir is required" in out.stderr, out.stderr[-500:]
+
+
+def test_the_example_configuration_loads_and_so_does_every_section_in_it():
+    example = ROOT / "edge_runtime" / "systemd" / "edge.yaml.example"
+    assert EdgeConfig.load(example).device_id == "robot-17"
+    lines = example.read_text().splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if not line.startswith("#")) :]  # past the header
+    uncommented = "\n".join(line[2:] if line.startswith("# ") else line for line in body)
+    raw = yaml.safe_load(uncommented)
+    config = EdgeConfig.from_dict(raw)
+    assert set(config.sections) == {"inference", "sensor", "learning", "fleet", "ota", "telemetry"}
+    assert config.section("learning")["probe"] == {"kind": "jetson"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,25 @@ def test_the_jetson_probe_reads_sysfs(tmp_path, supplies, gpu, load, idle, charg
 def test_the_jetson_probe_assumes_battery_when_told(tmp_path):
     sysfs, proc = _sysfs(tmp_path, {}, "0", "0.1")
     assert not JetsonProbe(sysfs, proc, no_supply="battery", cpus=4).read().charging
+
+
+def test_the_daemon_learns_only_while_the_probe_says_idle_and_charging(tmp_path, job):
+    from simulator.edge_fleet import DaemonProcess, edge_config
+
+    job_path = tmp_path / "job.json"
+    job_path.write_text(json.dumps(job))
+    probe = tmp_path / "probe.json"
+    set_probe(probe, idle=False, charging=True)  # the robot is moving
+    daemon = DaemonProcess(edge_config(tmp_path, "robot-3", 3, job_path, probe, min_interval_s=0.2)).start()
+    checkpoints = tmp_path / "robot-3" / "state" / "checkpoints"
+    try:
+        assert daemon.wait_for("no micro-update: idle=False charging=True", 90), daemon.text()[-2000:]
+        time.sleep(4)  # well past min_samples at 20 Hz
+        assert not list(checkpoints.glob("ck-*")) and "micro-update 1" not in daemon.text()
+        set_probe(probe, idle=True, charging=False)  # parked, not on the charger
+        time.sleep(2)
+        assert not list(checkpoints.glob("ck-*"))
+        set_probe(probe, idle=True, charging=True)
+        assert daemon.wait_for("micro-update 1: 20 steps", 30), daemon.text()[-2000:]
+    finally:
+        assert daemon.stop() == 0
