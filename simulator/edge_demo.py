@@ -30,6 +30,7 @@ from .edge_fleet import FLEET, DaemonProcess, OtaService, device_job, edge_confi
 from .localhost_fleet import LocalFleet, devices_by_leaf, wait_until
 
 DEVICES_PER_LEAF = 3
+PROTOCOL = {"KeyAdvert", "ShareBundle", "MaskedInput", "UnmaskShares"}  # all a device may send up
 RINGS = (("canary", 0.4), ("fleet", 1.0))
 
 
@@ -241,6 +242,9 @@ def _report(out, fleet, ota, daemons, health, devices, rings, release, accepted,
             "acc_release_alone": _accuracy(state / "ota" / "current" / "model.onnx", x, test.y, test.weight),
             "acc_release_with_own_fast_layers": _accuracy(state / "models" / "good.onnx", x, test.y, test.weight),
         }
+    leaked = {d: row["message_types"] for d, row in per_device.items() if set(row["message_types"]) - PROTOCOL}
+    if leaked:
+        raise RuntimeError(f"devices sent more than secure-aggregation messages: {leaked}")
     report = {
         "release": release,
         "global_versions": [{k: v[k] for k in ("version", "parent", "num_devices", "metrics")} for v in accepted],

@@ -1,5 +1,5 @@
 """The device's checkpoints survive a kill at any moment: a process writing checkpoints in a loop
-is SIGKILLed at 60 random moments, and every time the store opens on a complete checkpoint no
+is SIGKILLed at 30 random moments, and every time the store opens on a complete checkpoint no
 older than the last one the writer had finished. A damaged checkpoint is skipped for the newest
 one that verifies, and a rollback returns to the last good one."""
 
@@ -42,7 +42,7 @@ def test_a_kill_at_any_moment_leaves_a_complete_checkpoint_no_older_than_the_las
     rng = random.Random(7)
     root = tmp_path / "checkpoints"
     finished = 0
-    for _ in range(60):
+    for _ in range(30):
         writer = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(root)], cwd=ROOT, stdout=subprocess.PIPE, text=True, bufsize=1
         )

@@ -108,7 +108,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_consistent_state(tmp_pa
         for k in range(KILLS_PER_DAEMON):
             env = {"FLEETNEST_EDGE_TRACE": str(trace)}
             with lock:
-                delay = rng.uniform(0.1, 3.0)
+                delay = rng.uniform(0.1, 2.5)
                 if k % 3 == 2:
                     variable, phase = CRASHES[(k // 3) % len(CRASHES)]
                     env[variable] = phase

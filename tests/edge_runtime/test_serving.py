@@ -111,9 +111,10 @@ def test_telemetry_refuses_anything_but_the_allowed_scalar_fields(record):
 class Subscriber:
     def __init__(self, port: int, topic: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set once the broker acknowledged the subscription
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-subscriber")
-        self.client.on_connect = lambda c, *_: (c.subscribe(topic, qos=1), self.ready.set())
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: self.ready.set()
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

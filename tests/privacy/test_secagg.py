@@ -23,8 +23,10 @@ from app_custom.privacy.secagg_crypto import SessionContext
 from .secagg_harness import advertise_and_share, make_round, plain_sum, run
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(2, 200), dropout=st.floats(0.0, 0.3), seed=st.integers(0, 2**32 - 1))
+# 10 random sizes up to 120 and the largest case (200) as an explicit example: the suite's time
+# budget (25 examples up to 200 took 67 s of it)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(2, 120), dropout=st.floats(0.0, 0.3), seed=st.integers(0, 2**32 - 1))
 @example(n=200, dropout=0.3, seed=1)
 @example(n=2, dropout=0.0, seed=1)
 def test_secure_sum_equals_the_plain_quantized_sum(n, dropout, seed):
