@@ -36,6 +36,11 @@ class ModelCheckFailed(RuntimeError):
     """A candidate model that may not serve; the message says which check it failed."""
 
 
+class BadOutputs(ModelCheckFailed):
+    """The candidate answers the golden inputs with outputs of the wrong shape or non-finite ones: the
+    weights are broken (unlike a candidate that is only too slow on this device, or does not load)."""
+
+
 class LatencyMonitor:
     def __init__(self, budget_ms: float = 30.0, window: int = 200) -> None:
         self.budget_ms = budget_ms
@@ -97,6 +102,7 @@ class ModelServer:
         self.label = "none"
         self.fallbacks = 0
         self.rejected = 0
+        self.last_rejection: Exception | None = None  # why the last candidate offered was refused
         self.bad_inputs = 0
         self._lock = threading.Lock()
 
@@ -146,17 +152,16 @@ class ModelServer:
             engine, note = self._engine(candidate, shapes)
             out = engine.run(probe)
             if out.shape != (len(next(iter(probe.values()))), classes):
-                raise ModelCheckFailed(f"outputs of shape {out.shape}, expected (batch, {classes})")
+                raise BadOutputs(f"outputs of shape {out.shape}, expected (batch, {classes})")
             if not np.all(np.isfinite(out)):
-                raise ModelCheckFailed("outputs are not finite")
+                raise BadOutputs("outputs are not finite")
             p99 = p99_ms(engine, {n: v[:1] for n, v in probe.items()})
             if p99 > self.budget_ms:
                 raise ModelCheckFailed(f"p99 {p99:.1f} ms > budget {self.budget_ms:.0f} ms")
         except Exception as err:  # noqa: BLE001 - any failure keeps the served model
-            self.rejected += 1
-            log.warning("candidate %s rejected: %s; still serving %s", label, err, self.label)
-            return f"candidate {label} rejected ({err}); serving {self.label}"
+            return self.refuse(label, err)
         meta = {"label": label, "sha256": hashlib.sha256(graph).hexdigest(), "shapes": shapes, "p99_ms": p99}
+        self.last_rejection = None
         try:
             self._keep_good(graph, meta)
         except OSError as err:  # a full disk: it serves, but a restart comes back to the one on disk
@@ -164,6 +169,12 @@ class ModelServer:
         with self._lock:
             self.engine, self.label = engine, f"{label} ({note.split(':')[0]})"
         return f"serving {self.label}, p99 {p99:.2f} ms"
+
+    def refuse(self, label: str, err: Exception) -> str:
+        """A candidate that failed a check, here or before it could be offered: the served model stays."""
+        self.rejected, self.last_rejection = self.rejected + 1, err
+        log.warning("candidate %s rejected: %s; still serving %s", label, err, self.label)
+        return f"candidate {label} rejected ({err}); serving {self.label}"
 
     def serve_local(self, model, inputs: list[str]) -> None:
         """The learner's own model, until a release is installed."""

@@ -12,7 +12,6 @@ a finished state. The model's inputs and size come from the device's job configu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app_custom.cluster.archive import tensors_digest
 from app_custom.durable import crash_trace
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import DeviceData, LabelledSet
@@ -31,14 +31,6 @@ from .samples import SampleStore
 log = logging.getLogger("fleetnest.edge.learning")
 STATE = "learner.pt"
 TEST_EVERY = 5  # every 5th sample is held out: the merge checks' own-data test set
-
-
-def fast_digest(fast: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(fast):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(fast[name], dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 class ContinualLearner:
@@ -84,7 +76,7 @@ class ContinualLearner:
         info = checkpoint.meta["info"]
         learner = self._build(info["input_spec"])
         learner.restore_bytes(checkpoint.read(STATE), str(checkpoint.path))
-        if fast_digest(learner.fast_layers()) != info["fast_sha256"]:
+        if tensors_digest(learner.fast_layers()) != info["fast_sha256"]:
             raise RuntimeError(f"checkpoint {checkpoint.seq}: fast layers do not match their recorded digest")
         self.learner, self.checkpoint_seq = learner, checkpoint.seq
         self.micro_updates = int(info.get("micro_updates", 0))
@@ -118,7 +110,7 @@ class ContinualLearner:
                 "global_version": learner.global_version,
                 "micro_updates": self.micro_updates,
                 "input_spec": {name: list(v.shape[1:]) for name, v in x.items()},
-                "fast_sha256": fast_digest(learner.fast_layers()),
+                "fast_sha256": tensors_digest(learner.fast_layers()),
             }
             crash_trace("checkpoint")
             self.checkpoint_seq = self.store.save({STATE: learner.state_bytes()}, info)
@@ -136,7 +128,10 @@ class ContinualLearner:
             data = self._data()
             if data is not None:
                 learner.use_data(data)
-            done, reason = learner.micro_update(self.steps, should_stop)
+            try:
+                done, reason = learner.micro_update(self.steps, should_stop)
+            except FloatingPointError as err:  # diverged: back to the last good state
+                return f"micro-update diverged ({err}); {self.rollback_to_good()}"
             if reason is not None:
                 self.restore()  # the partial update is dropped; the checkpoint is the last finished one
                 return f"micro-update interrupted after {done} steps ({reason}); kept checkpoint {self.checkpoint_seq}"
@@ -158,6 +153,26 @@ class ContinualLearner:
             checkpoint = self.store.latest()
             if checkpoint is not None and self.learner is not None:
                 self.learner.restore_bytes(checkpoint.read(STATE), str(checkpoint.path))
+
+    def mark_good(self) -> None:
+        """The current checkpoint's model passed its checks: the target of a rollback from now on."""
+        with self.lock:
+            if self.checkpoint_seq is not None:
+                self.store.mark_good(self.checkpoint_seq)
+
+    def rollback_to_good(self) -> str:
+        """Back to the last checkpoint marked good (its learner state made current); a line saying so."""
+        with self.lock:
+            try:
+                checkpoint = self.store.rollback()
+            except CheckpointError as err:
+                self.restore()
+                return f"{err}: restored checkpoint {self.checkpoint_seq}"
+            if self.learner is not None:
+                self.learner.restore_bytes(checkpoint.read(STATE), str(checkpoint.path))
+            self.checkpoint_seq = checkpoint.seq
+            self.micro_updates = int(checkpoint.meta["info"].get("micro_updates", self.micro_updates))
+            return f"rolled back to good checkpoint {checkpoint.seq}"
 
     def merge_global(self, slow: Mapping[str, np.ndarray], version: int) -> str:
         """A new global slow version installed by OTA: merge it under this device's fast layers."""

@@ -32,7 +32,7 @@ from app_custom.durable import crash_trace as trace
 from app_custom.nested.device_data import import_function
 
 from .config import EdgeConfig, EdgeConfigError
-from .inference import ModelServer
+from .inference import BadOutputs, ModelCheckFailed, ModelServer
 from .learning import ContinualLearner
 from .samples import SampleError, SampleStore
 from .scheduler import MicroUpdateGate, make_probe
@@ -224,14 +224,19 @@ class EdgeRuntime:
         updater, learner = self.updater, self.learner
         current = updater.current if updater is not None else None
         if current is not None and current.exists():
-            from ota.bundle import load_golden, personalize, read_manifest
+            from ota.bundle import BundleError, load_golden, personalize, read_manifest
 
             manifest = read_manifest(current)
             fast = learner.fast_layers() if learner is not None else None
-            graph = personalize(current, manifest, fast) if fast else None
+            label = f"{manifest['release']}+fast" if fast else manifest["release"]
+            if fast and not all(np.isfinite(value).all() for value in fast.values()):
+                return self.models.refuse(label, BadOutputs("the fast layers are not finite"))
+            try:
+                graph = personalize(current, manifest, fast) if fast else None
+            except BundleError as err:  # fast layers that do not fit this release: the served model stays
+                return self.models.refuse(label, ModelCheckFailed(str(err)))
             inputs, _ = load_golden(current, manifest)
             self._probe_feeds = inputs
-            label = f"{manifest['release']}+fast" if fast else manifest["release"]
             data = graph.SerializeToString() if graph is not None else (current / "model.personal.onnx").read_bytes()
             trace("offer-model")
             return self.models.offer(data, label, inputs, manifest["model"]["num_classes"])
@@ -276,18 +281,30 @@ class EdgeRuntime:
             self.learning_note = why
             return 1.0
         trace("micro-update")
+        updates, seq = learner.micro_updates, learner.checkpoint_seq
         note = learner.micro_update(gate.watch(self.stop.is_set))
         gate.finished()
         trace("micro-update-done")
         if note != self.learning_note:
             log.info("%s", note)
         self.learning_note = note
-        if learner.learner is not None:
-            served = self._serve_latest()
-            if self.models.label != self._last_served or "rejected" in served:
-                log.info("%s", served)
-                self._last_served = self.models.label
+        if learner.micro_updates > updates and learner.checkpoint_seq != seq:  # finished and checkpointed
+            self._judge_fast_layers(learner)
         return 0.5
+
+    def _judge_fast_layers(self, learner: ContinualLearner) -> None:
+        """Serve the model with the new fast layers; they become the learner's rollback target once it
+        passes its checks, and are rolled back if its outputs are broken (a candidate only too slow
+        here says nothing about the weights: the learning is kept, the old model serves)."""
+        rejected = self.models.rejected
+        served = self._serve_latest()
+        if self.models.label != self._last_served or self.models.rejected > rejected:
+            log.info("%s", served)
+            self._last_served = self.models.label
+        if self.models.rejected == rejected:
+            learner.mark_good()
+        elif isinstance(self.models.last_rejection, BadOutputs):
+            log.warning("%s", learner.rollback_to_good())
 
     def _ota_once(self) -> float:
         agent, updater = self.agent, self.updater

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,8 @@ class VersionRecord:
     created_at: float = 0.0
 
 
-def _digest(tensors: dict[str, np.ndarray]) -> str:
+def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """sha256 over tensors by name, as float32 (what the archive records and devices check)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())
@@ -93,7 +95,7 @@ class VersionArchive:
         it becomes current."""
         if self._dir(record.version).exists():
             raise ArchiveError(f"version {record.version} already exists in {self.root}")
-        record.sha256 = _digest(tensors)
+        record.sha256 = tensors_digest(tensors)
         record.created_at = record.created_at or time.time()
         tmp = self.root / f".tmp-v{record.version:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +151,6 @@ class VersionArchive:
             raise ArchiveError(f"version {version} is not in {self.root}")
         record = VersionRecord(**json.loads((folder / "meta.json").read_text()))
         tensors = load_file(str(folder / "slow.safetensors"))
-        if _digest(tensors) != record.sha256:
+        if tensors_digest(tensors) != record.sha256:
             raise ArchiveError(f"version {version}: weights do not match the recorded sha256")
         return tensors, record

@@ -231,7 +231,7 @@ class NestedLearner:
         self.model.train()
         loss = F.cross_entropy(self.model(_take(self._x, index)), self._y[index])
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)}; refusing to continue the round")
+            raise FloatingPointError(f"training loss became {loss.item()}; refusing to continue the round")
         loss.backward()
         self.schedule.after_backward(active)
         return float(loss.detach())

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_runtime.config import EdgeConfig
 from edge_runtime.learning import STATE, ContinualLearner
+from edge_runtime.runtime import EdgeRuntime
 from edge_runtime.samples import SampleError, SampleStore
 from edge_runtime.scheduler import FileProbe, JetsonProbe, MicroUpdateGate
-from simulator.edge_fleet import NUM_CLASSES, device_job, set_probe
+from simulator.edge_fleet import NUM_CLASSES, OtaService, device_job, edge_config, seed_archive, set_probe
 from simulator.fleets import sensor_stream
 
 
@@ -197,3 +199,75 @@ def test_the_daemon_learns_only_while_the_probe_says_idle_and_charging(tmp_path,
         assert daemon.wait_for("micro-update 1: 20 steps", 30), daemon.text()[-2000:]
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_rollback_returns_the_learner_to_the_last_checkpoint_marked_good(tmp_path, job):
+    learner = _learner(tmp_path, job)
+    assert "micro-update 1" in learner.micro_update(lambda: None)
+    learner.mark_good()
+    good_seq, good_fast = learner.checkpoint_seq, learner.fast_layers()
+    assert "micro-update 2" in learner.micro_update(lambda: None)
+    changed = learner.fast_layers()
+    assert any(not np.array_equal(good_fast[k], changed[k]) for k in good_fast)
+    assert learner.rollback_to_good() == f"rolled back to good checkpoint {good_seq}"
+    back = learner.fast_layers()
+    assert all(np.array_equal(good_fast[k], back[k]) for k in good_fast) and learner.micro_updates == 1
+    again = ContinualLearner(tmp_path, job["config"], NUM_CLASSES, SampleStore(tmp_path / "samples", 120))
+    assert f"checkpoint {good_seq}" in again.recover()  # and a restart starts from it
+
+
+def _poison_fast_layers(learner: ContinualLearner) -> None:
+    """What a diverged update leaves behind: fast layers that are not finite."""
+    nested = learner.learner
+    assert nested is not None
+    for model in {id(nested.model): nested.model, id(nested.served): nested.served}.values():
+        for name, parameter in model.named_parameters():
+            if name in nested.private_names:
+                parameter.data.fill_(float("nan"))
+
+
+def test_a_diverged_micro_update_rolls_back_to_the_last_good_checkpoint(tmp_path, job):
+    learner = _learner(tmp_path, job)
+    assert "micro-update 1" in learner.micro_update(lambda: None)
+    learner.mark_good()
+    good_seq, good_fast = learner.checkpoint_seq, learner.fast_layers()
+    _poison_fast_layers(learner)
+    note = learner.micro_update(lambda: None)
+    assert "diverged" in note and f"rolled back to good checkpoint {good_seq}" in note, note
+    back = learner.fast_layers()
+    assert all(np.array_equal(good_fast[k], back[k]) for k in good_fast)
+
+
+def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_model_serves(tmp_path, job):
+    job_path = tmp_path / "job.json"
+    job_path.write_text(json.dumps(job))
+    archive = seed_archive(tmp_path / "archive", job)
+    ota = OtaService(tmp_path / "ota", (("all", 1.0),))
+    try:
+        ota.target("all", ota.publish(archive, 1))
+        probe = tmp_path / "probe.json"
+        set_probe(probe, idle=True, charging=True)
+        path = edge_config(tmp_path, "robot-1", 1, job_path, probe, ota=ota, min_interval_s=0.0)
+        runtime = EdgeRuntime(EdgeConfig.load(path), threading.Event())
+        runtime.recover()
+        runtime._ota_once()  # the release installed, served as shipped (no learner yet)
+        assert runtime.updater.state["committed"] is not None
+        _filled(runtime.samples, 80)
+        runtime._learn_once()  # the learner built, one micro-update, its model checked and served
+        learner = runtime.learner
+        assert learner.micro_updates == 1 and "+fast" in runtime.models.label, runtime.models.label
+        good_seq, good_fast, served = learner.checkpoint_seq, learner.fast_layers(), runtime.models.label
+        assert learner.store._pointer("good.json") == good_seq
+
+        _poison_fast_layers(learner)
+        learner.checkpoint("poisoned")  # written, as a finished update would be, then judged
+        rejected = runtime.models.rejected
+        runtime._judge_fast_layers(learner)
+        assert runtime.models.rejected == rejected + 1 and runtime.models.label == served
+        assert learner.checkpoint_seq == good_seq and learner.store.latest().seq == good_seq
+        back = learner.fast_layers()
+        assert all(np.array_equal(good_fast[k], back[k]) for k in good_fast)
+        out = runtime.models.infer({name: value[:1] for name, value in runtime._probe_feeds.items()})
+        assert out is not None and np.isfinite(out).all()
+    finally:
+        ota.close()

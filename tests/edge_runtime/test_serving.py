@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_runtime.inference import LatencyMonitor, ModelServer
+from edge_runtime.inference import BadOutputs, LatencyMonitor, ModelCheckFailed, ModelServer
 from edge_runtime.telemetry import HealthPublisher, Metrics, check_health
 from ota.mqtt import DeviceLink
 from tests.ota.conftest import Mosquitto
@@ -53,10 +53,12 @@ def test_a_candidate_serves_only_after_its_checks(tmp_path):
     nan[0, 0] = np.nan
     note = server.offer(graph(nan), "broken", PROBE, 10)
     assert "rejected (outputs are not finite)" in note and server.label.startswith("first")
+    assert isinstance(server.last_rejection, BadOutputs)
     note = server.offer(graph(np.ones((64, 3))), "narrow", PROBE, 10)
     assert "rejected" in note and "(batch, 10)" in note and server.label.startswith("first")
     slow = ModelServer(tmp_path / "slow", budget_ms=1e-6)
     assert "rejected" in slow.offer(GOOD, "too-slow", PROBE, 10) and slow.engine is None
+    assert isinstance(slow.last_rejection, ModelCheckFailed) and not isinstance(slow.last_rejection, BadOutputs)
     assert server.rejected == 2
     assert server.infer({"vision": PROBE["vision"][:1]}).shape == (1, 10)
 
