@@ -173,10 +173,24 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
         flags = ("--versions", str(versions), "--max-rounds", str(2 * versions), "--noise", str(noise))
         job_id = fleet.submit(*flags, "--buffer-timeout", "10", "--max-wait", "180")
         event("job", f"nested_fleet submitted as {job_id}: the daemons send masked slow deltas through their leaves")
-        wait_until(lambda: len(fleet.accepted()) >= versions, timeout, f"{versions} accepted versions", interval=2)
+        told: set[int] = set()
+
+        def tell_versions() -> bool:
+            """Each new version as the cluster archives it: accepted, or refused by the gate and why."""
+            for v in fleet.versions():
+                if v["round"] is None or v["version"] in told:
+                    continue
+                told.add(v["version"])
+                name = f"global version {v['version']}"
+                if v["status"] == "accepted":
+                    metrics = ", ".join(f"{k} {_short(value)}" for k, value in sorted(v["metrics"].items()))
+                    event("cluster", f"{name} accepted from {v['num_devices']} devices: {metrics}")
+                else:
+                    event("cluster", f"{name} {v['status']} by the validation gate: {v['reason']}")
+            return len(fleet.accepted()) >= versions
+
+        wait_until(tell_versions, timeout, f"{versions} accepted versions", interval=2)
         accepted = fleet.accepted()
-        for v in accepted:
-            event("cluster", f"global version {v['version']} accepted from {v['num_devices']} devices: {v['metrics']}")
 
         newest = accepted[-1]["version"]
         release = ota.publish(fleet.archive, newest)
@@ -217,6 +231,10 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
     return report
 
 
+def _short(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def _report(out, fleet, ota, daemons, health, devices, rings, release, accepted, events) -> dict:
     from simulator.fleets import make_fleet
 
@@ -248,6 +266,11 @@ def _report(out, fleet, ota, daemons, health, devices, rings, release, accepted,
     report = {
         "release": release,
         "global_versions": [{k: v[k] for k in ("version", "parent", "num_devices", "metrics")} for v in accepted],
+        "refused_versions": [
+            {k: v.get(k) for k in ("version", "parent", "status", "reason", "metrics")}
+            for v in fleet.versions()
+            if v["status"] != "accepted"
+        ],
         "rollout": ota.controller.status(),
         "devices": per_device,
         "presence": health.presence,

@@ -7,9 +7,11 @@ At the end the daemon, started once more, serves the newest release with its own
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ from simulator.edge_fleet import (
 pytestmark = pytest.mark.integration
 KILLS_PER_DAEMON = 25
 RELEASES = 8
+INJECTED_WAIT_S = 20.0
 # deterministic kills where a random moment rarely lands: inside an OTA cycle, inside a checkpoint
 CRASHES = (
     ("FLEETNEST_OTA_CRASH_AT", "downloading"),
@@ -107,6 +110,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_consistent_state(tmp_pa
         last_seq, kills = 0, []
         for k in range(KILLS_PER_DAEMON):
             env = {"FLEETNEST_EDGE_TRACE": str(trace)}
+            variable = phase = None
             with lock:
                 delay = rng.uniform(0.1, 2.5)
                 if k % 3 == 2:
@@ -115,7 +119,14 @@ def test_sigkill_at_random_moments_always_resumes_from_a_consistent_state(tmp_pa
             daemon = DaemonProcess(cfg, env).start()
             try:
                 assert daemon.wait_for(f"(start {k + 1})", 90), daemon.text()[-2000:]
-                time.sleep(delay)
+                if variable == "FLEETNEST_EDGE_CRASH_AT":
+                    # a checkpoint comes with every micro-update: wait for the daemon to kill itself there
+                    # (a random delay on a loaded machine can end the run before the first one); an OTA
+                    # phase comes only with a new release, so those kills keep the random delay
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        daemon.process.wait(timeout=INJECTED_WAIT_S)
+                else:
+                    time.sleep(delay)
             finally:
                 daemon.kill()
             with open(trace, "a") as f:

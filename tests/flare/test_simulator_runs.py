@@ -44,8 +44,14 @@ def _server_log(workspace: Path) -> dict:
     return json.loads((workspace / "server/simulate_job/global_versions/fleet_metrics.json").read_text())
 
 
-def test_no_fast_layer_parameter_leaves_a_device(tmp_path):
-    workspace = _run(tmp_path, "clean", rounds=3)
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    """One ordinary run of the nested job (3 rounds, 4 devices), shared by the tests that read it."""
+    return _run(tmp_path_factory.mktemp("clean"), "clean", rounds=3)
+
+
+def test_no_fast_layer_parameter_leaves_a_device(clean_run):
+    workspace = clean_run
     audit = _audit(workspace)
     assert len(audit) == 4 * 4  # 3 training rounds and the final validation, 4 devices
     assert fast_values_sent(SHARED, audit) == 0
@@ -61,14 +67,14 @@ def test_no_fast_layer_parameter_leaves_a_device(tmp_path):
 
 
 def test_the_check_fails_when_the_guard_is_off_and_a_learner_leaks(tmp_path):
-    workspace = _run(tmp_path, "leak_unguarded", guard=False, executor=LeakyLearner(config=CONFIG, data=DATA))
+    workspace = _run(tmp_path, "leak_unguarded", rounds=1, guard=False, executor=LeakyLearner(config=CONFIG, data=DATA))
     assert fast_values_sent(SHARED, _audit(workspace)) > 0
 
 
 def test_the_guard_stops_a_leaking_learner(tmp_path):
     # every result is refused, so the server has too few and the job ends in error; what left is still audited
     with contextlib.suppress(RuntimeError):
-        _run(tmp_path, "leak_guarded", executor=LeakyLearner(config=CONFIG, data=DATA))
+        _run(tmp_path, "leak_guarded", rounds=1, executor=LeakyLearner(config=CONFIG, data=DATA))
     workspace = tmp_path / "leak_guarded"
     audit = _audit(workspace)
     assert audit and fast_values_sent(SHARED, audit) == 0
@@ -98,7 +104,7 @@ def test_overlapping_level_patterns_stop_the_job_with_an_error_that_names_the_pa
     assert "parameters claimed by more than one level: adapters." in logs
 
 
-def test_a_release_is_built_from_what_a_real_run_archived(tmp_path):
+def test_a_release_is_built_from_what_a_real_run_archived(clean_run, tmp_path):
     """The archive a FLARE run leaves describes its model (model.json): the OTA release builder needs
     nothing else, and the released graph reproduces the archived global version."""
     import numpy as np
@@ -107,8 +113,7 @@ def test_a_release_is_built_from_what_a_real_run_archived(tmp_path):
     from ota.bundle import load_golden, read_manifest, verify_files
     from ota.release import build_release
 
-    workspace = _run(tmp_path, "released", rounds=2)
-    archive = workspace / "server/simulate_job/global_versions"
+    archive = clean_run / "server/simulate_job/global_versions"
     card = json.loads((archive / "model.json").read_text())
     assert card["input_spec"] == {"vision": [1, 8, 8]} and card["num_classes"] == 10
     assert sorted(card["shared_names"]) == sorted(SHARED)
