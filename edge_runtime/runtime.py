@@ -224,15 +224,15 @@ class EdgeRuntime:
         updater, learner = self.updater, self.learner
         current = updater.current if updater is not None else None
         if current is not None and current.exists():
-            from ota.bundle import BundleError, load_golden, personalize, read_manifest
+            from ota.bundle import BundleError, NonFiniteWeights, load_golden, personalize, read_manifest
 
             manifest = read_manifest(current)
             fast = learner.fast_layers() if learner is not None else None
             label = f"{manifest['release']}+fast" if fast else manifest["release"]
-            if fast and not all(np.isfinite(value).all() for value in fast.values()):
-                return self.models.refuse(label, BadOutputs("the fast layers are not finite"))
             try:
                 graph = personalize(current, manifest, fast) if fast else None
+            except NonFiniteWeights as err:  # broken fast layers: the learner rolls back
+                return self.models.refuse(label, BadOutputs(str(err)))
             except BundleError as err:  # fast layers that do not fit this release: the served model stays
                 return self.models.refuse(label, ModelCheckFailed(str(err)))
             inputs, _ = load_golden(current, manifest)

@@ -23,6 +23,10 @@ class BundleError(ValueError):
     """The bundle is malformed, tampered with, or not for this device (the message says which)."""
 
 
+class NonFiniteWeights(BundleError):
+    """Weights to install hold NaN or inf: broken weights, not a release that does not fit."""
+
+
 _REQUIRED = {
     "format": int,
     "release": str,
@@ -166,7 +170,7 @@ def personalize(bundle: str | Path, manifest: dict, private: dict[str, np.ndarra
         if tuple(init.dims) != value.shape:
             raise BundleError(f"fast layer {name}: shape {value.shape}, the release expects {tuple(init.dims)}")
         if not np.all(np.isfinite(value)):
-            raise BundleError(f"fast layer {name}: contains NaN or inf")
+            raise NonFiniteWeights(f"fast layer {name}: contains NaN or inf")
         init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
     if [output.name for output in graph.graph.output] != [OUTPUT]:
         raise BundleError(f"{bundle}: the graph's output is not {OUTPUT!r}")

@@ -110,7 +110,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_consistent_state(tmp_pa
         last_seq, kills = 0, []
         for k in range(KILLS_PER_DAEMON):
             env = {"FLEETNEST_EDGE_TRACE": str(trace)}
-            variable = phase = None
+            variable = None
             with lock:
                 delay = rng.uniform(0.1, 2.5)
                 if k % 3 == 2:

@@ -9,6 +9,7 @@ import torch
 from ota.bundle import (
     BundleError,
     DeviceProfile,
+    NonFiniteWeights,
     check_compatible,
     load_golden,
     load_slow,
@@ -78,7 +79,7 @@ def test_a_device_installs_its_own_fast_layers_into_the_graph_and_gets_its_own_m
         personalize(out, manifest, private | {"head.weight": private[name]})
     with pytest.raises(BundleError, match="shape"):
         personalize(out, manifest, private | {name: np.zeros((3, 3, 3), np.float32)})
-    with pytest.raises(BundleError, match="NaN"):
+    with pytest.raises(NonFiniteWeights, match="NaN"):
         personalize(out, manifest, private | {name: np.full_like(private[name], np.nan)})
 
 
