@@ -30,7 +30,8 @@ from .edge_fleet import FLEET, DaemonProcess, OtaService, device_job, edge_confi
 from .localhost_fleet import LocalFleet, devices_by_leaf, wait_until
 
 DEVICES_PER_LEAF = 3
-PROTOCOL = {"KeyAdvert", "ShareBundle", "MaskedInput", "UnmaskShares"}  # all a device may send up
+# all a device may send up
+PROTOCOL = {"KeyAdvert", "ShareBundle", "MaskedInput", "ConsistencySignature", "UnmaskShares"}
 RINGS = (("canary", 0.4), ("fleet", 1.0))
 
 

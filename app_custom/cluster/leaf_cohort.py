@@ -11,7 +11,9 @@ answered or the stage's deadline passed with enough answers. The stages:
            with its key advert (or with the reason it sits this session out: its privacy budget).
 ``share``  the roster out, sealed shares back.
 ``mask``   to each device only the shares addressed to it; its masked vector back.
-``unmask`` survivors and dropped out; the shares that unmask the sum back.
+``consistency`` (authenticated sessions: the leaf has the fleet's device CA) survivors and
+           dropped out; each survivor's signature of that set back.
+``unmask`` survivors and dropped out (with the signatures); the shares that unmask the sum back.
 
 The leaf holds masked vectors only and releases one decoded sum with its count and weight: a
 ``LeafSum`` for the cluster. A session that cannot finish (too few devices, too few shares) ends
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 
 from app_custom.privacy.private_update import PrivacySettings, cohort_sum, session_params
 from app_custom.privacy.secagg import (
+    Authority,
+    ConsistencySignature,
     KeyAdvert,
     MaskedInput,
     Rejection,
@@ -41,9 +45,16 @@ from app_custom.privacy.wire import WireError, decode_message, encode_message
 
 from .leaf_sums import LeafSum
 
-ENROL, TRAIN, SHARE, MASK, UNMASK, DONE = "enrol", "train", "share", "mask", "unmask", "done"
-ANSWERED_STAGES = (TRAIN, SHARE, MASK, UNMASK)
-_EXPECTED = {TRAIN: KeyAdvert, SHARE: ShareBundle, MASK: MaskedInput, UNMASK: UnmaskShares}
+ENROL, TRAIN, SHARE, MASK, DONE = "enrol", "train", "share", "mask", "done"
+CONSISTENCY, UNMASK = "consistency", "unmask"
+ANSWERED_STAGES = (TRAIN, SHARE, MASK, CONSISTENCY, UNMASK)
+_EXPECTED = {
+    TRAIN: KeyAdvert,
+    SHARE: ShareBundle,
+    MASK: MaskedInput,
+    CONSISTENCY: ConsistencySignature,
+    UNMASK: UnmaskShares,
+}
 
 
 class CohortRefusal(ValueError):
@@ -74,10 +85,18 @@ class LeafCohort:
         stage_timeout: float,
         enrol_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        authority: Authority | None = None,
     ) -> None:
         if not 2 <= min_devices <= cohort_size:
             raise ValueError(f"need 2 <= min_devices <= cohort_size, got {min_devices} and {cohort_size}")
-        self.spec = {"job_id": job_id, "round": session, "cohort_id": leaf, "cohort": []}
+        self.authority = authority  # the fleet's device CA: adverts signed, the consistency round held
+        self.spec = {
+            "job_id": job_id,
+            "round": session,
+            "cohort_id": leaf,
+            "cohort": [],
+            "authenticated": authority is not None,
+        }
         self.leaf, self.session, self.base_version = leaf, session, base_version
         self.settings, self.shapes = settings, dict(shapes)
         self.cohort_size, self.min_devices = cohort_size, min_devices
@@ -141,6 +160,7 @@ class LeafCohort:
                 TRAIN: self.aggregator.add_advert,
                 SHARE: self.aggregator.add_shares,
                 MASK: self.aggregator.add_masked,
+                CONSISTENCY: self.aggregator.add_consistency,
                 UNMASK: self.aggregator.add_unmask,
             }
             before = len(self.aggregator.rejections)
@@ -174,7 +194,7 @@ class LeafCohort:
     def _start_training(self) -> None:
         self.spec["cohort"] = sorted(self.cohort)
         self.params = session_params(self.settings, self.spec, self.settings.update_length(self.shapes))
-        self.aggregator = SecAggAggregator(self.params, self.spec["cohort"])
+        self.aggregator = SecAggAggregator(self.params, self.spec["cohort"], self.authority)
         self._enter(TRAIN, {d: None for d in self.spec["cohort"]})
 
     def _advance(self) -> None:
@@ -186,10 +206,13 @@ class LeafCohort:
         elif self.stage == SHARE:
             routed = aggregator.route_shares()
             self._enter(MASK, {d: encode_message({d: shares}) for d, shares in routed.items()})
-        elif self.stage == MASK:
-            request = aggregator.unmask_request()
-            raw = encode_message(request)
-            self._enter(UNMASK, {d: raw for d in request.survivors})
+        elif self.stage == MASK and self.params.authenticated:
+            shown = aggregator.consistency_request()
+            raw = encode_message(shown)
+            self._enter(CONSISTENCY, {d: raw for d in shown.survivors})
+        elif self.stage in (MASK, CONSISTENCY):
+            raw = encode_message(aggregator.unmask_request())
+            self._enter(UNMASK, {d: raw for d in aggregator.unmaskers})
         elif self.stage == UNMASK:
             result = aggregator.result()
             total, weight = cohort_sum(

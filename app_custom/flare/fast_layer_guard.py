@@ -28,7 +28,7 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from app_custom.nested.config import NestedConfig
-from app_custom.privacy.secagg import KeyAdvert, MaskedInput, ShareBundle, UnmaskShares
+from app_custom.privacy.secagg import ConsistencySignature, KeyAdvert, MaskedInput, ShareBundle, UnmaskShares
 from app_custom.privacy.wire import WireError, decode_message
 
 RESULT_KEYS = {ReservedHeaderKey.HEADERS, "DXO"}
@@ -41,7 +41,7 @@ MAX_TEXT = 400
 # The private learner's only array: one secure-aggregation message, as uint8 (see
 # private_learner_executor). It may leave only as one of the device-to-aggregator messages.
 SECAGG_KEY = "__secagg_message__"
-DEVICE_MESSAGES = (KeyAdvert, ShareBundle, MaskedInput, UnmaskShares)
+DEVICE_MESSAGES = (KeyAdvert, ShareBundle, MaskedInput, ConsistencySignature, UnmaskShares)
 
 
 def _is_scalar(value: object) -> bool:

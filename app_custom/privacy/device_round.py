@@ -1,14 +1,17 @@
 """One device's part in one secure-aggregation session, from its trained slow delta to the four
-messages it sends. The flat job's executor and the hierarchy's device both run it.
+(five when authenticated) messages it sends. The flat job's executor and the hierarchy's device both run it.
 
 ``begin`` checks the session's description (the device is a member; the cohort is large enough
-for the noise share the device adds), clips, noises, rotates and quantizes the delta
+for the noise share the device adds; the session is authenticated exactly when the device has a
+certificate and the fleet's device CA, ``trust``, so an aggregator cannot talk a device into a
+session where peers' keys go unchecked), clips, noises, rotates and quantizes the delta
 (``prepare_update``) and opens the protocol session. ``answer`` handles the later stages:
 sealed shares for the roster, the masked vector for the shares routed to this device (the
 privacy budget is charged first, through ``charge``, so a crash after sending cannot
-under-count), and the unmask shares. With a ``path`` the round is saved after every step
-(owner-only: it holds secret seeds), so a device whose process restarts mid-round carries on;
-``load`` returns None for no saved round.
+under-count), its signature of the survivor set (authenticated sessions), and the unmask
+shares. With a ``path`` the round is saved after every step (owner-only: it holds secret
+seeds), so a device whose process restarts mid-round carries on; ``load`` returns None for no
+saved round.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import numpy as np
 from .private_update import PrivacySettings, prepare_update, session_params
 from .secagg import (
     ADVERTISE,
+    CONSISTENCY,
     MASK,
     SHARE,
     UNMASK,
     KeyAdvert,
+    PeerTrust,
     ProtocolError,
     Roster,
     SecAggDevice,
@@ -50,20 +55,34 @@ class DeviceRound:
         rng: np.random.Generator,
         samples: int | None = None,
         min_cohort: int = 1,
+        trust: PeerTrust | None = None,
     ) -> tuple[DeviceRound, float]:
         """The round, and the delta's norm before clipping (it stays on the device)."""
         shapes = {name: tuple(np.shape(value)) for name, value in delta.items()}
-        params = cls.check(me, spec, shapes, settings, min_cohort)
+        params = cls.check(me, spec, shapes, settings, min_cohort, trust)
         cohort = spec["cohort"]
         levels, norm = prepare_update(delta, shapes, settings, len(cohort), rng, params.context, samples)
-        return cls(dict(spec), SecAggDevice(me, params), levels), norm
+        return cls(dict(spec), _device(me, params, trust), levels), norm
 
     @staticmethod
     def check(
-        me: str, spec: Mapping, shapes: Mapping[str, tuple[int, ...]], settings: PrivacySettings, min_cohort: int = 1
+        me: str,
+        spec: Mapping,
+        shapes: Mapping[str, tuple[int, ...]],
+        settings: PrivacySettings,
+        min_cohort: int = 1,
+        trust: PeerTrust | None = None,
     ) -> SecAggParams:
         """The session's parameters, or why this device takes no part (before it spends time training)."""
         params = session_params(settings, spec, settings.update_length(shapes))
+        if trust is not None and not params.authenticated:
+            raise ProtocolError(
+                "aggregator", ADVERTISE, "an unauthenticated session: this device joins only sessions where peers sign"
+            )
+        if trust is None and params.authenticated:
+            raise ProtocolError(
+                "aggregator", ADVERTISE, "an authenticated session needs a device certificate and the fleet's CA"
+            )
         cohort = spec["cohort"]
         if me not in cohort:
             raise ProtocolError("aggregator", ADVERTISE, f"{me} is not in the round's cohort")
@@ -86,7 +105,8 @@ class DeviceRound:
         return self.session.advertise()
 
     def answer(self, stage: str, raw: bytes, charge: Callable[[], None]) -> object:
-        """The message for ``stage`` (``share``, ``mask`` or ``unmask``) given the aggregator's ``raw`` one."""
+        """The message for ``stage`` (``share``, ``mask``, ``consistency`` or ``unmask``) given the
+        aggregator's ``raw`` one."""
         if stage == SHARE:
             return self.session.share_keys(decode_message(raw, Roster))
         if stage == MASK:
@@ -97,6 +117,8 @@ class DeviceRound:
             message = self.session.masked_input(mine, self.levels)
             self.levels = None
             return message
+        if stage == CONSISTENCY:
+            return self.session.sign_survivors(decode_message(raw, UnmaskRequest))
         if stage == UNMASK:
             return self.session.unmask(decode_message(raw, UnmaskRequest))
         raise ProtocolError("aggregator", stage, f"unknown stage {stage!r}")
@@ -112,8 +134,16 @@ class DeviceRound:
             discard_session(path)
 
     @classmethod
-    def load(cls, path: Path | None, settings: PrivacySettings) -> DeviceRound | None:
+    def load(cls, path: Path | None, settings: PrivacySettings, trust: PeerTrust | None = None) -> DeviceRound | None:
         if path is None or not path.exists():
             return None
-        spec, session, levels = load_session(path, lambda spec, length: session_params(settings, spec, length))
+        spec, session, levels = load_session(
+            path,
+            lambda spec, length: session_params(settings, spec, length),
+            *((trust.signer, trust.authority) if trust else ()),
+        )
         return cls(spec, session, levels)
+
+
+def _device(me: str, params: SecAggParams, trust: PeerTrust | None) -> SecAggDevice:
+    return SecAggDevice(me, params, *((trust.signer, trust.authority) if trust else ()))

@@ -202,7 +202,8 @@ def cohort_mean(
 
 def session_params(settings: PrivacySettings, spec: Mapping, length: int) -> SecAggParams:
     """The protocol parameters every party derives from a session's description (``job_id``,
-    ``round``, ``cohort_id``, ``cohort``), sent by the aggregator with the global slow layers."""
+    ``round``, ``cohort_id``, ``cohort``, ``authenticated``), sent by the aggregator with the global
+    slow layers."""
     if not isinstance(spec, Mapping):
         raise WireError("the task carries no secagg session description")
     cohort = spec.get("cohort")
@@ -210,6 +211,9 @@ def session_params(settings: PrivacySettings, spec: Mapping, length: int) -> Sec
         raise WireError(f"secagg cohort must be a list of device ids, got {cohort!r}")
     if len(set(cohort)) != len(cohort):
         raise WireError("secagg cohort names a device twice")
+    authenticated = spec.get("authenticated", False)
+    if not isinstance(authenticated, bool):
+        raise WireError(f"secagg authenticated must be true or false, got {authenticated!r}")
     context = SessionContext(spec.get("job_id"), spec.get("round"), spec.get("cohort_id"))
     return SecAggParams(
         context,
@@ -218,6 +222,7 @@ def session_params(settings: PrivacySettings, spec: Mapping, length: int) -> Sec
         neighbours=settings.neighbours,
         max_dropout=settings.max_dropout,
         min_survivors=min_survivors(settings, len(cohort)),
+        authenticated=authenticated,
     )
 
 

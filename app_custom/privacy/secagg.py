@@ -1,20 +1,28 @@
 """Secure aggregation of quantized slow deltas (Bonawitz et al. 2017; SecAgg+, Bell et al. 2020).
 
-Four stages, each one message from every device to the aggregator and one answer back:
+Four stages (five when authenticated), each one message from every device to the aggregator and
+one answer back:
 
 1. ``advertise``: each device publishes two X25519 public keys (share transport, masking) and a
-   commitment to its self-mask seed. The aggregator answers with the roster of devices that did
-   (U1) and the neighbour graph over it (complete, or SecAgg+'s k-regular ring).
+   commitment to its self-mask seed, signed with its device certificate when the session is
+   ``authenticated``. The aggregator answers with the roster of devices that did (U1) and the
+   neighbour graph over it (complete, or SecAgg+'s k-regular ring); every device checks every
+   signature in the roster, so the aggregator cannot put its own keys in a peer's place.
 2. ``share``: each device Shamir-shares its masking-key seed and its self-mask seed among its
    neighbours, each pair of shares sealed for its holder (ChaCha20-Poly1305, bound to context,
    dealer and holder), with a commitment to every share. The aggregator only routes them (U2).
 3. ``mask``: each device adds to its quantized delta a self mask PRG(b_u) and, for every
    neighbour v in U2, +PRG(s_uv) if u < v else -PRG(s_uv), all mod 2^bits, and sends the result.
-   The pairwise masks cancel in the sum; the self masks do not.
-4. ``unmask``: the aggregator names the survivors (U3) and the dropped (U2 \\ U3). Each holder
-   returns its shares of survivors' self-mask seeds and of dropped devices' masking seeds, never
-   both for one device. The aggregator checks every share against its commitment, reconstructs,
-   strips the self masks of survivors and the pairwise masks that dropped devices left behind.
+   The pairwise masks cancel in the sum; the self masks do not. A device refuses when fewer
+   than its threshold of neighbours are in U2 (else the aggregator could leave it unmasked).
+4. ``consistency`` (authenticated sessions): the aggregator names the survivors (U3) and the
+   dropped (U2 \\ U3); each survivor signs that one set, once.
+5. ``unmask``: the same set, with the survivors' signatures. A device answers only for the set it
+   signed, with at least its threshold of valid signatures from its neighbourhood, and at least
+   its threshold of its neighbours among the survivors. Each holder returns its shares of
+   survivors' self-mask seeds and of dropped devices' masking seeds, never both for one device.
+   The aggregator checks every share against its commitment, reconstructs, strips the self masks
+   of survivors and the pairwise masks that dropped devices left behind.
 
 The aggregator holds only masked vectors and their sum; it releases the sum only when every
 needed secret could be reconstructed from at least its threshold of verified shares, else the
@@ -28,9 +36,11 @@ threshold of colluding devices (no consistency check round against an actively l
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -38,7 +48,7 @@ from . import secagg_crypto as crypto
 from . import shamir
 from .quantization import QuantizationError, Ring, check_ring_vector, decode_sum, pack, unpack
 
-ADVERTISE, SHARE, MASK, UNMASK = "advertise", "share", "mask", "unmask"
+ADVERTISE, SHARE, MASK, CONSISTENCY, UNMASK = "advertise", "share", "mask", "consistency", "unmask"
 
 
 class SecAggAbort(RuntimeError):
@@ -73,6 +83,51 @@ class KeyAdvert:
     transport_public: bytes
     masking_public: bytes
     seed_commitment: bytes
+    certificate: bytes = b""  # the device's certificate (authenticated sessions)
+    signature: bytes = b""  # over ``advert_payload``, with that certificate's key
+
+
+class Signer(Protocol):
+    """A device's own identity: its certificate and signatures made with its key."""
+
+    certificate: bytes
+
+    def sign(self, payload: bytes) -> bytes: ...
+
+
+class Authority(Protocol):
+    """Who checks a peer's certificate and signature; raises ``ValueError`` saying why not."""
+
+    def verify(self, device: str, certificate: bytes, payload: bytes, signature: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class PeerTrust:
+    """A device's part in authenticated sessions: what it signs with, and whom it believes."""
+
+    signer: Signer
+    authority: Authority
+
+
+def advert_payload(advert: KeyAdvert) -> bytes:
+    """What a device signs in its advert: its keys, bound to the session and to its name."""
+    header = advert.header
+    return (
+        b"fleetnest-secagg-advert|"
+        + header.context.encoded
+        + b"|"
+        + json.dumps(header.sender).encode()
+        + b"|"
+        + advert.transport_public
+        + advert.masking_public
+        + advert.seed_commitment
+    )
+
+
+def survivors_payload(context: crypto.SessionContext, survivors: tuple[str, ...], dropped: tuple[str, ...]) -> bytes:
+    """What a survivor signs in the consistency round: the one (U3, U2 \\ U3) it was shown."""
+    sets = json.dumps([sorted(survivors), sorted(dropped)]).encode()
+    return b"fleetnest-secagg-survivors|" + context.encoded + b"|" + sets
 
 
 @dataclass(frozen=True)
@@ -114,9 +169,18 @@ class MaskedInput:
 
 @dataclass(frozen=True)
 class UnmaskRequest:
+    """U3 and U2 \\ U3: first to be signed (``consistency``), then with the signatures (``unmask``)."""
+
     context: crypto.SessionContext
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
+    signatures: dict[str, bytes] = field(default_factory=dict)  # survivor -> its signature of the set
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    header: Header
+    signature: bytes
 
 
 @dataclass(frozen=True)
@@ -150,6 +214,7 @@ class SecAggParams:
     neighbours: int | None = None
     max_dropout: float = 0.3
     min_survivors: int = 2
+    authenticated: bool = False  # signed adverts and the consistency round
 
     def __post_init__(self) -> None:
         if not isinstance(self.length, int) or self.length < 1:
@@ -164,6 +229,8 @@ class SecAggParams:
             raise ValueError(f"max_dropout must be in [0, 0.5), got {self.max_dropout!r}")
         if not isinstance(self.min_survivors, int) or self.min_survivors < 1:
             raise ValueError(f"min_survivors must be a positive integer, got {self.min_survivors!r}")
+        if not isinstance(self.authenticated, bool):
+            raise ValueError(f"authenticated must be true or false, got {self.authenticated!r}")
 
 
 def neighbour_graph(devices: list[str], params: SecAggParams) -> dict[str, tuple[str, ...]]:
@@ -203,9 +270,14 @@ def _signed_pair_mask(me: str, peer: str, key: bytes, params: SecAggParams) -> n
 class SecAggDevice:
     """One device's side of a round. Call the stages in order; each returns the message to send."""
 
-    def __init__(self, device_id: str, params: SecAggParams) -> None:
+    def __init__(
+        self, device_id: str, params: SecAggParams, signer: Signer | None = None, authority: Authority | None = None
+    ) -> None:
+        if params.authenticated and (signer is None or authority is None):
+            raise ValueError("an authenticated session needs the device's signer and the fleet's authority")
         self.id = device_id
         self.params = params
+        self._signer, self._authority = signer, authority
         self._transport_key = crypto.X25519PrivateKey.generate()
         self._masking_seed = crypto.new_seed()
         self._masking_key = crypto.masking_key(self._masking_seed)
@@ -214,6 +286,8 @@ class SecAggDevice:
         self._held: dict[str, tuple[crypto.Share, crypto.Share]] = {}  # dealer -> (self share, masking share)
         self._senders: tuple[str, ...] = ()
         self._masked = False
+        self._signed: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # the (U3, dropped) it signed
+        self._signature = b""
         self._unmasked = False
 
     def export_state(self) -> dict:
@@ -228,12 +302,16 @@ class SecAggDevice:
             "held": {dealer: [list(s), list(m)] for dealer, (s, m) in self._held.items()},
             "senders": list(self._senders),
             "masked": self._masked,
+            "signed": None if self._signed is None else [list(self._signed[0]), list(self._signed[1])],
+            "signature": self._signature,
             "unmasked": self._unmasked,
         }
 
     @classmethod
-    def restore(cls, state: dict, params: SecAggParams) -> SecAggDevice:
-        device = cls(state["id"], params)
+    def restore(
+        cls, state: dict, params: SecAggParams, signer: Signer | None = None, authority: Authority | None = None
+    ) -> SecAggDevice:
+        device = cls(state["id"], params, signer, authority)
         device._transport_key = crypto.X25519PrivateKey.from_private_bytes(state["transport_key"])
         device._masking_seed = state["masking_seed"]
         device._masking_key = crypto.masking_key(device._masking_seed)
@@ -242,6 +320,9 @@ class SecAggDevice:
         device._held = {dealer: (tuple(s), tuple(m)) for dealer, (s, m) in state["held"].items()}
         device._senders = tuple(state["senders"])
         device._masked = bool(state["masked"])
+        signed = state.get("signed")
+        device._signed = None if signed is None else (tuple(signed[0]), tuple(signed[1]))
+        device._signature = state.get("signature", b"")
         device._unmasked = bool(state["unmasked"])
         return device
 
@@ -252,13 +333,30 @@ class SecAggDevice:
         if context != self.params.context:
             raise ProtocolError("aggregator", what, f"bound to {context}, this round is {self.params.context}")
 
+    def _threshold(self) -> int:
+        return threshold(len(self._roster.neighbours[self.id]), self.params.max_dropout)
+
     def advertise(self) -> KeyAdvert:
-        return KeyAdvert(
+        advert = KeyAdvert(
             self._header(ADVERTISE),
             crypto.public_bytes(self._transport_key),
             crypto.public_bytes(self._masking_key),
             crypto.seed_commitment(self._self_seed, self.params.context, self.id),
         )
+        if not self.params.authenticated:
+            return advert
+        signed = replace(advert, certificate=self._signer.certificate)
+        return replace(signed, signature=self._signer.sign(advert_payload(signed)))
+
+    def _check_adverts(self, roster: Roster) -> None:
+        """Every peer's keys as that peer signed them: the aggregator cannot stand in for anyone."""
+        for name, advert in roster.adverts.items():
+            if not isinstance(advert, KeyAdvert) or advert.header != Header(self.params.context, ADVERTISE, name):
+                raise ProtocolError("aggregator", SHARE, f"the roster's advert of {name} is not its own for this round")
+            try:
+                self._authority.verify(name, advert.certificate, advert_payload(advert), advert.signature)
+            except ValueError as err:
+                raise ProtocolError("aggregator", SHARE, f"advert of {name} refused: {err}") from err
 
     def share_keys(self, roster: Roster) -> ShareBundle:
         self._check_context(roster.context, SHARE)
@@ -271,6 +369,8 @@ class SecAggDevice:
             )
         if roster.neighbours != neighbour_graph(list(roster.adverts), self.params):
             raise ProtocolError("aggregator", SHARE, "neighbour graph does not follow from the roster")
+        if self.params.authenticated:
+            self._check_adverts(roster)
         mine = roster.adverts[self.id]
         if (mine.transport_public, mine.masking_public) != (
             crypto.public_bytes(self._transport_key),
@@ -315,6 +415,12 @@ class SecAggDevice:
         if self.id not in routed.senders:
             raise ProtocolError("aggregator", MASK, f"{self.id} is not in U2")
         neighbours = set(self._roster.neighbours[self.id])
+        live = len(neighbours & set(routed.senders))
+        if live < self._threshold():
+            # with fewer pairwise masks than that, the shares the aggregator may collect unmask this vector
+            raise ProtocolError(
+                "aggregator", MASK, f"only {live} of its neighbours are in U2, below the threshold {self._threshold()}"
+            )
         unreadable = []
         for dealer, sealed in sorted(routed.sealed.items()):
             if dealer not in neighbours or dealer not in routed.senders:
@@ -358,24 +464,76 @@ class SecAggDevice:
             self._header(MASK), params.ring.bits, params.length, pack(masked, params.ring), tuple(unreadable)
         )
 
+    def _check_survivors(self, request: UnmaskRequest, stage: str) -> None:
+        self._check_context(request.context, stage)
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            # revealing both seeds of one device would unmask its vector
+            raise ProtocolError(
+                "aggregator", stage, f"devices named both survivor and dropped: {sorted(survivors & dropped)}"
+            )
+        if not (survivors | dropped) <= set(self._senders):
+            raise ProtocolError("aggregator", stage, "names devices outside U2")
+        if self.id not in survivors:
+            raise ProtocolError("aggregator", stage, f"names {self.id} dropped after it sent its masked input")
+        if len(survivors) < self.params.min_survivors:
+            raise ProtocolError(
+                "aggregator", stage, f"only {len(survivors)} survivors, below {self.params.min_survivors}"
+            )
+        live = len(survivors & set(self._roster.neighbours[self.id]))
+        if live < self._threshold():
+            raise ProtocolError(
+                "aggregator", stage, f"only {live} of its neighbours survive, below the threshold {self._threshold()}"
+            )
+
+    def sign_survivors(self, request: UnmaskRequest) -> ConsistencySignature:
+        """The consistency round: this device's signature of the one survivor set it was shown."""
+        if not self.params.authenticated:
+            raise RuntimeError("the consistency round belongs to authenticated sessions")
+        if not self._masked:
+            raise RuntimeError("consistency before masked_input")
+        self._check_survivors(request, CONSISTENCY)
+        shown = (tuple(sorted(request.survivors)), tuple(sorted(request.dropped)))
+        if self._signed is not None and self._signed != shown:
+            raise ProtocolError("aggregator", CONSISTENCY, "asked to sign a second, different survivor set")
+        if self._signed is None:
+            self._signed = shown
+            self._signature = self._signer.sign(survivors_payload(self.params.context, *shown))
+        return ConsistencySignature(self._header(CONSISTENCY), self._signature)
+
+    def _check_signatures(self, request: UnmaskRequest) -> None:
+        shown = (tuple(sorted(request.survivors)), tuple(sorted(request.dropped)))
+        if self._signed is None:
+            raise ProtocolError("aggregator", UNMASK, "an unmask request before this device signed a survivor set")
+        if shown != self._signed:
+            raise ProtocolError("aggregator", UNMASK, "the survivor set differs from the one this device signed")
+        payload = survivors_payload(self.params.context, *shown)
+        neighbourhood = set(self._roster.neighbours[self.id]) | {self.id}
+        valid = 0
+        for signer, signature in request.signatures.items():
+            if signer not in neighbourhood or signer not in request.survivors:
+                continue
+            try:
+                self._authority.verify(signer, self._roster.adverts[signer].certificate, payload, signature)
+            except ValueError:
+                continue
+            valid += 1
+        if valid < self._threshold():
+            raise ProtocolError(
+                "aggregator",
+                UNMASK,
+                f"only {valid} valid signatures on the survivor set, below the threshold {self._threshold()}",
+            )
+
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         if not self._masked:
             raise RuntimeError("unmask before masked_input")
         if self._unmasked:
             raise RuntimeError("this device already answered the unmask request")
-        self._check_context(request.context, UNMASK)
+        self._check_survivors(request, UNMASK)
+        if self.params.authenticated:
+            self._check_signatures(request)
         survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
-            # revealing both seeds of one device would unmask its vector
-            raise ProtocolError(
-                "aggregator", UNMASK, f"devices named both survivor and dropped: {sorted(survivors & dropped)}"
-            )
-        if not (survivors | dropped) <= set(self._senders):
-            raise ProtocolError("aggregator", UNMASK, "names devices outside U2")
-        if len(survivors) < self.params.min_survivors:
-            raise ProtocolError(
-                "aggregator", UNMASK, f"only {len(survivors)} survivors, below {self.params.min_survivors}"
-            )
         self._unmasked = True
         return UnmaskShares(
             self._header(UNMASK),
@@ -393,16 +551,20 @@ class _Stage:
 class SecAggAggregator:
     """The aggregator's side: collects each stage's messages, routes shares, releases only the sum."""
 
-    def __init__(self, params: SecAggParams, cohort: list[str]) -> None:
+    def __init__(self, params: SecAggParams, cohort: list[str], authority: Authority | None = None) -> None:
+        if params.authenticated and authority is None:
+            raise ValueError("an authenticated session needs the fleet's authority to check adverts")
         if len(set(cohort)) != len(cohort) or not all(isinstance(d, str) and d for d in cohort):
             raise ValueError(f"cohort must be distinct non-empty device ids, got {cohort!r}")
         if len(cohort) > params.ring.cohort:
             raise ValueError(f"the ring is sized for {params.ring.cohort} devices, the cohort has {len(cohort)}")
         self.params = params
+        self.authority = authority
         self.cohort = tuple(sorted(cohort))
         self.rejections: list[Rejection] = []
-        self._stages = {stage: _Stage() for stage in (ADVERTISE, SHARE, MASK, UNMASK)}
+        self._stages = {stage: _Stage() for stage in (ADVERTISE, SHARE, MASK, CONSISTENCY, UNMASK)}
         self._roster: Roster | None = None
+        self._survivor_set: UnmaskRequest | None = None  # the set the survivors are asked to sign
         self._request: UnmaskRequest | None = None
         self._combiner = shamir.Combiner()
         # sender -> (holder -> sealed shares, holder -> their commitments), from accepted bundles
@@ -448,6 +610,13 @@ class SecAggAggregator:
         if advert.transport_public == advert.masking_public:
             self._reject(sender, ADVERTISE, "transport and masking keys must differ")
             return
+        if self.params.authenticated:
+            try:
+                self.authority.verify(sender, advert.certificate, advert_payload(advert), advert.signature)
+            except ValueError as err:
+                # refused here, so that one bad advert does not make every honest device refuse the roster
+                self._reject(sender, ADVERTISE, f"advert not signed by {sender}: {err}")
+                return
         self._stages[ADVERTISE].accepted[sender] = advert
 
     def roster(self) -> Roster:
@@ -520,17 +689,57 @@ class SecAggAggregator:
             )
         self._stages[MASK].accepted[sender] = message
 
-    def unmask_request(self) -> UnmaskRequest:
+    def _survivors(self) -> UnmaskRequest:
         survivors = tuple(sorted(self._stages[MASK].accepted))
         self._require(len(survivors), MASK)
         dropped = tuple(sorted(set(self._stages[SHARE].accepted) - set(survivors)))
-        self._request = UnmaskRequest(self.params.context, survivors, dropped)
+        return UnmaskRequest(self.params.context, survivors, dropped)
+
+    def consistency_request(self) -> UnmaskRequest:
+        """U3 and the dropped, for every survivor to sign (authenticated sessions)."""
+        if not self.params.authenticated:
+            raise RuntimeError("the consistency round belongs to authenticated sessions")
+        self._survivor_set = self._survivors()
+        return self._survivor_set
+
+    def add_consistency(self, sender: str, message: ConsistencySignature) -> None:
+        if self._survivor_set is None:
+            raise RuntimeError("add_consistency before consistency_request")
+        shown = self._survivor_set
+        if not self._admit(sender, message, CONSISTENCY, ConsistencySignature, set(shown.survivors)):
+            return
+        payload = survivors_payload(self.params.context, shown.survivors, shown.dropped)
+        try:
+            self.authority.verify(sender, self._roster.adverts[sender].certificate, payload, message.signature)
+        except ValueError as err:
+            self._reject(sender, CONSISTENCY, f"its signature of the survivor set is not valid: {err}")
+            return
+        self._stages[CONSISTENCY].accepted[sender] = message
+
+    def unmask_request(self) -> UnmaskRequest:
+        """The survivor set (with its signatures when authenticated), for the survivors to unmask."""
+        if not self.params.authenticated:
+            self._request = self._survivors()
+            return self._request
+        if self._survivor_set is None:
+            raise RuntimeError("unmask_request before the consistency round")
+        signed = self._stages[CONSISTENCY].accepted
+        self._require(len(signed), CONSISTENCY)
+        signatures = {d: signed[d].signature for d in sorted(signed)}
+        self._request = replace(self._survivor_set, signatures=signatures)
         return self._request
+
+    @property
+    def unmaskers(self) -> tuple[str, ...]:
+        """The devices asked to unmask: the survivors, or when authenticated those that signed."""
+        if self._request is None:
+            return ()
+        return tuple(self._request.signatures) if self.params.authenticated else self._request.survivors
 
     def add_unmask(self, sender: str, message: UnmaskShares) -> None:
         if self._request is None:
             raise RuntimeError("add_unmask before unmask_request")
-        if not self._admit(sender, message, UNMASK, UnmaskShares, set(self._request.survivors)):
+        if not self._admit(sender, message, UNMASK, UnmaskShares, set(self.unmaskers)):
             return
         if not isinstance(message.self_shares, dict) or not isinstance(message.masking_shares, dict):
             self._reject(sender, UNMASK, "shares must be mappings")

@@ -18,7 +18,7 @@ import numpy as np
 from app_custom.durable import write_json_atomic
 
 from .quantization import pack, unpack
-from .secagg import Roster, SecAggDevice, SecAggParams
+from .secagg import Authority, Roster, SecAggDevice, SecAggParams, Signer
 from .wire import decode_message, encode_message
 
 
@@ -39,13 +39,17 @@ def save_session(path: Path, spec: dict, device: SecAggDevice, levels: np.ndarra
         "held": state["held"],
         "senders": state["senders"],
         "masked": state["masked"],
+        "signed": state["signed"],
+        "signature": _b64(state["signature"]),
         "unmasked": state["unmasked"],
         "levels": None if levels is None else _b64(pack(levels, device.params.ring)),
     }
     write_json_atomic(path, document, mode=0o600)  # it holds the device's secret seeds
 
 
-def load_session(path: Path, params_of) -> tuple[dict, SecAggDevice, np.ndarray | None]:
+def load_session(
+    path: Path, params_of, signer: Signer | None = None, authority: Authority | None = None
+) -> tuple[dict, SecAggDevice, np.ndarray | None]:
     """(spec, device, levels); ``params_of(spec, length)`` rebuilds the round's ``SecAggParams``."""
     document = json.loads(path.read_text())
     params: SecAggParams = params_of(document["spec"], document["length"])
@@ -58,11 +62,13 @@ def load_session(path: Path, params_of) -> tuple[dict, SecAggDevice, np.ndarray 
         "held": document["held"],
         "senders": document["senders"],
         "masked": document["masked"],
+        "signed": document["signed"],
+        "signature": base64.b64decode(document["signature"]),
         "unmasked": document["unmasked"],
     }
     levels = document["levels"]
     levels = None if levels is None else unpack(base64.b64decode(levels), params.ring, params.length)
-    return document["spec"], SecAggDevice.restore(state, params), levels
+    return document["spec"], SecAggDevice.restore(state, params, signer, authority), levels
 
 
 def discard_session(path: Path) -> None:

@@ -15,7 +15,9 @@ from contextvars import ContextVar
 from dataclasses import fields, is_dataclass
 
 from . import shamir
+from .peer_certificates import MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_BYTES
 from .secagg import (
+    ConsistencySignature,
     Header,
     KeyAdvert,
     MaskedInput,
@@ -30,7 +32,7 @@ from .secagg_crypto import SEALED_SHARES_BYTES, SHARE_COMMITMENT_BYTES, SessionC
 MAX_HEADER_BYTES = 64 << 20
 # Bumped whenever a message's layout changes: a device and an aggregator on different releases
 # get a clear refusal instead of a field-level puzzle.
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 MAX_NEIGHBOURS = 1 << 20
 _LEN = 4
 
@@ -170,12 +172,25 @@ def _header(value: object, where: str) -> Header:
     )
 
 
+def _bounded_bytes(value: object, where: str, most: int) -> bytes:
+    raw = _bytes(value, where)
+    if len(raw) > most:
+        raise WireError(f"{where}: {len(raw)} bytes, at most {most}")
+    return raw
+
+
+def _signature(value: object, where: str) -> bytes:
+    return _bounded_bytes(value, where, MAX_SIGNATURE_BYTES)
+
+
 def _advert(body: object, where: str = "KeyAdvert") -> KeyAdvert:
     return KeyAdvert(
         _header(_field(body, "header", where), f"{where}.header"),
         _bytes(_field(body, "transport_public", where), f"{where}.transport_public", 32),
         _bytes(_field(body, "masking_public", where), f"{where}.masking_public", 32),
         _bytes(_field(body, "seed_commitment", where), f"{where}.seed_commitment", 32),
+        _bounded_bytes(_field(body, "certificate", where), f"{where}.certificate", MAX_CERTIFICATE_BYTES),
+        _signature(_field(body, "signature", where), f"{where}.signature"),
     )
 
 
@@ -221,6 +236,14 @@ def _request(body: object, where: str = "UnmaskRequest") -> UnmaskRequest:
         _context(_field(body, "context", where), f"{where}.context"),
         _names(_field(body, "survivors", where), f"{where}.survivors"),
         _names(_field(body, "dropped", where), f"{where}.dropped"),
+        _mapping(_field(body, "signatures", where), f"{where}.signatures", _signature),
+    )
+
+
+def _consistency(body: object, where: str = "ConsistencySignature") -> ConsistencySignature:
+    return ConsistencySignature(
+        _header(_field(body, "header", where), f"{where}.header"),
+        _signature(_field(body, "signature", where), f"{where}.signature"),
     )
 
 
@@ -264,6 +287,7 @@ READERS: dict[type, Callable] = {
     ShareBundle: _bundle,
     SharesFor: _shares_for,
     UnmaskRequest: _request,
+    ConsistencySignature: _consistency,
     UnmaskShares: _unmask,
 }
 

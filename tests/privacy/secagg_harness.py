@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app_custom.privacy.quantization import Ring, decode_sum, quantize
-from app_custom.privacy.secagg import SecAggAggregator, SecAggDevice, SecAggParams
+from app_custom.privacy.secagg import ProtocolError, SecAggAggregator, SecAggDevice, SecAggParams
 from app_custom.privacy.secagg_crypto import SessionContext
 
 
@@ -59,5 +59,8 @@ def run(r: Round, dropped_after_mask: set[str] = frozenset()):
             r.aggregator.add_masked(d, r.devices[d].masked_input(routed[d], r.levels[d]))
     request = r.aggregator.unmask_request()
     for d in request.survivors:
-        r.aggregator.add_unmask(d, r.devices[d].unmask(request))
+        try:
+            r.aggregator.add_unmask(d, r.devices[d].unmask(request))
+        except ProtocolError:
+            pass  # the device refuses (too few survivors around it): it answers nothing
     return r.aggregator.result()

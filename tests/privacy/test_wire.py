@@ -44,7 +44,7 @@ def _tamper(raw: bytes, edit) -> bytes:
     "edit, message",
     [
         (lambda h: h.update(type="Roster"), "expected a KeyAdvert message, got 'Roster'"),
-        (lambda h: h.update(v=1), "wire version 1, this side speaks 3"),
+        (lambda h: h.update(v=1), "wire version 1, this side speaks 4"),
         (lambda h: h["body"].pop("masking_public"), "missing field 'masking_public'"),
         (lambda h: h["body"].update(masking_public={"$b": [32, 3]}), "expected 32 bytes, got 3"),
         (lambda h: h["body"].update(masking_public={"$b": [0, 32]}), "does not follow the blob"),
