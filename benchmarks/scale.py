@@ -183,7 +183,10 @@ def cluster_costs(config: dict, leaves: int, repeats: int) -> dict:
         )
         for i in range(leaves)
     ]
-    combiner = LeafSumCombiner(LeafPolicy(clip_bound=8.0, max_cohort=1024), shapes)
+    dp = {"clip_norm": 8.0, "noise_multiplier": 0.0, "delta": 1e-5, "fleet_size": 1024, "cohort_size": 1024}
+    privacy = PrivacySettings.from_dict({"dp": dp, "ring_bits": 16, "weighting": "uniform"})
+    length = privacy.update_length(shapes)
+    combiner = LeafSumCombiner(LeafPolicy(privacy=privacy, length=length, max_cohort=1024, max_share=1.0), shapes)
 
     def intake():
         aggregator = SlowDeltaAggregator()

@@ -16,8 +16,10 @@ answered or the stage's deadline passed with enough answers. The stages:
 ``unmask`` survivors and dropped out (with the signatures); the shares that unmask the sum back.
 
 The leaf holds masked vectors only and releases one decoded sum with its count and weight: a
-``LeafSum`` for the cluster. A session that cannot finish (too few devices, too few shares) ends
-with ``failure`` saying why, and releases nothing. Everything a device sends is refused with a
+``LeafSum`` for the cluster, and only when the sum is within what its survivors can reach
+(``cohort_bound``): a sum past it means a device sent a crafted vector or weight. A session
+that cannot finish (too few devices, too few shares, a sum past the bound) ends with
+``failure`` saying why, and releases nothing. Everything a device sends is refused with a
 named reason when it is not the expected message of the expected stage from that device; a
 refusal never stops the session.
 """
@@ -28,7 +30,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from app_custom.privacy.private_update import PrivacySettings, cohort_sum, session_params
+import numpy as np
+
+from app_custom.privacy.private_update import PrivacySettings, cohort_bound, cohort_sum, session_params
 from app_custom.privacy.secagg import (
     Authority,
     ConsistencySignature,
@@ -215,10 +219,23 @@ class LeafCohort:
             self._enter(UNMASK, {d: raw for d in aggregator.unmaskers})
         elif self.stage == UNMASK:
             result = aggregator.result()
-            total, weight = cohort_sum(
-                result.total, len(result.survivors), self.shapes, self.settings, self.params.context
-            )
-            self.outcome = LeafSum(self.leaf, self.base_version, len(result.survivors), weight, total)
+            survivors = len(result.survivors)
+            bound = cohort_bound(self.settings, survivors, self.params.length)
+            norm = float(np.linalg.norm(result.total))  # the rotation keeps norms
+            if norm > bound.norm:
+                self._fail(
+                    f"the decoded sum of {survivors} devices has norm {norm:.4g}, past the {bound.norm:.4g} that"
+                    f" {survivors} clipped devices reach: a device sent a crafted vector; nothing is released"
+                )
+                return
+            total, weight = cohort_sum(result.total, survivors, self.shapes, self.settings, self.params.context)
+            if weight > bound.max_weight:
+                self._fail(
+                    f"the decoded weight of {survivors} devices is {weight:.4g}, past the {bound.max_weight:.4g} they"
+                    " can carry: a device sent a crafted weight; nothing is released"
+                )
+                return
+            self.outcome = LeafSum(self.leaf, self.base_version, survivors, weight, total)
             self.stage = DONE
 
     def _enter(self, stage: str, messages: dict[str, bytes | None]) -> None:

@@ -23,7 +23,6 @@ submitted again, resumes from its current version.
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from dataclasses import replace
@@ -218,18 +217,9 @@ class NestedFleetAssessor(Assessor):
             SlowDeltaAggregator(self.server_lr, self.server_momentum),
             ValidationGate(self.max_acc_drop, self.max_loss_rise),
         )
-        dp = self.settings.dp
-        length = self.settings.update_length(self.versions.expected)
-        ring = self.settings.ring(self.max_cohort, length)  # the largest cohort has the coarsest step
         policy = LeafPolicy(
-            clip_bound=dp.clip_norm,
-            # the noise on a typical cohort's sum; a larger cohort's sum is divided by more weight
-            noise_norm=dp.device_noise_std * math.sqrt(length * dp.cohort_size),
-            rounding_norm=math.sqrt(length) / ring.scale / 2,
-            # the decoded weight of a cohort carries the noise of its weight coordinate (samples weighting)
-            weight_noise=dp.device_noise_std * math.sqrt(2 * dp.cohort_size) / dp.clip_norm
-            if self.settings.weighted
-            else 0,
+            privacy=self.settings,
+            length=self.settings.update_length(self.versions.expected),
             max_staleness=self.max_staleness,
             max_cohort=self.max_cohort,
         )

@@ -93,6 +93,9 @@ def build_fleet_job(
     # SAGE sends one task per round: sync mode one per version, async mode one per few versions
     # (the assessor ends the workflow itself; this only has to be large enough)
     assessor.setdefault("max_rounds", num_rounds)
+    if "cohort_size" in leaf:
+        # the leaves' registered cohort size: a leaf sum that counts more devices is refused
+        assessor.setdefault("max_cohort", leaf["cohort_size"])
     rounds = assessor["max_rounds"]
     job = FedJob(name=name, min_clients=1, meta_props={"edge_method": "fleetnest", AppValidationKey.BYOC: True})
     job.to_server(NestedFleetAssessor(config=config, data=data, privacy=privacy, **assessor), id="wf_assessor")

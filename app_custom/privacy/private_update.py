@@ -6,11 +6,19 @@ cohort. Aggregator: the securely aggregated ring sum -> decoded real sum -> rota
 cohort's mean -> tensors.
 
 Weighting (``weighting``): ``samples`` (the default) weighs a device by ``w = min(n / weight_cap,
-1)`` for its ``n`` training samples, as the plain job weighs by samples, without revealing ``n``:
+1)``, at least ``min_weight``, for its ``n`` training samples, as the plain job weighs by samples,
+without revealing ``n``:
 the device clips its delta to ``clip_norm / sqrt 2``, scales it by ``w`` and appends
 ``w * clip_norm / sqrt 2`` as one more value, so its whole contribution stays within
 ``clip_norm`` (the sensitivity the accountant charges) and only the cohort's sums of ``w * delta``
 and of ``w`` are ever decoded. ``uniform`` weighs every device 1 (DP-FedAvg's choice).
+
+Influence (``cohort_bound``): under secure aggregation nobody sees that a device clipped, so a
+crafted device may send any ring element. A released sum of ``n`` devices must be no longer than
+``n`` clipped devices with their noise and rounding can make it, and its summed weight is
+floored at ``n * min_weight``; the cohort's mean therefore lies within ``cohort_bound(n).radius``
+(about ``clip_norm / min_weight``) whatever one device sends, so one device moves it by at most
+twice that. The leaf refuses a sum past the bound and the cluster checks it again.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from .wire import WireError
 # the sum of up to 1024 devices, each with at least 2 bits per rotated value
 DEFAULT_RING_BITS = 12
 CLAMP_SIGMAS = 8.0  # quantization range past the clip bound, in noise standard deviations
+# how far past its typical length an honest sum's noise (and rounding) may reach: a Gaussian
+# vector's norm passes sqrt(d) + t with probability below exp(-t^2 / 2), 2e-8 at 6
+TAIL_SIGMAS = 6.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,7 @@ class PrivacySettings:
     max_dropout: float = 0.3
     weighting: str = "samples"
     weight_cap: int = 256  # training samples at which a device counts fully
+    min_weight: float = 0.5  # the least a device weighs: floors a cohort's summed weight (influence bound)
     # True: devices also report their evaluation metrics (accuracy and loss on their own data), as
     # simulations need; these are outside the DP guarantee. Deployments that promise DP set false.
     device_metrics: bool = True
@@ -65,6 +77,7 @@ class PrivacySettings:
             "device_metrics",
             "weighting",
             "weight_cap",
+            "min_weight",
         }
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -90,6 +103,10 @@ class PrivacySettings:
             raise PrivacyConfigError(f"privacy.weighting must be 'samples' or 'uniform', got {settings.weighting!r}")
         if isinstance(settings.weight_cap, bool) or not isinstance(settings.weight_cap, int) or settings.weight_cap < 1:
             raise PrivacyConfigError(f"privacy.weight_cap must be a positive integer, got {settings.weight_cap!r}")
+        if isinstance(settings.min_weight, bool) or not (
+            isinstance(settings.min_weight, (int, float)) and 0 < settings.min_weight <= 1
+        ):
+            raise PrivacyConfigError(f"privacy.min_weight must be in (0, 1], got {settings.min_weight!r}")
         if not isinstance(settings.device_metrics, bool):
             raise PrivacyConfigError(f"privacy.device_metrics must be true or false, got {raw['device_metrics']!r}")
         if not isinstance(settings.secure_aggregation, bool):
@@ -161,7 +178,7 @@ def prepare_update(
     if settings.weighted:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"sample weighting needs the device's training sample count, got {samples!r}")
-        weight = min(samples / settings.weight_cap, 1.0)
+        weight = max(min(samples / settings.weight_cap, 1.0), settings.min_weight)
         bound = settings.dp.clip_norm / math.sqrt(2)
         clipped, _ = clip_l2(vector, bound)
         vector = np.append(weight * clipped, weight * bound)
@@ -183,9 +200,41 @@ def cohort_sum(
     total = unrotate(total, context)
     if not settings.weighted:
         return unflatten(total, shapes), float(survivors)
-    # the summed weight carries noise too; below one device's worth it would blow the mean up
-    weight = max(float(total[-1]) * math.sqrt(2) / settings.dp.clip_norm, 1.0 / settings.weight_cap, 1e-6)
+    # the summed weight carries noise, and one device may have crafted it: never below the cohort's floor
+    weight = max(float(total[-1]) * math.sqrt(2) / settings.dp.clip_norm, survivors * settings.min_weight)
     return unflatten(total[:-1], shapes), weight
+
+
+@dataclass(frozen=True)
+class CohortBound:
+    """What the released sum of ``survivors`` honest devices can be, all but negligibly often."""
+
+    survivors: int
+    norm: float  # of the decoded sum: every device clipped, plus the noise and the rounding
+    min_weight: float  # the summed weight is floored here
+    max_weight: float  # and no honest cohort's passes this
+
+    @property
+    def radius(self) -> float:
+        """The cohort's mean lies within this of zero, whatever one of its devices sends."""
+        return self.norm / self.min_weight
+
+
+def cohort_bound(settings: PrivacySettings, survivors: int, length: int) -> CohortBound:
+    """The bound a leaf (and the cluster again) enforces on the sum of ``survivors`` updates of
+    ``length`` values: ``survivors * clip_norm`` plus the tail of the devices' noise and their
+    stochastic rounding (each value's error is within one step, so sub-Gaussian), 1 % to spare."""
+    if isinstance(survivors, bool) or not isinstance(survivors, int) or survivors < 1:
+        raise ValueError(f"survivors must be a positive integer, got {survivors!r}")
+    ring = settings.ring(survivors, length)
+    spread = math.sqrt(survivors) * math.hypot(settings.dp.device_noise_std, 1.0 / ring.scale)
+    norm = (survivors * settings.dp.clip_norm + spread * (math.sqrt(length) + TAIL_SIGMAS)) * 1.01
+    if not settings.weighted:
+        return CohortBound(survivors, norm, float(survivors), float(survivors))
+    weight_noise = spread * math.sqrt(2) / settings.dp.clip_norm
+    return CohortBound(
+        survivors, norm, survivors * settings.min_weight, (survivors + TAIL_SIGMAS * weight_noise) * 1.01
+    )
 
 
 def cohort_mean(

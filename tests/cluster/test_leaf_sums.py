@@ -10,6 +10,7 @@ import pytest
 
 from app_custom.cluster.aggregation import SlowDeltaAggregator
 from app_custom.cluster.leaf_sums import LeafPolicy, LeafSum, LeafSumCombiner
+from app_custom.privacy.private_update import PrivacySettings
 
 EXPECTED = {"slow.w": (30, 20), "slow.b": (20,)}
 
@@ -24,9 +25,16 @@ def _sum(leaf, rng, count=10, weight=None, base=5, direction=None, scale=0.5):
     return LeafSum(leaf, base, count, weight, total)
 
 
-def _combine(items, version=5, **policy):
+def _privacy(noise=0.0, ring_bits=16, weighting="uniform", cohort=100):
+    dp = {"clip_norm": 1.0, "noise_multiplier": noise, "delta": 1e-5, "fleet_size": 100, "cohort_size": cohort}
+    return PrivacySettings.from_dict({"dp": dp, "ring_bits": ring_bits, "weighting": weighting})
+
+
+def _combine(items, version=5, privacy=None, **policy):
+    privacy = privacy or _privacy()
     aggregator = SlowDeltaAggregator()
-    combiner = LeafSumCombiner(LeafPolicy(clip_bound=1.0, max_cohort=100, **policy), EXPECTED)
+    policy = {"max_cohort": 100, "max_share": 1.0} | policy
+    combiner = LeafSumCombiner(LeafPolicy(privacy, privacy.update_length(EXPECTED), **policy), EXPECTED)
     return combiner.combine(items, version, aggregator), aggregator
 
 
@@ -45,8 +53,8 @@ def test_honest_sums_average_by_weight_and_a_stale_one_counts_less():
     ("change", "reason"),
     [
         (dict(count=0), "count must be a positive integer"),
-        (dict(count=500), "exceeds the largest cohort"),
-        (dict(weight=11.0), "outside \\(0, 10\\]"),
+        (dict(count=500), "exceeds the registered cohort size"),
+        (dict(weight=11.0), "outside \\[10, 10\\]"),
         (dict(weight=float("nan")), "finite"),
         (dict(base_version=9), "current version is 5"),
         (dict(base_version=0), "5 behind"),
@@ -90,7 +98,7 @@ def test_with_two_leaves_nothing_is_called_an_outlier_but_the_absolute_bound_sti
     out, _ = _combine([a, b])
     assert sorted(out.accepted) == ["a", "b"]
     noisy = _sum("noisy", rng, scale=3.0)  # past the clip bound: only noise could explain it
-    out, _ = _combine([noisy], noise_norm=25.0)  # 25 / 10 devices: up to 1 + 2.75 allowed
+    out, _ = _combine([noisy], privacy=_privacy(noise=2.0))  # the noise of ten devices' shares
     assert list(out.accepted) == ["noisy"]
     out, _ = _combine([noisy])
     assert "past the" in out.rejections[0].reason
@@ -101,12 +109,13 @@ def test_the_bound_leaves_room_for_rounding_and_a_noisy_weight_and_bad_policies_
     coarse = _sum("coarse", rng, count=10, scale=1.5)  # the rounding of ten coarse devices
     out, _ = _combine([coarse])
     assert "past the" in out.rejections[0].reason
-    out, _ = _combine([coarse], rounding_norm=2.0)  # sqrt(10) * 2 / 10 = 0.63 more allowed
+    out, _ = _combine([coarse], privacy=_privacy(ring_bits=7, cohort=10))  # 3 bits a value: coarse steps
     assert list(out.accepted) == ["coarse"]
     heavy = _sum("heavy", rng, count=10, weight=11.0)  # noise on the decoded weight
-    assert "outside" in _combine([heavy])[0].rejections[0].reason
-    assert list(_combine([heavy], weight_noise=0.5)[0].accepted) == ["heavy"]
+    assert "outside" in _combine([heavy], privacy=_privacy(weighting="samples"))[0].rejections[0].reason
+    noisy = _privacy(noise=0.5, weighting="samples")
+    assert list(_combine([heavy], privacy=noisy)[0].accepted) == ["heavy"]
     with pytest.raises(ValueError, match="max_cohort"):
-        LeafPolicy(clip_bound=1.0, max_cohort=2.5)
-    with pytest.raises(ValueError, match="rounding_norm"):
-        LeafPolicy(clip_bound=1.0, rounding_norm=-1.0)
+        LeafPolicy(_privacy(), 10, max_cohort=2.5)
+    with pytest.raises(ValueError, match="max_share"):
+        LeafPolicy(_privacy(), 10, max_share=1.5)

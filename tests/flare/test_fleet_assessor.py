@@ -44,7 +44,7 @@ def _send(assessor, *entries):
     ("change", "reason"),
     [
         (lambda slow: {"count": 0}, "count must be a positive integer"),
-        (lambda slow: {"count": 5000}, "exceeds the largest cohort"),
+        (lambda slow: {"count": 5000}, "exceeds the registered cohort size"),
         (lambda slow: {"weight": 7.0}, "weight 7.0 is outside"),
         (lambda slow: {"total": {k: np.zeros((3, 3), np.float32) for k in slow}}, "shape"),
         (lambda slow: {"total": {"not.a.layer": np.zeros(3, np.float32)}}, "unknown keys"),
