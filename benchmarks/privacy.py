@@ -299,7 +299,7 @@ def main() -> int:
         records = 40  # digits has ~1,100 training recordings: 200 devices draw theirs from one pool
         curve = []
         for epsilon in (1.0, 4.0, 8.0, math.inf):
-            z = noise_for_epsilon(epsilon, delta, cohort / fleet_size, rounds)
+            z = noise_for_epsilon(epsilon, delta, rounds)  # charged for every round: no amplification
             dp = {"clip_norm": clip, "noise_multiplier": z, "delta": delta, "fleet_size": fleet_size}
             # every device of this fleet holds the same number of samples: uniform weights are sample
             # weights, without scaling each signal down against its noise share (weight_cap)
@@ -320,7 +320,7 @@ def main() -> int:
         report["dp"] = {
             "fleet_size": fleet_size,
             "cohort_size": cohort,
-            "sample_rate": cohort / fleet_size,
+            "amplification": "none (a device is charged for every round; cohorts are not sampled)",
             "rounds": rounds,
             "delta": delta,
             "clip_norm": clip,

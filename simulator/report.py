@@ -93,7 +93,11 @@ def privacy_summary(log: dict) -> dict | None:
     ]
     deltas = {m["dp_delta"] for entry in rounds for m in entry["devices"].values() if "dp_delta" in m}
     final = per_round[-1] if per_round else {}
+    mechanism = next((entry["dp"] for entry in rounds if "dp" in entry), {})
     return {
+        "mechanism": mechanism.get("mechanism"),
+        "accounting": mechanism.get("accounting"),
+        "noise_multiplier": mechanism.get("noise_multiplier"),
         "delta": deltas.pop() if len(deltas) == 1 else sorted(deltas),
         "epsilon_per_device_per_round": per_round,
         "final_epsilon_max": max(final.values(), default=None),

@@ -220,7 +220,7 @@ class LeafCohort:
         elif self.stage == UNMASK:
             result = aggregator.result()
             survivors = len(result.survivors)
-            bound = cohort_bound(self.settings, survivors, self.params.length)
+            bound = cohort_bound(self.settings, survivors, self.params.length, len(self.spec["cohort"]))
             norm = float(np.linalg.norm(result.total))  # the rotation keeps norms
             if norm > bound.norm:
                 self._fail(

@@ -106,7 +106,8 @@ class LeafSumCombiner:
             raise UpdateError(f"count {count} exceeds the registered cohort size of a leaf ({policy.max_cohort})")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise UpdateError(f"weight must be a finite number, got {weight!r}")
-        bound = cohort_bound(policy.privacy, count, policy.length)
+        # quantized in the ring of its cohort: the registered size's is the coarsest that may be
+        bound = cohort_bound(policy.privacy, count, policy.length, policy.max_cohort)
         if not bound.min_weight * (1 - 1e-6) <= weight <= bound.max_weight:
             raise UpdateError(
                 f"weight {weight} is outside [{bound.min_weight:.4g}, {bound.max_weight:.4g}], the weights"

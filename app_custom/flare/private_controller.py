@@ -25,6 +25,7 @@ from app_custom.flare.private_learner_executor import (
     message_bytes,
     secagg_params,
 )
+from app_custom.privacy.dp import ACCOUNTING
 from app_custom.privacy.private_update import PrivacySettings, cohort_mean
 from app_custom.privacy.secagg import (
     ADVERTISE,
@@ -85,6 +86,15 @@ class PrivateNestedFedAvg(NestedFedAvg):
         self.settings = PrivacySettings.from_dict(privacy)
         self.stage_wait = stage_wait
 
+    def run(self) -> None:
+        dp = self.settings.dp
+        self.info(
+            f"privacy: {self.settings.mechanism}, noise multiplier {dp.noise_multiplier} on the sum of"
+            f" {dp.contributors_assumed if dp.mode == 'distributed' else 1} devices' shares, delta {dp.delta};"
+            f" {ACCOUNTING}"
+        )
+        super().run()
+
     def _collect_round(self, round_: int, current: dict, version: int, expected: dict) -> dict:
         if not self.settings.secure_aggregation:
             return self._collect_local_dp(round_, current, version, expected)
@@ -106,7 +116,7 @@ class PrivateNestedFedAvg(NestedFedAvg):
                 skipped[device] = reason
                 continue
             self._feed(aggregator, device, result, KeyAdvert, ADVERTISE, aggregator.add_advert)
-        log = {"devices": devices, "dp_skipped": skipped}
+        log = {"devices": devices, "dp_skipped": skipped, "dp": self._mechanism()}
         try:
             roster = aggregator.roster()
             for device, result in self._stage(SHARE_TASK, roster, list(roster.adverts)):
@@ -158,7 +168,17 @@ class PrivateNestedFedAvg(NestedFedAvg):
             rejection = self.aggregator.add(device, result.params or {}, 1.0, expected)
             if rejection:
                 self.warning(f"round {round_}: rejected update from {device}: {rejection.reason}")
-        return {"devices": devices, "dp_skipped": skipped}
+        return {"devices": devices, "dp_skipped": skipped, "dp": self._mechanism()}
+
+    def _mechanism(self) -> dict:
+        """What the devices' epsilon stands for, in every round's entry of the log."""
+        return {
+            "mechanism": self.settings.mechanism,
+            "accounting": ACCOUNTING,
+            "noise_multiplier": self.settings.dp.noise_multiplier,
+            # the flat job's clients have no device certificates: an honest-but-curious server only
+            "secure_aggregation": "honest-but-curious aggregator" if self.settings.secure_aggregation else None,
+        }
 
     # ---- plumbing -------------------------------------------------------------------------------
     @staticmethod

@@ -100,7 +100,9 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
     def _save_ledger(self) -> None:
         if self._ledger_path is None:
             return
-        write_json_atomic(self._ledger_path, {"history": self.ledger.history, "epsilon": self.ledger.epsilon()})
+        write_json_atomic(
+            self._ledger_path, {"history": self.ledger.history, "epsilon": self.ledger.epsilon()}, mode=0o600
+        )
 
     def _save_session(self) -> None:
         if self._round is None:
@@ -135,7 +137,8 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             if self.settings.device_metrics or reply.get_return_code(ReturnCode.OK) != ReturnCode.OK:
                 return reply
             validated = FLModelUtils.from_shareable(reply)  # merged and measured; the numbers stay here
-            self.log_info(fl_ctx, f"{task_name}: {validated.metrics} (kept on the device: device_metrics is off)")
+            # not even in the log: the aggregator's operators can read client logs
+            self.log_info(fl_ctx, f"{task_name}: {len(validated.metrics or {})} metrics kept on the device")
             return FLModelUtils.to_shareable(
                 FLModel(params_type=ParamsType.FULL, params={}, metrics=self._privacy_metrics(), meta={})
             )
@@ -166,10 +169,9 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
                 FLModel(params_type=ParamsType.FULL, params={}, metrics=metrics, meta=meta)
             )
         if not self.settings.secure_aggregation:  # local DP: the noised delta itself is the release
-            noised, norm = self._noised(result.params, shapes)
+            noised = self._noised(result.params, shapes)
             self.ledger.record_contribution()
             self._save_ledger()
-            self.log_info(fl_ctx, f"slow delta norm {norm:.3f} before clipping to {self.settings.dp.clip_norm}")
             metrics = self._outbound_metrics(metrics) | {"dp_contributed": 1}
             return FLModelUtils.to_shareable(
                 FLModel(params_type=ParamsType.DIFF, params=noised, metrics=metrics, meta=meta)
@@ -179,18 +181,15 @@ class PrivateLearnerExecutor(NestedLearnerExecutor):
             raise WireError("the task carries no secagg round description")
         samples = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
         delta = {name: result.params[name] for name in shapes}
-        self._round, norm = DeviceRound.begin(
-            fl_ctx.get_identity_name(), spec, delta, self.settings, self._rng, samples
-        )
+        # the delta's norm before clipping stays in memory: data-dependent, and outside the mechanism
+        self._round, _ = DeviceRound.begin(fl_ctx.get_identity_name(), spec, delta, self.settings, self._rng, samples)
         self._save_session()
-        # the norm stays on the device: it is data-dependent and no part of the accounted mechanism
-        self.log_info(fl_ctx, f"slow delta norm {norm:.3f} before clipping to {self.settings.dp.clip_norm}")
         metrics = self._outbound_metrics(metrics)
         return self._reply(self._round.advert(), metrics, meta)
 
-    def _noised(self, delta: dict, shapes: dict) -> tuple[dict, float]:
-        noised, norm = privatize(flatten(delta, shapes), self.settings.dp, self._rng)
-        return unflatten(noised, shapes), norm
+    def _noised(self, delta: dict, shapes: dict) -> dict:
+        noised, _ = privatize(flatten(delta, shapes), self.settings.dp, self._rng)
+        return unflatten(noised, shapes)
 
     def _stage(self, task_name: str, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         self._load_session()

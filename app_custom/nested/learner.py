@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from app_custom.durable import write_bytes_atomic
+
 from .config import NestedConfig
 from .device_data import DeviceData, Inputs, LabelledSet
 from .levels import partition_parameters
@@ -317,16 +319,11 @@ class NestedLearner:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the whole device-local state atomically (a crash leaves the previous file)."""
+        """Write the whole device-local state atomically (a crash leaves the previous file), readable
+        by its owner only: the fast layers are the owner's own."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = self._state()
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, self.state_bytes(), 0o600)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a saved state; ``IncompatibleState`` if it belongs to another architecture or layout."""

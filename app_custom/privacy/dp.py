@@ -1,17 +1,20 @@
 """User-level differential privacy for slow deltas (DP-FedAvg, McMahan et al. 2018).
 
-A device clips its slow delta to L2 norm ``clip_norm`` and adds Gaussian noise. In ``distributed``
-mode each device adds only its share, ``sigma = z * clip_norm / sqrt(min_cohort)``, so that the sum
-of any ``min_cohort`` contributions carries noise of std ``z * clip_norm``: the mechanism the
-accountant charges. That holds when the sum is all anyone sees (secure aggregation) and at least
-``min_cohort`` honest devices contribute; devices colluding with the aggregator can remove their
-own shares, so ``min_cohort`` should count only devices trusted not to. In ``local`` mode each
-device adds the full ``z * clip_norm`` (no trust needed, far more noise in the sum).
+A device clips its slow delta to L2 norm ``clip_norm`` and adds noise. Under secure aggregation the
+noise is the distributed discrete Gaussian (``discrete_gaussian``): in ``distributed`` mode each
+device adds a share sized so that the sum of any ``min_cohort`` contributions carries noise of
+``z`` times the sensitivity, which holds when the sum is all anyone sees and at least
+``min_cohort`` honest devices contribute (devices colluding with the aggregator can remove their
+own shares, so ``min_cohort`` should count only devices trusted not to). In ``local`` mode each
+device adds the full noise itself (no trust needed, far more noise in the sum); without secure
+aggregation that is the continuous Gaussian of ``z * clip_norm`` on the real-valued delta.
 
-Accounting is per device with Opacus' RDP accountant: one Gaussian step of multiplier ``z`` per
-contributed round, at sampling rate ``cohort_size / fleet_size`` (the job's cohort sampling,
-treated as Poisson sampling). A device whose next contribution would take its epsilon past its
-budget contributes nothing.
+Accounting is per device with dp-accounting's RDP accountant: every round the device contributed
+to is charged ``discrete_gaussian.round_rho(z)`` as a zCDP event (``1 / (2 z^2)`` and a term below
+1e-27), composed over those rounds. There is no amplification by sampling: no cohort is drawn at
+random in a way its aggregator cannot steer (the flat job asks every device every round, a leaf
+fills its cohort first come), so a device is charged in full for each round it took part in.
+A device whose next contribution would take its epsilon past its budget contributes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .discrete_gaussian import round_rho
 
 MODES = ("distributed", "local")
 
@@ -87,10 +92,6 @@ class DPConfig:
         return cls(**values)
 
     @property
-    def sample_rate(self) -> float:
-        return self.cohort_size / self.fleet_size
-
-    @property
     def contributors_assumed(self) -> int:
         return self.min_cohort or self.cohort_size
 
@@ -118,45 +119,67 @@ def privatize(vector: np.ndarray, config: DPConfig, rng: np.random.Generator) ->
     return clipped, norm
 
 
+MECHANISM_SECAGG = "distributed discrete Gaussian (Kairouz, Liu and Steinke 2021) over secure aggregation"
+MECHANISM_LOCAL = "Gaussian on each device's delta (local mode, no secure aggregation)"
+ACCOUNTING = (
+    "zCDP per contributed round, composed by dp-accounting's RDP accountant; no amplification by sampling"
+)
+
+
+def _epsilon(history: list[tuple[float, int]], delta: float) -> float:
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if not history:
+        return 0.0
+    if any(math.isinf(rho) for rho, _ in history):
+        return math.inf
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    for rho, rounds in history:
+        accountant.compose(dp_event.ZCDpEvent(rho), rounds)
+    return float(accountant.get_epsilon(delta))
+
+
 class PrivacyLedger:
-    """One device's privacy spending: the rounds it contributed to, as Opacus' RDP accountant sees them."""
+    """One device's privacy spending: the rounds it contributed to, each a zCDP event of ``rho``.
+
+    ``history``: ``[rho, rounds]`` pairs. A pair's ``rho`` is what those rounds were charged, so a
+    changed noise setting never rewrites what was spent. Entries ``[z, q, steps]`` of an older
+    ledger (charged at sampling rate ``q``) are re-charged without amplification: never less."""
 
     def __init__(self, config: DPConfig, history: list | None = None) -> None:
         self.config = config
-        from opacus.accountants import RDPAccountant  # imported when a ledger is made: it takes a second
-
-        self._accountant = RDPAccountant()
+        self._history: list[tuple[float, int]] = []
         for entry in history or []:
-            if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
-                raise PrivacyConfigError(f"privacy history entries are (z, q, steps), got {entry!r}")
-            z, q, steps = entry
-            self._accountant.history.append((float(z), float(q), int(steps)))
+            if isinstance(entry, (list, tuple)) and len(entry) == 3:
+                z, _, steps = entry
+                entry = (round_rho(float(z)), steps)
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+                raise PrivacyConfigError(f"privacy history entries are [rho, rounds], got {entry!r}")
+            rho, rounds = entry
+            if not (isinstance(rho, (int, float)) and rho >= 0) or isinstance(rounds, bool) or not isinstance(
+                rounds, int
+            ):
+                raise PrivacyConfigError(f"privacy history entries are [rho >= 0, rounds], got {entry!r}")
+            self._history.append((float(rho), int(rounds)))
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [tuple(entry) for entry in self._accountant.history]
+    def history(self) -> list[list]:
+        return [[rho, rounds] for rho, rounds in self._history]
 
     @property
     def rounds(self) -> int:
-        return sum(steps for _, _, steps in self._accountant.history)
+        return sum(rounds for _, rounds in self._history)
+
+    def _next_rho(self) -> float:
+        return round_rho(self.config.noise_multiplier)
 
     def epsilon(self) -> float:
         """Epsilon spent so far at the configured delta (0 before any contribution)."""
-        if not self._accountant.history:
-            return 0.0
-        if self.config.noise_multiplier == 0:
-            return math.inf
-        return float(self._accountant.get_epsilon(delta=self.config.delta))
+        return _epsilon(self._history, self.config.delta)
 
     def epsilon_after_next(self) -> float:
-        if self.config.noise_multiplier == 0:
-            return math.inf
-        from opacus.accountants import RDPAccountant
-
-        trial = RDPAccountant()
-        trial.history = self.history
-        trial.step(noise_multiplier=self.config.noise_multiplier, sample_rate=self.config.sample_rate)
-        return float(trial.get_epsilon(delta=self.config.delta))
+        return _epsilon([*self._history, (self._next_rho(), 1)], self.config.delta)
 
     def over_budget_reason(self) -> str | None:
         """Why the next contribution may not be made, or None if it fits the budget."""
@@ -171,23 +194,32 @@ class PrivacyLedger:
         return None
 
     def record_contribution(self) -> None:
-        if self.config.noise_multiplier > 0:
-            self._accountant.step(noise_multiplier=self.config.noise_multiplier, sample_rate=self.config.sample_rate)
+        rho = self._next_rho()
+        if self._history and self._history[-1][0] == rho:
+            self._history[-1] = (rho, self._history[-1][1] + 1)
         else:
-            self._accountant.history.append((0.0, self.config.sample_rate, 1))
+            self._history.append((rho, 1))
 
 
-def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
-    """The smallest noise multiplier (Opacus' search, RDP accountant) that keeps a device that
-    contributes to all ``rounds`` within ``epsilon`` at ``delta``; 0 for epsilon = inf."""
-    from opacus.accountants.utils import get_noise_multiplier
+def noise_for_epsilon(epsilon: float, delta: float, rounds: int) -> float:
+    """The smallest noise multiplier that keeps a device contributing to all ``rounds`` within
+    ``epsilon`` at ``delta`` (dp-accounting's calibration of the charge above); 0 for epsilon = inf."""
+    from dp_accounting import dp_event, mechanism_calibration
+    from dp_accounting.rdp import rdp_privacy_accountant
 
     if math.isinf(epsilon):
         return 0.0
     if not epsilon > 0:
         raise PrivacyConfigError(f"target epsilon must be > 0, got {epsilon!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PrivacyConfigError(f"rounds must be a positive integer, got {rounds!r}")
     return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=rounds, accountant="rdp"
+        mechanism_calibration.calibrate_dp_mechanism(
+            rdp_privacy_accountant.RdpAccountant,
+            lambda z: dp_event.SelfComposedDpEvent(dp_event.ZCDpEvent(round_rho(z)), rounds),
+            epsilon,
+            delta,
+            mechanism_calibration.LowerEndpointAndGuess(1e-3, 1.0),
+            tol=1e-4,
         )
     )

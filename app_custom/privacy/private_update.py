@@ -1,9 +1,10 @@
 """The path of one slow delta through the privacy layer, from the device's tensors to the cohort mean.
 
-Device: flatten (parameter names sorted) -> clip to ``clip_norm`` -> add its noise share ->
-rotate (the cohort's shared random rotation, ``rotation``) -> quantize into the ring sized for the
-cohort. Aggregator: the securely aggregated ring sum -> decoded real sum -> rotated back -> the
-cohort's mean -> tensors.
+Device: flatten (parameter names sorted) -> clip to ``clip_norm`` -> rotate (the cohort's shared
+random rotation, ``rotation``) -> scale into levels and round, the rounded norm kept within the
+sensitivity (``discrete_gaussian.conditional_round``) -> add its discrete Gaussian noise share
+-> reduce into the ring sized for the cohort and its noise. Aggregator: the securely aggregated
+ring sum -> decoded real sum -> rotated back -> the cohort's mean -> tensors.
 
 Weighting (``weighting``): ``samples`` (the default) weighs a device by ``w = min(n / weight_cap,
 1)``, at least ``min_weight``, for its ``n`` training samples, as the plain job weighs by samples,
@@ -31,17 +32,18 @@ import numpy as np
 
 from app_custom.nested.slow_delta import Tensors
 
-from .dp import DPConfig, PrivacyConfigError, clip_l2, privatize
-from .quantization import QuantizationError, Ring, quantize
+from . import discrete_gaussian
+from .discrete_gaussian import MIN_SIGMA, rounded_l2_bound
+from .dp import MECHANISM_LOCAL, MECHANISM_SECAGG, DPConfig, PrivacyConfigError, clip_l2
+from .quantization import NOISE_SIGMAS, QuantizationError, Ring, quantize
 from .rotation import coordinate_bound, rotate, unrotate
 from .secagg import SecAggParams
 from .secagg_crypto import SessionContext
 from .wire import WireError
 
-# wire size per value: 0.375 of fp32 for the masked vector (keys and shares come on top); holds
-# the sum of up to 1024 devices, each with at least 2 bits per rotated value
+# wire size per value: 0.375 of fp32 for the masked vector (keys and shares come on top)
 DEFAULT_RING_BITS = 12
-CLAMP_SIGMAS = 8.0  # quantization range past the clip bound, in noise standard deviations
+CLAMP_SIGMAS = 8.0  # a rotated value's range, in its sub-Gaussian scale: it passes it with probability 2e-14
 # how far past its typical length an honest sum's noise (and rounding) may reach: a Gaussian
 # vector's norm passes sqrt(d) + t with probability below exp(-t^2 / 2), 2e-8 at 6
 TAIL_SIGMAS = 6.0
@@ -50,7 +52,7 @@ TAIL_SIGMAS = 6.0
 @dataclass(frozen=True)
 class PrivacySettings:
     """``{"dp": {...}, "secure_aggregation": true, "ring_bits": 14, "neighbours": null, "max_dropout": 0.3,
-    "device_metrics": true}``."""
+    "device_metrics": false}``."""
 
     dp: DPConfig
     secure_aggregation: bool = True
@@ -60,9 +62,9 @@ class PrivacySettings:
     weighting: str = "samples"
     weight_cap: int = 256  # training samples at which a device counts fully
     min_weight: float = 0.5  # the least a device weighs: floors a cohort's summed weight (influence bound)
-    # True: devices also report their evaluation metrics (accuracy and loss on their own data), as
-    # simulations need; these are outside the DP guarantee. Deployments that promise DP set false.
-    device_metrics: bool = True
+    # False: a device sends only its privacy spending. True: it also reports accuracy and loss on its
+    # own data, as simulations' reports need; those are outside the DP guarantee (no noise, no accounting).
+    device_metrics: bool = False
 
     @classmethod
     def from_dict(cls, raw: Mapping) -> PrivacySettings:
@@ -124,14 +126,52 @@ class PrivacySettings:
 
     def ring(self, cohort: int, length: int) -> Ring:
         """The ring for a cohort's rotated vectors of ``length`` values. A rotated value of a clipped
-        delta is sub-Gaussian with scale ``sqrt(2/length) clip_norm`` (``rotation``), its noise
-        share Gaussian with the device's noise std; values clamp at ``CLAMP_SIGMAS`` times their
-        combined scale (a tail below 1e-13 per value: the clamp practically never binds), and never
-        beyond the hard bound of clip bound plus ``CLAMP_SIGMAS`` noise stds."""
-        std = self.dp.device_noise_std
-        spread = math.hypot(coordinate_bound(self.dp.clip_norm, length), std)
-        clamp = min(self.dp.clip_norm + CLAMP_SIGMAS * std, CLAMP_SIGMAS * spread)
-        return Ring(self.ring_bits, cohort, float(clamp))
+        delta is sub-Gaussian with scale ``sqrt(2/length) clip_norm`` (``rotation``): values clamp at
+        ``CLAMP_SIGMAS`` times it (the clamp practically never binds, and only ever shortens a
+        vector). Each device gets the most levels that leave room for the cohort's summed noise
+        (``NOISE_SIGMAS`` standard deviations of ``sqrt(cohort)`` noise shares)."""
+        clip = self.dp.clip_norm
+        clamp = min(clip, CLAMP_SIGMAS * coordinate_bound(clip, length))
+        top = (1 << (self.ring_bits - 1)) - 1
+        if self.dp.noise_multiplier == 0 or not self.secure_aggregation:
+            return Ring(self.ring_bits, cohort, float(clamp))
+
+        def noise_room(levels: int) -> int:
+            return math.ceil(NOISE_SIGMAS * math.sqrt(cohort) * self.noise_sigma(levels / clamp, length))
+
+        low, high = 0, top // cohort  # the largest level count whose noise still fits: bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if cohort * middle + noise_room(middle) <= top:
+                low = middle
+            else:
+                high = middle - 1
+        if low < 1:
+            raise QuantizationError(
+                f"a {self.ring_bits}-bit ring cannot hold the noise of {cohort} devices at noise multiplier"
+                f" {self.dp.noise_multiplier}: use more bits"
+            )
+        return Ring(self.ring_bits, cohort, float(clamp), top - cohort * low)
+
+    def noise_sigma(self, scale: float, length: int) -> float:
+        """One device's discrete Gaussian noise (levels) at ``scale`` levels per unit: the sum of
+        ``min_cohort`` shares (one in local mode) has ``noise_multiplier`` times the sensitivity."""
+        if self.dp.noise_multiplier == 0:
+            return 0.0
+        sensitivity = rounded_l2_bound(self.dp.clip_norm * scale, length)
+        contributors = 1 if self.dp.mode == "local" else self.dp.contributors_assumed
+        return max(self.dp.noise_multiplier * sensitivity / math.sqrt(contributors), MIN_SIGMA)
+
+    def noise_std(self, cohort: int, length: int) -> float:
+        """One device's noise per value in the delta's own units (for the bounds on a sum)."""
+        if not self.secure_aggregation:
+            return self.dp.device_noise_std
+        ring = self.ring(cohort, length)
+        return self.noise_sigma(ring.scale, length) / ring.scale
+
+    @property
+    def mechanism(self) -> str:
+        return MECHANISM_SECAGG if self.secure_aggregation else MECHANISM_LOCAL
 
     @property
     def weighted(self) -> bool:
@@ -182,8 +222,12 @@ def prepare_update(
         bound = settings.dp.clip_norm / math.sqrt(2)
         clipped, _ = clip_l2(vector, bound)
         vector = np.append(weight * clipped, weight * bound)
-    noised, _ = privatize(vector, settings.dp, rng)
-    return quantize(rotate(noised, context), settings.ring(cohort, noised.size), rng), norm
+    clipped, _ = clip_l2(vector, settings.dp.clip_norm)  # under weighting, within it already
+    ring = settings.ring(cohort, clipped.size)
+    sensitivity = rounded_l2_bound(settings.dp.clip_norm * ring.scale, clipped.size)
+    sigma = settings.noise_sigma(ring.scale, clipped.size)
+    noise = discrete_gaussian.sample(sigma, clipped.size) if sigma > 0 else None
+    return quantize(rotate(clipped, context), ring, rng, sensitivity, noise), norm
 
 
 def cohort_sum(
@@ -220,14 +264,16 @@ class CohortBound:
         return self.norm / self.min_weight
 
 
-def cohort_bound(settings: PrivacySettings, survivors: int, length: int) -> CohortBound:
+def cohort_bound(settings: PrivacySettings, survivors: int, length: int, ring_cohort: int | None = None) -> CohortBound:
     """The bound a leaf (and the cluster again) enforces on the sum of ``survivors`` updates of
-    ``length`` values: ``survivors * clip_norm`` plus the tail of the devices' noise and their
-    stochastic rounding (each value's error is within one step, so sub-Gaussian), 1 % to spare."""
+    ``length`` values quantized in the ring of a cohort of ``ring_cohort`` (default: the
+    survivors; the coarser ring of a larger cohort only widens the bound): ``survivors *
+    clip_norm`` plus the tail of the devices' noise and their stochastic rounding (each value's
+    error is within one step, so sub-Gaussian), 1 % to spare."""
     if isinstance(survivors, bool) or not isinstance(survivors, int) or survivors < 1:
         raise ValueError(f"survivors must be a positive integer, got {survivors!r}")
-    ring = settings.ring(survivors, length)
-    spread = math.sqrt(survivors) * math.hypot(settings.dp.device_noise_std, 1.0 / ring.scale)
+    ring = settings.ring(ring_cohort or survivors, length)
+    spread = math.sqrt(survivors) * math.hypot(settings.noise_std(ring.cohort, length), 1.0 / ring.scale)
     norm = (survivors * settings.dp.clip_norm + spread * (math.sqrt(length) + TAIL_SIGMAS)) * 1.01
     if not settings.weighted:
         return CohortBound(survivors, norm, float(survivors), float(survivors))

@@ -1,10 +1,11 @@
-"""Fixed-point stochastic quantization of a (clipped, noised) delta into the ring Z_{2^bits}.
+"""Fixed-point stochastic quantization of a (clipped, rotated) delta into the ring Z_{2^bits}.
 
 A device maps each value ``x`` (clamped to ``[-c, c]``) to the integer ``floor(x * scale + u)``,
-``u ~ U[0, 1)``: unbiased, ``|q| <= M = 2^(input_bits - 1) - 1``. The cohort's sum of ``n`` such
-integers lies in ``[-n M, n M]``; ``input_bits = bits - ceil(log2 n)`` keeps it inside the ring's
-signed range, so the modular sum of the masked vectors decodes to the exact integer sum: no wrap,
-whatever the values. ``bits`` is the wire size of one value.
+``u ~ U[0, 1)``: unbiased, ``|q| <= M`` (``max_level``). The cohort's sum of ``n`` such integers
+lies in ``[-n M, n M]``, and the ring keeps ``noise_levels`` more on each side for the cohort's
+summed DP noise (``discrete_gaussian``), so the modular sum of the masked vectors decodes to the
+exact integer sum unless that noise passes its room (sized at ``NOISE_SIGMAS`` standard
+deviations). ``bits`` is the wire size of one value.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_BITS = 32  # ring elements are drawn from 32-bit keystream words
-MIN_INPUT_BITS = 2
+NOISE_SIGMAS = 6.0  # room for the summed noise: a value wraps with probability below 2e-9
 
 
 class QuantizationError(ValueError):
@@ -24,11 +25,13 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class Ring:
-    """Z_{2^bits} sized for a cohort of up to ``cohort`` devices whose values lie in ``[-clamp, clamp]``."""
+    """Z_{2^bits} sized for a cohort of up to ``cohort`` devices whose values lie in ``[-clamp, clamp]``,
+    with ``noise_levels`` kept free on each side of the sum for its noise."""
 
     bits: int
     cohort: int
     clamp: float
+    noise_levels: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= MAX_BITS:
@@ -37,11 +40,12 @@ class Ring:
             raise QuantizationError(f"cohort must be a positive integer, got {self.cohort!r}")
         if not (isinstance(self.clamp, (int, float)) and math.isfinite(self.clamp) and self.clamp > 0):
             raise QuantizationError(f"clamp must be a positive finite number, got {self.clamp!r}")
-        if self.input_bits < MIN_INPUT_BITS:
+        if isinstance(self.noise_levels, bool) or not isinstance(self.noise_levels, int) or self.noise_levels < 0:
+            raise QuantizationError(f"noise_levels must be a non-negative integer, got {self.noise_levels!r}")
+        if self.max_level < 1:
             raise QuantizationError(
-                f"a {self.bits}-bit ring leaves {self.input_bits} bits per value for a cohort of {self.cohort}"
-                f" (the sum needs {self.headroom_bits} bits of headroom); use at least"
-                f" {MIN_INPUT_BITS + self.headroom_bits} bits or a smaller cohort"
+                f"a {self.bits}-bit ring leaves no level per value for a cohort of {self.cohort}"
+                f" ({self.noise_levels} kept for noise); use more bits, a smaller cohort or less noise"
             )
 
     @property
@@ -49,17 +53,9 @@ class Ring:
         return 1 << self.bits
 
     @property
-    def headroom_bits(self) -> int:
-        return math.ceil(math.log2(self.cohort)) if self.cohort > 1 else 0
-
-    @property
-    def input_bits(self) -> int:
-        return self.bits - self.headroom_bits
-
-    @property
     def max_level(self) -> int:
         """The largest magnitude one device's quantized value can take."""
-        return (1 << (self.input_bits - 1)) - 1
+        return ((1 << (self.bits - 1)) - 1 - self.noise_levels) // self.cohort
 
     @property
     def scale(self) -> float:
@@ -70,14 +66,29 @@ class Ring:
         return (length * self.bits + 7) // 8
 
 
-def quantize(values: np.ndarray, ring: Ring, rng: np.random.Generator) -> np.ndarray:
-    """Stochastically round ``values`` (clamped to the ring's range) into ring elements (uint64)."""
+def quantize(
+    values: np.ndarray,
+    ring: Ring,
+    rng: np.random.Generator,
+    norm_bound: float | None = None,
+    noise: np.ndarray | None = None,
+) -> np.ndarray:
+    """Stochastically round ``values`` (clamped to the ring's range) into ring elements (uint64).
+    ``norm_bound``: redraw the rounding until its L2 norm in levels is within it (conditional
+    randomized rounding); ``noise``: integers added before the reduction into the ring."""
+    from .discrete_gaussian import conditional_round  # the two modules lean on each other
+
     values = np.asarray(values, dtype=np.float64).ravel()
     if not np.isfinite(values).all():
         raise QuantizationError("cannot quantize NaN or inf")
     scaled = np.clip(values, -ring.clamp, ring.clamp) * ring.scale
-    levels = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
+    if norm_bound is None:
+        levels = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
+    else:
+        levels = conditional_round(scaled, norm_bound, rng)
     levels = np.clip(levels, -ring.max_level, ring.max_level)  # floor(M + u) is M; guards rounding at the edge
+    if noise is not None:
+        levels = levels + np.asarray(noise, dtype=np.int64)
     return np.mod(levels, ring.modulus).astype(np.uint64)
 
 

@@ -2,6 +2,7 @@
 
 python jobs/nested_private/job.py                            # run it in FLARE's simulator (SimEnv)
 python jobs/nested_private/job.py --dp-epsilon 8 --fleet-size 1000  # noise for a target epsilon
+python jobs/nested_private/job.py --device-metrics           # simulation: devices also send accuracy (not DP)
 python jobs/nested_private/job.py --refresh                  # rewrite this folder's meta.json and app/
 python jobs/nested_private/job.py --export --export-dir D    # NVFlare's flags: export to D/nested_private
 python jobs/nested_private/job.py --startup-kit KIT          # submit to a deployment (Flare API, ProdEnv)
@@ -14,10 +15,19 @@ noise 0.3 the global model stayed near chance), so this epsilon is in the thousa
 the mechanism and reports what it spends. The accuracy-epsilon trade-off of a larger fleet is in
 benchmarks/results/privacy.json. Secure aggregation is always on
 here (the privacy options' --secure-agg is implied).
+
+Device metrics are off (``"device_metrics": false`` in the exported privacy settings): a device
+sends its privacy spending (epsilon, delta, rounds) and nothing else measured on its data.
+--device-metrics turns on the accuracy and loss each device measures on its own data, for
+simulations: those numbers are sent in the clear and are OUTSIDE the DP guarantee (no noise, no
+accounting). They are not noised instead because a noised accuracy needs its own sensitivity
+(one over the device's sample count, itself private) and its own place in the accountant's
+composition; until that exists, the honest choices are off, or on and labelled unprotected.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -26,13 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from simulator.job_script import job_main  # noqa: E402
 from simulator.privacy_options import add_privacy_arguments, privacy_of  # noqa: E402
 
-if __name__ == "__main__":
-    sys.exit(
-        job_main(
-            None,
-            Path(__file__).resolve().parent,
-            __doc__,
-            add_privacy_arguments,
-            lambda args: privacy_of(args, args.devices, args.rounds, always=True, default_noise=0.05),
-        )
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_privacy_arguments(parser)
+    parser.add_argument(
+        "--device-metrics",
+        action="store_true",
+        help="devices also send accuracy and loss on their own data: OUTSIDE the DP guarantee (simulations only)",
     )
+
+
+def privacy(args: argparse.Namespace) -> dict:
+    """The devices' ``PrivacySettings`` mapping, with ``device_metrics`` stated, never left to a default."""
+    settings = privacy_of(args, args.devices, args.rounds, always=True, default_noise=0.05)
+    return settings | {"device_metrics": args.device_metrics}
+
+
+if __name__ == "__main__":
+    sys.exit(job_main(None, Path(__file__).resolve().parent, __doc__, add_arguments, privacy))

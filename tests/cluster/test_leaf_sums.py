@@ -109,7 +109,7 @@ def test_the_bound_leaves_room_for_rounding_and_a_noisy_weight_and_bad_policies_
     coarse = _sum("coarse", rng, count=10, scale=1.5)  # the rounding of ten coarse devices
     out, _ = _combine([coarse])
     assert "past the" in out.rejections[0].reason
-    out, _ = _combine([coarse], privacy=_privacy(ring_bits=7, cohort=10))  # 3 bits a value: coarse steps
+    out, _ = _combine([coarse], privacy=_privacy(ring_bits=7, cohort=10), max_cohort=10)  # 6 levels: coarse
     assert list(out.accepted) == ["coarse"]
     heavy = _sum("heavy", rng, count=10, weight=11.0)  # noise on the decoded weight
     assert "outside" in _combine([heavy], privacy=_privacy(weighting="samples"))[0].rejections[0].reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,6 @@ def run(r: Round, dropped_after_mask: set[str] = frozenset()):
             r.aggregator.add_masked(d, r.devices[d].masked_input(routed[d], r.levels[d]))
     request = r.aggregator.unmask_request()
     for d in request.survivors:
-        try:
+        with contextlib.suppress(ProtocolError):  # a device that refuses (too few survivors) answers nothing
             r.aggregator.add_unmask(d, r.devices[d].unmask(request))
-        except ProtocolError:
-            pass  # the device refuses (too few survivors around it): it answers nothing
     return r.aggregator.result()

@@ -9,7 +9,7 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from app_custom.privacy.dp import DPConfig, PrivacyConfigError, PrivacyLedger, clip_l2, privatize
+from app_custom.privacy.dp import DPConfig, PrivacyConfigError, PrivacyLedger, clip_l2, noise_for_epsilon, privatize
 
 
 def config(**overrides) -> DPConfig:
@@ -17,31 +17,44 @@ def config(**overrides) -> DPConfig:
     return DPConfig(**(values | overrides))
 
 
-def independent_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
-    """Google's dp-accounting on the same mechanism: Poisson-sampled Gaussian, composed ``rounds`` times."""
+def independent_epsilon(z: float, rounds: int, delta: float) -> float:
+    """Google's dp-accounting on the mechanism that runs: a Gaussian of multiplier ``z`` in every
+    round the device contributed to, composed ``rounds`` times, no sampling."""
     accountant = rdp_privacy_accountant.RdpAccountant()
-    accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), rounds)
+    accountant.compose(dp_event.GaussianDpEvent(z), rounds)
     return accountant.get_epsilon(delta)
 
 
 @pytest.mark.parametrize("z, fleet, cohort, rounds", [(1.1, 100, 10, 30), (0.8, 8, 8, 10), (2.0, 1000, 50, 200)])
 def test_ledger_epsilon_matches_an_independent_accountant_within_one_percent(z, fleet, cohort, rounds):
+    # the fleet's size buys nothing: no cohort is drawn at random, so no amplification is claimed
     ledger = PrivacyLedger(config(noise_multiplier=z, fleet_size=fleet, cohort_size=cohort))
     for _ in range(rounds):
         ledger.record_contribution()
-    expected = independent_epsilon(z, cohort / fleet, rounds, 1e-5)
-    assert ledger.epsilon() == pytest.approx(expected, rel=0.01)
+    assert ledger.epsilon() == pytest.approx(independent_epsilon(z, rounds, 1e-5), rel=0.01)
+
+
+def test_an_older_ledger_charged_with_amplification_is_recharged_in_full():
+    old = [[1.1, 0.1, 30]]  # (z, q, steps): what a device charged when cohorts counted as sampled
+    ledger = PrivacyLedger(config(), old)
+    assert ledger.rounds == 30
+    assert ledger.epsilon() == pytest.approx(independent_epsilon(1.1, 30, 1e-5), rel=0.01)
+
+
+def test_noise_for_a_target_epsilon_spends_it_over_the_rounds():
+    z = noise_for_epsilon(8.0, 1e-5, 100)
+    assert independent_epsilon(z, 100, 1e-5) == pytest.approx(8.0, rel=0.01)
 
 
 def test_a_device_over_its_budget_is_told_why_and_its_history_survives_a_restart():
-    ledger = PrivacyLedger(config(epsilon_budget=2.0))
+    ledger = PrivacyLedger(config(epsilon_budget=20.0))
     contributed = 0
     while ledger.over_budget_reason() is None:
         ledger.record_contribution()
         contributed += 1
     assert 0 < contributed < 1000
-    assert ledger.epsilon() <= 2.0 < ledger.epsilon_after_next()
-    assert "past the budget 2.0" in ledger.over_budget_reason()
+    assert ledger.epsilon() <= 20.0 < ledger.epsilon_after_next()
+    assert "past the budget 20.0" in ledger.over_budget_reason()
     restored = PrivacyLedger(ledger.config, ledger.history)
     assert restored.epsilon() == ledger.epsilon() and restored.rounds == contributed
 
