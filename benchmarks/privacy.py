@@ -11,11 +11,14 @@ Writes ``benchmarks/results/privacy.json``::
 - ``secagg``: the protocol core (no FLARE) for cohorts of 10, 100 and 1000 devices with 0 % and
   10 % of them dropping after they sent their shares, on vectors as long as the shipped nested
   model's slow delta. ``exact``: the unmasked sum equals the plain sum of the quantized vectors.
-  Upload bytes count every protocol message a device sends (key advert, sealed shares, masked
-  vector, unmask shares) against the fp32 delta. Client time: a device's local training round plus
-  its privacy work (clip, noise, quantize, the protocol's stages), over the training round plus a
-  plain fp32 encoding. ``server_unmask_s``: the aggregator's reconstruction and unmasking.
-  The top level repeats the 1000-device, 10 % dropout case.
+  The protocol is the authenticated one the hierarchy runs (device certificates from a device CA
+  of the benchmark's own, signed adverts, the consistency round). Upload bytes count every
+  protocol message a device sends (signed key advert with its certificate, sealed shares, masked
+  vector, consistency signature, unmask shares) against the fp32 delta. Client time: a device's
+  local training round plus its privacy work (clip, round, noise, quantize, the protocol's
+  stages), over the training round plus a plain fp32 encoding. ``server_unmask_s``: the
+  aggregator's reconstruction and unmasking. The top level repeats the 1000-device, 10 % dropout
+  case.
 - ``quantization`` and ``dp``: the nested method in-process (the FLARE job's learner, privacy
   pipeline, secure aggregation, server optimiser and validation gate, without FLARE's transport)
   on the shipped digits data: plain against secure aggregation with quantization and no noise,
@@ -32,6 +35,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,16 +51,19 @@ from app_custom.nested.learner import NestedLearner  # noqa: E402
 from app_custom.nested.slow_delta import shapes_of  # noqa: E402
 from app_custom.privacy import wire  # noqa: E402
 from app_custom.privacy.dp import noise_for_epsilon  # noqa: E402
+from app_custom.privacy.peer_certificates import CertificateAuthority, CertificateSigner  # noqa: E402
 from app_custom.privacy.private_update import PrivacySettings, cohort_mean, prepare_update  # noqa: E402
 from app_custom.privacy.quantization import decode_sum  # noqa: E402
 from app_custom.privacy.secagg import SecAggAggregator, SecAggDevice, SecAggParams  # noqa: E402
 from app_custom.privacy.secagg_crypto import SessionContext  # noqa: E402
+from provisioning.identities import DeviceCA  # noqa: E402
 from simulator.methods import method_config  # noqa: E402
 from simulator.report import shared_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
 FLEET_FN = "simulator.fleets:make_fleet"
 SECAGG_NEIGHBOURS = {100: 40, 1000: 64}  # SecAgg+ degree; the cohort of 10 uses the complete graph
+SECAGG_RING_BITS = {10: 12, 30: 12, 100: 14, 1000: 16}  # room for the summed noise of z = 1 at 6 sigma
 
 
 def secure_sum(
@@ -67,10 +74,13 @@ def secure_sum(
     ids = sorted(levels)
     length = len(next(iter(levels.values())))
     ring = settings.ring(len(ids), length)
-    params = SecAggParams(context, ring, length, settings.neighbours, settings.max_dropout, min_survivors=2)
+    params = SecAggParams(
+        context, ring, length, settings.neighbours, settings.max_dropout, min_survivors=2, authenticated=True
+    )
     device_s = dict.fromkeys(ids, 0.0)
     sent = dict.fromkeys(ids, 0)
     aggregator_s = 0.0
+    signers, ca_pem, crl_pem = device_identities(ids)
 
     def on_device(device: str, fn, *args):
         start = time.perf_counter()
@@ -79,8 +89,9 @@ def secure_sum(
         sent[device] += len(wire.encode_message(message))
         return message
 
-    devices = {d: SecAggDevice(d, params) for d in ids}
-    aggregator = SecAggAggregator(params, ids)
+    # each device checks its neighbours with an authority of its own (no shared cache of verified certificates)
+    devices = {d: SecAggDevice(d, params, signers[d], CertificateAuthority(ca_pem, crl_pem)) for d in ids}
+    aggregator = SecAggAggregator(params, ids, CertificateAuthority(ca_pem, crl_pem))
     for d in ids:
         aggregator.add_advert(d, on_device(d, devices[d].advertise))
     t = time.perf_counter()
@@ -94,8 +105,11 @@ def secure_sum(
     for d in ids:
         if d not in drop:
             aggregator.add_masked(d, on_device(d, devices[d].masked_input, routed[d], levels[d]))
+    shown = aggregator.consistency_request()
+    for d in shown.survivors:
+        aggregator.add_consistency(d, on_device(d, devices[d].sign_survivors, shown))
     request = aggregator.unmask_request()
-    for d in request.survivors:
+    for d in aggregator.unmaskers:
         aggregator.add_unmask(d, on_device(d, devices[d].unmask, request))
     t = time.perf_counter()
     result = aggregator.result()
@@ -112,6 +126,16 @@ def secure_sum(
         "server_unmask_s": unmask_s,
         "server_total_s": aggregator_s + unmask_s,
     }
+
+
+def device_identities(ids: list[str]) -> tuple[dict[str, CertificateSigner], bytes, bytes]:
+    """A device CA of the benchmark's own, a certificate for every device, and the CA's files."""
+    ca = DeviceCA.create(tempfile.mkdtemp(prefix="fleetnest-bench-ca-"), "privacy-benchmark")
+    signers = {}
+    for d in ids:
+        issued = ca.issue(d, valid_days=1)
+        signers[d] = CertificateSigner(issued.key_pem, issued.cert_pem)
+    return signers, (ca.dir / "ca.pem").read_bytes(), (ca.dir / "crl.pem").read_bytes()
 
 
 def training_round_s(config: dict) -> tuple[float, float, int]:
@@ -135,8 +159,12 @@ def secagg_cases(cohorts: list[int], dropouts: list[float], length: int, train_s
     rng = np.random.default_rng(0)
     cases = []
     for cohort in cohorts:
-        dp = {"clip_norm": 4.0, "noise_multiplier": 0.0, "delta": 1e-5, "fleet_size": cohort, "cohort_size": cohort}
-        settings = PrivacySettings.from_dict({"dp": dp, "neighbours": SECAGG_NEIGHBOURS.get(cohort)})
+        # the noise a deployment would add (its sampling is part of the device's time), in a ring wide
+        # enough for the cohort's summed noise
+        dp = {"clip_norm": 4.0, "noise_multiplier": 1.0, "delta": 1e-5, "fleet_size": cohort, "cohort_size": cohort}
+        settings = PrivacySettings.from_dict(
+            {"dp": dp, "neighbours": SECAGG_NEIGHBOURS.get(cohort), "ring_bits": SECAGG_RING_BITS[cohort]}
+        )
         for dropout in dropouts:
             ids = [f"device-{i:04d}" for i in range(cohort)]
             started = time.perf_counter()

@@ -349,8 +349,10 @@ class SecAggDevice:
         return replace(signed, signature=self._signer.sign(advert_payload(signed)))
 
     def _check_adverts(self, roster: Roster) -> None:
-        """Every peer's keys as that peer signed them: the aggregator cannot stand in for anyone."""
-        for name, advert in roster.adverts.items():
+        """Every neighbour's keys (the only ones this device uses) as that neighbour signed them:
+        the aggregator cannot stand in for anyone."""
+        for name in (self.id, *roster.neighbours[self.id]):
+            advert = roster.adverts[name]
             if not isinstance(advert, KeyAdvert) or advert.header != Header(self.params.context, ADVERTISE, name):
                 raise ProtocolError("aggregator", SHARE, f"the roster's advert of {name} is not its own for this round")
             try:
