@@ -5,17 +5,28 @@ signed with that certificate's key.
 ``local/device_ca/``, written by ``fleetnest provision``). ``DeviceAuthenticator`` opens a device's
 ``signed`` envelope (certificate, payload, ECDSA P-256 signature over a domain-separated payload)
 and returns the device id the payload may be attributed to; it re-reads the CRL whenever the file
-changes, so a revocation takes effect without restarting the leaf. Replays are the payload's
-business: secure-aggregation messages are bound to (job, round, cohort, stage, sender), and the
+changes, so a revocation takes effect without restarting the leaf, and remembers the certificates
+it verified under the CRL in force (a signature check per message, not a chain check). Replays are
+the payload's business: secure-aggregation messages are bound to (job, round, cohort, stage,
+sender), poll tokens to a leaf's single-use challenge (``edge_messages.PollChallenges``), and the
 caller checks that the sender is the device id returned here.
+
+``FailureLimiter`` is the leaf's memory of request sources that keep failing these checks (see its
+docstring for why no one's failures can hold back a device that presents its own certificate).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -28,10 +39,16 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # an X.509 common 
 URN = "urn:fleetnest:device:"
 SIGNING_LABEL = b"fleetnest-device-message|"
 MAX_ENVELOPE_BYTES = 64 << 20
+KNOWN_CERTIFICATES = 100_000  # verified device certificates a leaf remembers (one per device, normally)
 
 
 class IdentityError(ValueError):
     """A device identity that cannot be issued or is not to be trusted; the message says why."""
+
+
+class CertificateRefused(IdentityError):
+    """A device certificate a leaf does not trust (foreign, expired, revoked, not a device's): no
+    signature made with its key will ever be accepted, whoever presents it."""
 
 
 def _now() -> dt.datetime:
@@ -82,6 +99,29 @@ def verify_device_certificate(cert_pem: bytes, ca_pem: bytes, crl_pem: bytes, no
     return str(names[0].value)
 
 
+@dataclass(frozen=True)
+class SignedEnvelope:
+    """A device's envelope, read but not yet verified: nothing in it is to be trusted yet."""
+
+    cert_pem: bytes
+    payload: bytes
+    signature: bytes
+
+
+def read_envelope(envelope: object) -> SignedEnvelope:
+    """The fields of a signed envelope, or ``IdentityError`` if it is not one (nothing verified)."""
+    if not isinstance(envelope, (bytes, bytearray)) or len(envelope) > MAX_ENVELOPE_BYTES:
+        raise IdentityError("expected a signed envelope of bytes")
+    try:
+        raw = json.loads(envelope)
+        if not isinstance(raw, dict) or set(raw) != {"cert", "payload", "sig"}:
+            raise ValueError("fields must be cert, payload and sig")
+        cert_pem, payload, signature = (base64.b64decode(raw[k], validate=True) for k in ("cert", "payload", "sig"))
+    except (ValueError, TypeError) as err:
+        raise IdentityError(f"malformed signed envelope: {err}") from err
+    return SignedEnvelope(cert_pem, payload, signature)
+
+
 def sign_message(payload: bytes, key_pem: bytes, cert_pem: bytes) -> bytes:
     """The device's envelope for ``payload``: its certificate, the payload and its signature."""
     key = serialization.load_pem_private_key(key_pem, password=None)
@@ -90,6 +130,14 @@ def sign_message(payload: bytes, key_pem: bytes, cert_pem: bytes) -> bytes:
     signature = key.sign(SIGNING_LABEL + payload, ec.ECDSA(hashes.SHA256()))
     fields = {"cert": cert_pem, "payload": payload, "sig": signature}
     return json.dumps({k: base64.b64encode(v).decode() for k, v in fields.items()}).encode()
+
+
+@dataclass(frozen=True)
+class _Verified:
+    device: str
+    public_key: ec.EllipticCurvePublicKey
+    valid_from: dt.datetime
+    valid_until: dt.datetime  # the certificate's end, or the CRL's next update if sooner
 
 
 class DeviceAuthenticator:
@@ -102,6 +150,9 @@ class DeviceAuthenticator:
         except OSError as err:
             raise IdentityError(f"no device CA certificate in {self.dir}: {err}") from err
         self._crl_pem, self._crl_stamp = b"", None
+        self._crl_next_update: dt.datetime | None = None
+        self._known: dict[bytes, _Verified] = {}  # sha256 of a certificate verified under the CRL in force
+        self._lock = threading.Lock()
         self._load_crl()
 
     def _load_crl(self) -> bool:
@@ -110,7 +161,14 @@ class DeviceAuthenticator:
             stat = path.stat()
             stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             if stamp != self._crl_stamp:
-                self._crl_pem, self._crl_stamp = path.read_bytes(), stamp
+                crl_pem = path.read_bytes()
+                with self._lock:
+                    self._crl_pem, self._crl_stamp = crl_pem, stamp
+                    self._known = {}  # a new CRL: every certificate is checked against it again
+                    try:
+                        self._crl_next_update = x509.load_pem_x509_crl(crl_pem).next_update_utc
+                    except ValueError:
+                        self._crl_next_update = None  # unreadable: verify_device_certificate says why
                 return True
             return False
         except OSError as err:
@@ -125,22 +183,94 @@ class DeviceAuthenticator:
 
     def open(self, envelope: bytes, now: dt.datetime | None = None) -> tuple[str, bytes]:
         """(device id, payload) of a genuine envelope, or ``IdentityError`` saying why not."""
-        if not isinstance(envelope, (bytes, bytearray)) or len(envelope) > MAX_ENVELOPE_BYTES:
-            raise IdentityError("expected a signed envelope of bytes")
+        return self.open_envelope(read_envelope(envelope), now)
+
+    def open_envelope(self, envelope: SignedEnvelope, now: dt.datetime | None = None) -> tuple[str, bytes]:
+        """``open`` for an envelope already read (``read_envelope``)."""
+        verified = self._certificate(envelope.cert_pem, now)
         try:
-            raw = json.loads(envelope)
-            if not isinstance(raw, dict) or set(raw) != {"cert", "payload", "sig"}:
-                raise ValueError("fields must be cert, payload and sig")
-            cert_pem, payload, signature = (base64.b64decode(raw[k], validate=True) for k in ("cert", "payload", "sig"))
-        except (ValueError, TypeError) as err:
-            raise IdentityError(f"malformed signed envelope: {err}") from err
-        self._load_crl()
-        device = verify_device_certificate(cert_pem, self._ca_pem, self._crl_pem, now)
-        public_key = x509.load_pem_x509_certificate(cert_pem).public_key()
-        try:
-            if not isinstance(public_key, ec.EllipticCurvePublicKey):
-                raise InvalidSignature
-            public_key.verify(signature, SIGNING_LABEL + payload, ec.ECDSA(hashes.SHA256()))
+            verified.public_key.verify(envelope.signature, SIGNING_LABEL + envelope.payload, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as err:
-            raise IdentityError(f"the signature does not match {device}'s certificate") from err
-        return device, payload
+            raise IdentityError(f"the signature does not match {verified.device}'s certificate") from err
+        return verified.device, envelope.payload
+
+    def _certificate(self, cert_pem: bytes, now: dt.datetime | None) -> _Verified:
+        self._load_crl()
+        digest = hashlib.sha256(cert_pem).digest()
+        at = now or _now()
+        hit = self._known.get(digest)
+        if hit is not None and hit.valid_from <= at <= hit.valid_until:
+            return hit
+        with self._lock:
+            ca_pem, crl_pem, crl_next = self._ca_pem, self._crl_pem, self._crl_next_update
+        try:
+            device = verify_device_certificate(cert_pem, ca_pem, crl_pem, now)
+        except IdentityError as err:
+            raise CertificateRefused(str(err)) from err
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        public_key = cert.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise CertificateRefused(f"{device}'s certificate does not hold an elliptic-curve key")
+        until = cert.not_valid_after_utc if crl_next is None else min(cert.not_valid_after_utc, crl_next)
+        verified = _Verified(device, public_key, cert.not_valid_before_utc, until)
+        with self._lock:
+            if crl_pem is self._crl_pem:  # not if the CRL changed meanwhile
+                if len(self._known) >= KNOWN_CERTIFICATES:
+                    self._known = {}
+                self._known[digest] = verified
+        return verified
+
+
+class FailureLimiter:
+    """Request sources that keep failing a leaf's checks, each ignored for a while after ``threshold``
+    failures within ``period`` seconds. At most ``capacity`` sources are tracked, the stalest
+    forgotten first: a flood of new sources only shortens penalties, never extends one.
+
+    What a source is, is the caller's choice, and the choice decides who can be locked out. The
+    routing proxy forwards no peer address (a leaf sees only the proxy) and the device id a
+    request names is anyone's to claim, so a leaf keys penalties that hold requests back by
+    (claimed id, the certificate presented) and counts only failures of that certificate itself
+    (foreign, expired, revoked) or of an unreadable envelope: the owner of the id presents its
+    own, good certificate, which no one else's failures can mark (fleet_executor).
+    """
+
+    def __init__(
+        self,
+        threshold: int = 5,
+        period: float = 60.0,
+        capacity: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold, self.period, self.capacity = threshold, period, capacity
+        self._clock = clock
+        self._sources: OrderedDict[object, list[float]] = OrderedDict()  # -> [failures, since, ignored until]
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sources.clear()
+
+    def ignored_for(self, source: object) -> float:
+        """Seconds for which ``source`` is still ignored (0: it is not)."""
+        with self._lock:
+            entry = self._sources.get(source)
+            return max(0.0, entry[2] - self._clock()) if entry else 0.0
+
+    def failed(self, source: object) -> bool:
+        """Count one failed check of ``source``; True when this one starts its penalty."""
+        now = self._clock()
+        with self._lock:
+            entry = self._sources.pop(source, None)
+            if entry is None or now - entry[1] > self.period:
+                entry = [0.0, now, entry[2] if entry else 0.0]
+            entry[0] += 1
+            starts = entry[0] >= self.threshold and entry[2] <= now
+            if starts:
+                entry[:] = [0.0, now, now + self.period]
+            self._sources[source] = entry
+            while len(self._sources) > self.capacity:
+                self._sources.popitem(last=False)
+            return starts

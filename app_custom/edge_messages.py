@@ -16,11 +16,15 @@ whose payload is JSON ``{"fleetnest": 1, "device", "stage", "session": [job_id, 
 ties the answer to a device certificate; the session triple and the stage tie it to one step of
 one session, so a replay into another session or stage is refused.
 
-A device signs every task request: a token in its cookie
-(``{"enrol": base64 envelope}``, payload ``{"fleetnest": 1, "purpose": "enrol", "device",
-"job_id", "time"}``): the leaf enrols only devices whose certificate it trusts now, with a token
-for this job no older than ``ENROL_WINDOW_S`` (a device renews it every minute), so neither a place
-in a cohort nor the global slow layers go to a device id alone.
+A device signs every task request over a challenge the leaf gave it. Each answer of the leaf's
+(task responses and result responses) carries a fresh one in its cookie, ``{"fleetnest": 1,
+"leaf", "challenge": base64, "window": seconds}``; the device's next task request carries its
+token, ``{"poll": base64 envelope}`` with payload ``{"fleetnest": 1, "purpose": "poll", "device",
+"job_id", "leaf", "challenge"}``. A request without a token gets a challenge and nothing else.
+``PollChallenges`` is the leaf's side: a challenge is its MAC over (job, leaf, device, nonce, time)
+and is good once, at that leaf, for that device, for ``POLL_WINDOW_S`` by the leaf's own clock;
+so neither a place in a cohort nor the global slow layers go to a device id alone, or to a token
+read off the wire and sent again, here or at another leaf (docs/hierarchy-trust.md).
 """
 
 from __future__ import annotations
@@ -29,13 +33,23 @@ import base64
 import json
 import math
 import numbers
-from collections.abc import Mapping
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
 
 PROTOCOL = 1
 MAX_WEIGHT_VALUES = 50_000_000
-ENROL_WINDOW_S = 120.0
+POLL_WINDOW_S = 60.0  # a challenge is good for this long after the leaf issued it
+MAX_SPENT = 500_000  # challenges a leaf remembers as used within one window (each needed a device's signature)
+_NONCE, _STAMP, _MAC = 16, 8, 32
+CHALLENGE_LABEL = b"fleetnest-poll-challenge|"
 
 
 class EdgeMessageError(ValueError):
@@ -175,31 +189,134 @@ def read_result_body(result: object) -> bytes:
     return _unb64(result["envelope"], "result.envelope")
 
 
-def enrol_payload(device: str, job_id: str, now: float) -> bytes:
-    body = {"fleetnest": PROTOCOL, "purpose": "enrol", "device": device, "job_id": job_id, "time": now}
+class ChallengeError(EdgeMessageError):
+    """A poll token whose challenge is not good here now: another leaf's, stale, forged or used."""
+
+
+def poll_payload(device: str, job_id: str, challenge: Mapping) -> bytes:
+    """What a device signs to poll with ``challenge`` (the leaf's cookie, ``read_challenge``)."""
+    body = {
+        "fleetnest": PROTOCOL,
+        "purpose": "poll",
+        "device": device,
+        "job_id": job_id,
+        "leaf": challenge["leaf"],
+        "challenge": challenge["challenge"],
+    }
     return json.dumps(body, sort_keys=True).encode()
 
 
-def check_enrol(payload: bytes, device: str, job_id: str, now: float) -> None:
-    """``EdgeMessageError`` unless ``payload`` is ``device``'s fresh enrolment token for ``job_id``."""
+def read_poll_token(payload: bytes) -> dict:
+    """The fields of a poll token's payload (not yet verified: the caller opens the envelope)."""
     try:
         token = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EdgeMessageError(f"enrolment token is not JSON: {err}") from err
-    if not isinstance(token, dict) or token.get("purpose") != "enrol" or token.get("fleetnest") != PROTOCOL:
-        raise EdgeMessageError("not an enrolment token")
-    if token.get("device") != device or token.get("job_id") != job_id:
-        raise EdgeMessageError(f"an enrolment token of {token.get('device')!r} for job {token.get('job_id')!r}")
-    stamp = token.get("time")
-    if isinstance(stamp, bool) or not isinstance(stamp, (int, float)) or abs(now - stamp) > ENROL_WINDOW_S:
-        raise EdgeMessageError(f"enrolment token time {stamp!r} is more than {ENROL_WINDOW_S:.0f} s from now")
+        raise EdgeMessageError(f"poll token is not JSON: {err}") from err
+    fields = {"fleetnest", "purpose", "device", "job_id", "leaf", "challenge"}
+    if not isinstance(token, dict) or set(token) != fields or token["purpose"] != "poll":
+        raise EdgeMessageError(f"not a poll token (fields {sorted(fields)}, purpose 'poll')")
+    if token["fleetnest"] != PROTOCOL or not all(isinstance(token[k], str) for k in fields - {"fleetnest"}):
+        raise EdgeMessageError(f"poll token: protocol {PROTOCOL} and text fields expected")
+    return token
 
 
-def enrol_cookie(envelope: bytes) -> dict:
-    return {"enrol": _b64(envelope)}
+def poll_cookie(envelope: bytes) -> dict:
+    return {"poll": _b64(envelope)}
 
 
-def read_enrol_cookie(cookie: object) -> bytes:
-    if not isinstance(cookie, dict) or "enrol" not in cookie:
-        raise EdgeMessageError("the task request carries no enrolment token")
-    return _unb64(cookie["enrol"], "cookie.enrol")
+def read_poll_cookie(cookie: object) -> bytes | None:
+    """The signed poll token a task request carries, or None when it carries none."""
+    if not isinstance(cookie, dict) or "poll" not in cookie:
+        return None
+    return _unb64(cookie["poll"], "cookie.poll")
+
+
+def read_challenge(cookie: object) -> dict | None:
+    """The leaf's challenge in an answer's cookie (``{"leaf", "challenge", "window"}``), or None."""
+    if not isinstance(cookie, dict) or cookie.get("fleetnest") != PROTOCOL:
+        return None
+    leaf, challenge, window = cookie.get("leaf"), cookie.get("challenge"), cookie.get("window")
+    if not (isinstance(leaf, str) and isinstance(challenge, str) and len(challenge) <= 128):
+        return None
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
+        return None
+    return {"leaf": leaf, "challenge": challenge, "window": float(window)}
+
+
+class PollChallenges:
+    """A leaf's single-use poll challenges for one job.
+
+    ``issue`` hands a device a challenge: a fresh nonce and the leaf's clock, with the leaf's MAC
+    (HMAC-SHA256, a key of this process) over them and (job, leaf, device), so the leaf keeps no
+    state for the challenges it hands out and a flood of requests costs it no memory. ``check``
+    (cheap, before any signature is verified) refuses a token for another leaf, job or device, a
+    challenge this leaf did not issue to that device, one older than ``window`` seconds and one
+    already used; ``spend`` (after the signature) marks it used. Used nonces are remembered for
+    ``window`` seconds, at most ``capacity`` of them: past that, polls are refused until some
+    expire (each entry took a device's valid signature, so only enrolled devices can fill it).
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        leaf: str,
+        window: float = POLL_WINDOW_S,
+        capacity: int = MAX_SPENT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job_id, self.leaf, self.window, self.capacity = job_id, leaf, float(window), capacity
+        self._clock = clock
+        self._key = os.urandom(32)
+        self._spent: OrderedDict[bytes, float] = OrderedDict()  # nonce -> when it may be forgotten
+        self._lock = threading.Lock()
+
+    def _mac(self, device: str, body: bytes) -> hmac.HMAC:
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        context = json.dumps([self.job_id, self.leaf, device]).encode()
+        mac.update(CHALLENGE_LABEL + struct.pack(">I", len(context)) + context + body)
+        return mac
+
+    def issue(self, device: str) -> dict:
+        """The cookie that gives ``device`` its next challenge."""
+        body = os.urandom(_NONCE) + struct.pack(">d", self._clock())
+        challenge = _b64(body + self._mac(device, body).finalize())
+        return {"fleetnest": PROTOCOL, "leaf": self.leaf, "challenge": challenge, "window": self.window}
+
+    def check(self, token: Mapping, device: str) -> bytes:
+        """The nonce of ``token`` (``read_poll_token``) if its challenge is good for ``device`` here
+        now; ``ChallengeError`` or ``EdgeMessageError`` saying why not."""
+        if token["leaf"] != self.leaf:
+            raise ChallengeError(f"a token for leaf {token['leaf']!r}, this is {self.leaf!r}")
+        if token["job_id"] != self.job_id:
+            raise ChallengeError(f"a token for job {token['job_id']!r}, this is {self.job_id!r}")
+        if token["device"] != device:
+            raise EdgeMessageError(f"a token of {token['device']!r}, sent as {device!r}")
+        raw = _unb64(token["challenge"], "poll token challenge")
+        if len(raw) != _NONCE + _STAMP + _MAC:
+            raise ChallengeError("a challenge of the wrong length")
+        body = raw[: _NONCE + _STAMP]
+        try:
+            self._mac(device, body).verify(raw[_NONCE + _STAMP :])  # constant-time
+        except InvalidSignature as err:
+            raise ChallengeError(f"a challenge this leaf did not issue to {device!r} (or a restarted leaf's)") from err
+        (issued,) = struct.unpack(">d", body[_NONCE:])
+        age = self._clock() - issued
+        if not 0 <= age <= self.window:
+            raise ChallengeError(f"a challenge {age:.0f} s old (good for {self.window:.0f} s)")
+        nonce = body[:_NONCE]
+        with self._lock:
+            if nonce in self._spent:
+                raise ChallengeError("a challenge already used (a replay)")
+        return nonce
+
+    def spend(self, nonce: bytes) -> None:
+        """Mark an accepted token's challenge used; ``ChallengeError`` if it already was (a race)."""
+        now = self._clock()
+        with self._lock:
+            while self._spent and next(iter(self._spent.values())) <= now:
+                self._spent.popitem(last=False)
+            if nonce in self._spent:
+                raise ChallengeError("a challenge already used (a replay)")
+            if len(self._spent) >= self.capacity:
+                raise ChallengeError(f"{self.capacity} polls within {self.window:.0f} s: try again shortly")
+            self._spent[nonce] = now + self.window

@@ -12,11 +12,14 @@ carries on where it was.
 
 ``run_device`` is the poll loop over FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``,
 ``/result`` through the routing proxy), with retries and backoff when the proxy or the leaf is
-away. The identity (``device.key``, ``device.crt``) is re-read whenever the files change, so a
-rotated certificate is used from the next answer on.
+away. The proxy is reached over HTTPS only, its certificate verified against the fleet's device
+CA (``device_ca.pem`` beside the identity, written by ``fleetnest provision device``). Every task
+request carries the device's token over the last challenge its leaf gave it, signed once
+(``PollTokens``). The identity (``device.key``, ``device.crt``) is re-read whenever the files
+change, so a rotated certificate is used from the next answer on.
 
-python -m edge_runtime.fleet_device --proxy http://127.0.0.1:4321 --device robot-3 \
-    --identity DIR --state DIR --job nested_fleet --index 2 --data-fn simulator.fleets:make_fleet ...
+python -m edge_runtime.fleet_device --proxy https://proxy.example:4321 --device robot-3 \
+    --identity DIR --state DIR --job nested_fleet --index 2 --job-config job.json
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -41,8 +45,9 @@ from app_custom.durable import append_jsonl, write_json_atomic
 from app_custom.edge_messages import (
     EdgeMessageError,
     answer_payload,
-    enrol_cookie,
-    enrol_payload,
+    poll_cookie,
+    poll_payload,
+    read_challenge,
     read_task,
     result_body,
 )
@@ -61,7 +66,8 @@ from app_custom.privacy.wire import WireError, encode_message
 log = logging.getLogger("fleetnest.device")
 STATE_FILE, LEDGER_FILE, AUDIT_FILE = "device_state.pt", "privacy_ledger.json", "outbound_audit.jsonl"
 SESSION_FILE = "secagg_session.json"
-TOKEN_RENEW_S = 60.0
+PROXY_CA_FILE = "device_ca.pem"  # beside device.key: the CA the routing proxy's certificate must verify under
+HTTP_TIMEOUT_S = 60.0
 
 
 class DeviceIdentity:
@@ -90,21 +96,66 @@ class DeviceIdentity:
         return self.key_pem, self.cert_pem
 
 
-class PollToken:
-    """The signed token every task request carries, renewed every ``TOKEN_RENEW_S`` (and when the
-    identity on disk changes), so that a leaf checks a signature once a minute, not every poll."""
+class PollTokens:
+    """The device's side of its leaf's poll challenges: it keeps the newest challenge an answer of
+    the leaf carried and signs its next task request over it, once. A challenge past half its
+    window (by this device's own clock, e.g. after a long training step) is not used: the poll goes
+    without a token and its answer brings a fresh one."""
 
-    def __init__(self, device: str, identity: DeviceIdentity) -> None:
+    def __init__(self, device: str, identity: DeviceIdentity, clock: Callable[[], float] = time.monotonic) -> None:
         self.device, self.identity = device, identity
-        self._token, self._for, self._at = b"", None, 0.0
+        self._clock = clock
+        self._challenge: dict | None = None
+        self._received = 0.0
 
-    def current(self, job_id: str) -> bytes:
+    def take(self, cookie: object) -> None:
+        """Keep the challenge in a leaf's answer (its cookie), if it carries one."""
+        challenge = read_challenge(cookie)
+        if challenge is not None:
+            self._challenge, self._received = challenge, self._clock()
+
+    def forget(self) -> None:
+        self._challenge = None
+
+    def cookie(self, job_id: str) -> dict:
+        """The cookie of the next task request: the signed token, or nothing to ask for a challenge."""
+        challenge, self._challenge = self._challenge, None  # single use
+        if challenge is None or self._clock() - self._received > challenge["window"] / 2:
+            return {}
         key_pem, cert_pem = self.identity.current()
-        now = time.time()
-        if self._for != (job_id, cert_pem) or now - self._at > TOKEN_RENEW_S:
-            self._token = sign_message(enrol_payload(self.device, job_id, now), key_pem, cert_pem)
-            self._for, self._at = (job_id, cert_pem), now
-        return self._token
+        return poll_cookie(sign_message(poll_payload(self.device, job_id, challenge), key_pem, cert_pem))
+
+
+def proxy_api(proxy: str, device_info, user_info, ca_file: Path):
+    """FLARE's device API client (``FegApi``) for ``proxy``, over HTTPS only, the proxy's certificate
+    verified against ``ca_file`` (and its host name), with a timeout on every call."""
+    from nvflare.edge.simulation.feg_api import FegApi
+    from nvflare.edge.web.models.api_error import ApiError
+
+    if urlsplit(proxy).scheme != "https":
+        raise ValueError(
+            f"the routing proxy must be reached over https, not {proxy!r}: in clear text its tokens,"
+            " the global slow layers and the masked vectors are anyone's on the way"
+        )
+    if not Path(ca_file).is_file():
+        raise ValueError(f"no CA certificate to verify the routing proxy with: {ca_file}")
+
+    class VerifiedFegApi(FegApi):
+        def __init__(self) -> None:
+            super().__init__(proxy.rstrip("/") + "/", device_info, user_info)
+            self.session = requests.Session()
+            self.session.verify = str(ca_file)
+            self.session.trust_env = False  # no proxy or CA bundle from the environment
+
+        def _do_post(self, clazz, url, params, body):
+            response = self.session.post(
+                url, params=params, json=body, headers=self.common_headers, timeout=HTTP_TIMEOUT_S
+            )
+            if response.status_code == 200:
+                return clazz(**response.json())
+            raise ApiError(response.status_code, "ERROR", f"API call failed with status {response.status_code}", None)
+
+    return VerifiedFegApi()
 
 
 class FleetDevice:
@@ -206,18 +257,20 @@ class FleetClient:
     """The device's side of FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``, ``/result``
     through the routing proxy): one poll at a time, with backoff when the proxy or the leaf is away."""
 
-    def __init__(self, device: FleetDevice, proxy: str, identity: DeviceIdentity, job: str) -> None:
-        from nvflare.edge.simulation.feg_api import FegApi
+    def __init__(
+        self, device: FleetDevice, proxy: str, identity: DeviceIdentity, job: str, proxy_ca: Path | None = None
+    ) -> None:
+        """``proxy_ca``: the CA the proxy's certificate must verify under (default: the fleet's device
+        CA beside the identity, ``device_ca.pem``)."""
         from nvflare.edge.web.models.device_info import DeviceInfo
         from nvflare.edge.web.models.user_info import UserInfo
 
         self.device, self.identity, self.job = device, identity, job
-        self.tokens = PollToken(device.id, identity)
+        self.tokens = PollTokens(device.id, identity)
         self.audit = device.state_dir / AUDIT_FILE
         self.info, self.user = DeviceInfo(device.id, app_name="fleetnest", platform="linux"), UserInfo()
-        self.api = FegApi(proxy.rstrip("/") + "/", self.info, self.user)
+        self.api = proxy_api(proxy, self.info, self.user, proxy_ca or identity.dir / PROXY_CA_FILE)
         self.job_id: str | None = None
-        self.cookie: dict | None = None
         self.backoff = 1.0
         self.last = "not polled yet"
 
@@ -237,17 +290,20 @@ class FleetClient:
                     return min(float(reply.get("retry_wait") or 2), 5)
                 self.job_id = reply["job_id"]
                 log.info("%s: joined job %s", device.id, self.job_id)
-            token = self.tokens.current(self.job_id)
-            task = self.api.get_task(
-                TaskRequest(info, user, self.job_id, dict(self.cookie or {}) | enrol_cookie(token))
-            )
+            task = self.api.get_task(TaskRequest(info, user, self.job_id, self.tokens.cookie(self.job_id)))
+            self.tokens.take(task.get("cookie"))
             status = task.get("status")
             if status in (EdgeApiStatus.NO_JOB, EdgeApiStatus.DONE):
-                self.job_id, self.cookie = None, None  # the job ended: look for the next one
+                self.job_id = None  # the job ended: look for the next one
+                self.tokens.forget()
                 return 0.0
             if status != EdgeApiStatus.OK or not task.get("task_data"):
-                return min(float(task.get("retry_wait") or 1), 5)
-            self.cookie = task.get("cookie")
+                wait = task.get("retry_wait")
+                wait = 1.0 if wait is None else float(wait)
+                if str(task.get("message") or "").startswith("not admitted"):
+                    log.warning("%s: the leaf refused its poll: %s", device.id, task.get("message"))
+                    wait = max(wait, 1.0)  # a fresh challenge came with it; never a tight loop
+                return min(wait, 5)
             stage, spec, version, weights, message = read_task(task["task_data"])
             out, skip, metrics = device.answer(stage, spec, version, weights, message)
             problems = device.leaving_problems(out, metrics)
@@ -264,9 +320,9 @@ class FleetClient:
                     stage,
                     EdgeApiStatus.OK,
                     result_body(envelope),
-                    self.cookie,
                 )
             )
+            self.tokens.take(result.get("cookie"))
             _audit(self.audit, stage, spec, out, metrics, result.get("status"))
             if result.get("status") != EdgeApiStatus.OK:
                 log.warning("%s: the leaf refused its %s answer: %s", device.id, stage, result.get("message"))
@@ -280,12 +336,12 @@ class FleetClient:
             # proxy or leaf away (or restarting): back off and try again, from the job request on
             log.warning("%s: edge API unreachable (%s); retrying in %.0f s", device.id, err, self.backoff)
             self.last = "edge API unreachable"
-            self.job_id, self.cookie = None, None
+            self.job_id = None
             wait, self.backoff = self.backoff, min(self.backoff * 2, 10.0)
             return wait
         except Exception as err:  # the ApiError of FegApi and anything unexpected: never crash the device
             log.warning("%s: %s; retrying", device.id, err)
-            self.job_id, self.cookie = None, None
+            self.job_id = None
             return 2.0
 
 
@@ -293,7 +349,8 @@ def run_device(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     job = json.loads(Path(args.job_config).read_text())
     device = FleetDevice(args.device, job["config"], job["data"], job["privacy"], args.index, Path(args.state))
-    client = FleetClient(device, args.proxy, DeviceIdentity(Path(args.identity)), args.job)
+    proxy_ca = Path(args.proxy_ca) if args.proxy_ca else None
+    client = FleetClient(device, args.proxy, DeviceIdentity(Path(args.identity)), args.job, proxy_ca)
     deadline = time.monotonic() + args.max_runtime
     while time.monotonic() < deadline:
         time.sleep(client.poll_once())
@@ -309,7 +366,8 @@ def _audit(path: Path, stage: str, spec: dict, out: bytes | None, metrics: dict,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_runtime.fleet_device", description=__doc__.split("\n")[0])
-    parser.add_argument("--proxy", required=True, help="the routing proxy's URL")
+    parser.add_argument("--proxy", required=True, help="the routing proxy's URL (https://)")
+    parser.add_argument("--proxy-ca", help=f"the CA its certificate verifies under (default: IDENTITY/{PROXY_CA_FILE})")
     parser.add_argument("--device", required=True, help="this device's id (its certificate's common name)")
     parser.add_argument("--identity", required=True, help="folder with device.key and device.crt")
     parser.add_argument("--state", required=True, help="folder for the device's own state")

@@ -7,9 +7,12 @@ fleetnest provision --fleet fleet.yaml --workspace W rotate --site eu-depot-1
 fleetnest provision --fleet fleet.yaml --workspace W rotate --due-within 7 --out DIR
 fleetnest provision --fleet fleet.yaml --workspace W revoke --device robot-17
 fleetnest provision --fleet fleet.yaml --workspace W crl        # republish the CRL (weekly, e.g. from cron)
+fleetnest provision --fleet fleet.yaml --workspace W proxy      # a new TLS certificate for the routing proxy
 
 Leaves refuse a CRL past its next update (7 days): republish at least weekly and copy every leaf's
-``local/device_ca/crl.pem`` to it, or every device of the fleet is refused.
+``local/device_ca/crl.pem`` to it, or every device of the fleet is refused. The routing proxy's
+certificate (``scripts/proxy.crt``, valid 90 days, names from ``proxy.host_names``) is issued
+under the device CA, which devices verify it with: renew it with ``proxy`` and restart the proxy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .project import (
     Provisioned,
     ProvisionError,
     distribute_device_ca,
+    issue_proxy_certificate,
     provision,
     rotate_site,
     site_certificate,
@@ -72,7 +76,12 @@ def _run(args: argparse.Namespace) -> int:
             spec = load_fleet_spec(args.fleet)
             done = provision(spec, args.workspace)
             print(f"startup kits in {done.kits}; provisioning state (root CA, device CA: keep offline) in {done.state}")
-            print(f"routing proxy: {done.kits / 'scripts' / 'lcp_map.json'}; {len(spec.leaves)} leaves")
+            scripts = done.kits / "scripts"
+            print(
+                f"routing proxy ({len(spec.leaves)} leaves; TLS for {', '.join(spec.proxy_hosts)}):"
+                f" python -m nvflare.edge.web.routing_proxy PORT {scripts / 'lcp_map.json'} {scripts / 'rootCA.pem'}"
+                f" --ssl-cert {scripts / 'proxy.crt'} --ssl-key {scripts / 'proxy.key'}"
+            )
             return 0
         if action == "device":
             return _issue(args, args.id, revoke_previous=False)
@@ -103,6 +112,11 @@ def _run(args: argparse.Namespace) -> int:
             path = DeviceCA(provisioned.device_ca).publish_crl()
             distribute_device_ca(spec, provisioned)
             print(f"republished {path} (valid 7 days) into every leaf's local/device_ca/: copy it to running leaves")
+            return 0
+        if action == "proxy":
+            spec, provisioned = _existing(args)
+            path = issue_proxy_certificate(spec, provisioned)
+            print(f"a new routing-proxy certificate for {', '.join(spec.proxy_hosts)} in {path}: restart the proxy")
             return 0
         if action == "revoke":
             spec, provisioned = _existing(args)
@@ -144,3 +158,4 @@ def add_provision_parser(verbs) -> None:
     target.add_argument("--device", help="every certificate of this device")
     target.add_argument("--serial", type=int, help="one certificate")
     sub.add_parser("crl", help="republish the device CA's revocation list (leaves refuse one older than 7 days)")
+    sub.add_parser("proxy", help="a new TLS certificate for the routing proxy under the device CA")

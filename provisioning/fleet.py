@@ -5,6 +5,7 @@ project: fleetnest
 server: {host: localhost, fed_learn_port: 8002}   # admin_port: only if it must differ
 admins: [{name: admin@fleetnest.dev, org: fleetnest, role: project_admin}]
 devices: {valid_days: 30}             # device certificates under the fleet's device CA
+proxy: {host_names: [proxy.fleet.example, 203.0.113.7]}   # the routing proxy's TLS names (default: server host)
 regions:
   - name: eu
     relay: {host: localhost, port: 9001}
@@ -15,8 +16,9 @@ regions:
 
 Each region becomes a FLARE relay (``<region>-relay``), a cluster-tier client (``<region>``, the
 regional aggregator, reaching the server through the relay) and its leaf clients (``parent:`` the
-regional client, each serving devices on ``edge_port``). ``load_fleet_spec`` refuses anything
-else with the path of the first wrong field.
+regional client, each serving devices on ``edge_port``). The routing proxy gets a TLS certificate
+for ``proxy.host_names`` under the device CA. ``load_fleet_spec`` refuses anything else with the
+path of the first wrong field.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class FleetSpec:
     regions: tuple[Region, ...]
     device_valid_days: int = 30
     org: str = "fleetnest"
+    proxy_hosts: tuple[str, ...] = ()  # the routing proxy's DNS names and IP addresses (its TLS certificate's)
 
     @property
     def leaves(self) -> tuple[Leaf, ...]:
@@ -121,7 +124,7 @@ def fleet_spec_from_dict(raw: object) -> FleetSpec:
     top = _mapping(
         raw,
         "fleet",
-        {"project", "org", "server", "admins", "devices", "regions"},
+        {"project", "org", "server", "admins", "devices", "proxy", "regions"},
         {"project", "server", "admins", "regions"},
     )
     project = _text(top["project"], "fleet.project", SITE_NAME, "project name")
@@ -150,6 +153,14 @@ def fleet_spec_from_dict(raw: object) -> FleetSpec:
         raise FleetSpecError("fleet.admins: at least one project_admin is needed to submit jobs")
     devices = _mapping(top.get("devices", {}), "fleet.devices", {"valid_days"}, set())
     valid_days = _int(devices.get("valid_days", 30), "fleet.devices.valid_days", 1, 3650)
+    proxy = _mapping(top.get("proxy", {}), "fleet.proxy", {"host_names"}, set())
+    default_hosts = [host] + (["127.0.0.1"] if host == "localhost" else [])
+    proxy_hosts = proxy.get("host_names", default_hosts)
+    if not isinstance(proxy_hosts, list) or not proxy_hosts:
+        raise FleetSpecError("fleet.proxy.host_names: expected a non-empty list of host names or IP addresses")
+    proxy_hosts = tuple(
+        _text(name, f"fleet.proxy.host_names[{i}]", HOST_NAME, "host name") for i, name in enumerate(proxy_hosts)
+    )
     if not isinstance(top["regions"], list) or not top["regions"]:
         raise FleetSpecError("fleet.regions: expected a non-empty list")
     regions = []
@@ -174,7 +185,7 @@ def fleet_spec_from_dict(raw: object) -> FleetSpec:
                 )
             )
         regions.append(Region(name, relay_host, _port(relay["port"], f"{where}.relay.port"), tuple(leaves)))
-    spec = FleetSpec(project, host, fl_port, admin_port, tuple(admins), tuple(regions), valid_days, org)
+    spec = FleetSpec(project, host, fl_port, admin_port, tuple(admins), tuple(regions), valid_days, org, proxy_hosts)
     _check_unique(spec)
     return spec
 

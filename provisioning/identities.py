@@ -8,6 +8,11 @@ own network. The CA lives in ``<state>/device_ca/`` (key owner-only); every issu
 is recorded in ``issued.json``, every revocation in ``revoked.json`` and in ``crl.pem``, an X.509
 CRL signed by the CA that leaves load (``app_custom.device_identity``).
 
+The same CA issues the routing proxy's TLS certificate (``issue_server``): devices already hold
+the device CA, and the proxy, the fleet's most exposed host, then holds nothing FLARE's own mTLS
+network would accept (its certificate is for server authentication only, so no leaf takes it for
+a device either). It is recorded in ``servers.json``.
+
 A device normally keeps its key and sends a CSR (``issue(csr_pem=...)``); factory provisioning may
 let the CA generate the key. Rotation is a new certificate for the same device id: the old one
 stays valid until it expires unless it is revoked (``revoke_previous``), so a running device can
@@ -17,6 +22,7 @@ switch without missing a round.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ __all__ = ["DeviceCA", "IdentityError", "IssuedIdentity", "verify_device_certifi
 
 CA_VALID_DAYS = 3650
 CRL_VALID_DAYS = 7  # leaves refuse a CRL past its next update: republish at least weekly
+SERVER_VALID_DAYS = 90  # the routing proxy's certificate: renewed with `fleetnest provision proxy`
 
 
 def _now() -> dt.datetime:
@@ -169,6 +176,46 @@ class DeviceCA:
         return IssuedIdentity(
             device_id, cert.serial_number, not_after, cert.public_bytes(serialization.Encoding.PEM), key_pem
         )
+
+    def issue_server(
+        self, name: str, host_names: list[str] | tuple[str, ...], valid_days: int = SERVER_VALID_DAYS, now=None
+    ) -> IssuedIdentity:
+        """A TLS server certificate and a new key for ``host_names`` (DNS names or IP addresses),
+        for server authentication only: never a device's (no client authentication)."""
+        if not host_names:
+            raise IdentityError("a server certificate needs at least one host name")
+        now = now or _now()
+        names = []
+        for host in host_names:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        key = ec.generate_private_key(ec.SECP256R1())
+        not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        record = {"name": name, "hosts": list(host_names), "serial": str(cert.serial_number)}
+        record["not_after"] = not_after.isoformat()
+        write_json_atomic(self.dir / "servers.json", self._load("servers.json") + [record])
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        return IssuedIdentity(name, cert.serial_number, not_after, cert_pem, key_pem)
 
     def revoke(self, target: str | int, now: dt.datetime | None = None, reason: str = "revoked") -> list[int]:
         """Revoke one certificate (a serial) or every certificate of a device (its id); republish the CRL."""

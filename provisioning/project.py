@@ -8,7 +8,12 @@ What this adds:
 - the hierarchy from a fleet description (a relay, a regional aggregator client and its leaf
   clients per region), every relay's ``scheme`` and ``connection_security`` written out (FLARE
   falls back to clear TCP for a relay without them, whatever the project says);
-- ``scripts/lcp_map.json`` and ``rootCA.pem`` for the routing proxy;
+- ``scripts/lcp_map.json`` and ``rootCA.pem`` for the routing proxy (it checks each leaf's edge API
+  service against that root), and its own TLS certificate for devices, ``scripts/proxy.crt`` and
+  ``proxy.key`` (owner-only), under the device CA (``issue_proxy_certificate``);
+- a leaf's internal listener (FLARE's link between the leaf and its job processes, clear TCP by
+  FLARE's design) kept on the loopback interface: a leaf's ``listening_host`` exists only for the
+  certificate of its edge API service, which names the leaf's host;
 - the fleet's device CA (``identities``) and, in every leaf's ``local/``, its certificate and CRL;
 - ``rotate_site``: a new certificate for one site under the same root, without touching anyone
   else's (FLARE has no rotation command: the site's entry leaves the provisioning state and the
@@ -36,6 +41,8 @@ from .identities import DeviceCA
 RELAY_SCHEME = "grpc"
 CONNECTION_SECURITY = "mtls"
 DEVICE_CA_FILES = ("ca.pem", "crl.pem")
+PROXY_NAME = "routing-proxy"
+LOOPBACK = "localhost"
 
 
 class ProvisionError(RuntimeError):
@@ -74,6 +81,12 @@ def project_config(spec: FleetSpec) -> dict:
             {"name": region.name, "type": "client", "org": spec.org, "connect_to": {"name": region.relay}}
         )
         for leaf in region.leaves:
+            # the certificate of its edge API service names the leaf's host; FLARE also opens the
+            # leaf's internal listener (clear TCP, for its own job processes) on default_host, so
+            # that one stays on the loopback interface
+            listening = {"default_host": LOOPBACK}
+            if leaf.host != LOOPBACK:
+                listening["host_names"] = [leaf.host]
             participants.append(
                 {
                     "name": leaf.name,
@@ -81,7 +94,7 @@ def project_config(spec: FleetSpec) -> dict:
                     "org": spec.org,
                     "parent": region.name,
                     "connect_to": {"name": region.relay},
-                    "listening_host": leaf.host,  # the certificate of its edge API service
+                    "listening_host": listening,
                     "edge_service_port": leaf.edge_port,
                 }
             )
@@ -198,6 +211,20 @@ def _write_proxy_files(spec: FleetSpec, provisioned: Provisioned) -> None:
     lcp_map = {leaf.name: {"host": leaf.host, "port": leaf.edge_port} for leaf in spec.leaves}
     write_json_atomic(scripts / "lcp_map.json", lcp_map)
     shutil.copyfile(provisioned.kit("server") / "startup" / "rootCA.pem", scripts / "rootCA.pem")
+    issue_proxy_certificate(spec, provisioned)
+
+
+def issue_proxy_certificate(spec: FleetSpec, provisioned: Provisioned) -> Path:
+    """A new TLS certificate and key for the routing proxy (``spec.proxy_hosts``) under the device CA,
+    in the newest kits' ``scripts/`` (``proxy.crt``, ``proxy.key`` owner-only, and ``proxy_ca.pem``,
+    the CA devices verify it with): start the proxy with ``--ssl-cert`` and ``--ssl-key``."""
+    scripts = provisioned.kits / "scripts"
+    scripts.mkdir(exist_ok=True)
+    issued = DeviceCA(provisioned.device_ca).issue_server(PROXY_NAME, spec.proxy_hosts)
+    write_bytes_atomic(scripts / "proxy.key", issued.key_pem, 0o600)  # key first: never a new cert with an old key
+    write_bytes_atomic(scripts / "proxy.crt", issued.cert_pem, 0o644)
+    write_bytes_atomic(scripts / "proxy_ca.pem", (provisioned.device_ca / "ca.pem").read_bytes(), 0o644)
+    return scripts / "proxy.crt"
 
 
 def site_certificate(provisioned: Provisioned, site: str) -> x509.Certificate:

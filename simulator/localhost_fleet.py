@@ -1,7 +1,8 @@
 """A provisioned fleet on localhost, as separate processes: the FLARE server, a relay, a
-cluster-tier client, leaves, FLARE's routing proxy and device processes. Every process runs in
-its own session (process group), so stopping one stops its job processes too, and ``stop_all``
-leaves nothing behind."""
+cluster-tier client, leaves, FLARE's routing proxy (HTTPS, with the certificate ``fleetnest
+provision`` issued it under the device CA) and device processes (which verify it). Every process
+runs in its own session (process group), so stopping one stops its job processes too, and
+``stop_all`` leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -157,13 +158,21 @@ class LocalFleet:
             self.start_site(leaf, "client")
 
     def start_proxy(self) -> None:
+        """FLARE's routing proxy: HTTPS for devices, TLS (checked against the project's root CA) to the leaves."""
         scripts = self.provisioned.kits / "scripts"
         command = [sys.executable, "-m", "nvflare.edge.web.routing_proxy", str(self.ports["proxy"])]
-        self._spawn("proxy", command + [str(scripts / "lcp_map.json"), str(scripts / "rootCA.pem")], self.base)
+        command += [str(scripts / "lcp_map.json"), str(scripts / "rootCA.pem")]
+        command += ["--ssl-cert", str(scripts / "proxy.crt"), "--ssl-key", str(scripts / "proxy.key")]
+        self._spawn("proxy", command, self.base)
 
     @property
     def proxy_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['proxy']}"
+        return f"https://127.0.0.1:{self.ports['proxy']}"
+
+    @property
+    def proxy_ca(self) -> Path:
+        """What devices verify the proxy with: the device CA (every identity holds it as device_ca.pem)."""
+        return self.provisioned.kits / "scripts" / "proxy_ca.pem"
 
     def start_device(self, device: str, index: int, job_config: Path, identity: Path) -> None:
         command = [

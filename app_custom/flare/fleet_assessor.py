@@ -1,7 +1,10 @@
 """The cluster of the hierarchy: FLARE's ``ScatterAndGatherForEdge`` with this ``Assessor``.
 
 It hands out the current global slow-layer version, takes leaf sums from its children (checked
-on arrival: fields, then shape, count, weight, base version and norm by the ``LeafSumCombiner``),
+on arrival: fields, the leaf's own signature, made with the key of its FLARE startup kit, under
+the project's root CA and for a leaf at or below the reporting child, so a cluster-tier client
+can neither alter nor invent a sum; then shape, count, weight, base version and norm by the
+``LeafSumCombiner``),
 buffers them (one per leaf), and when the buffer holds ``buffer_size`` leaves, or its oldest sum
 has waited ``buffer_timeout`` seconds, combines them (staleness-weighted, an outlying leaf
 refused) and makes a candidate version through ``GlobalVersions``: the same gate and archive as
@@ -39,10 +42,18 @@ from app_custom.cluster.gate import ValidationGate
 from app_custom.cluster.leaf_sums import LeafPolicy, LeafSum, LeafSumCombiner
 from app_custom.cluster.versions import GlobalVersions
 from app_custom.durable import write_json_atomic
-from app_custom.flare.fleet_messages import ACKNOWLEDGED, MODES, leaves_under, read_report, version_message
+from app_custom.flare.fleet_messages import (
+    ACKNOWLEDGED,
+    MODES,
+    LeafSumVerifier,
+    leaves_under,
+    read_report,
+    version_message,
+)
 from app_custom.flare.learner_executor import check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
+from app_custom.nested.slow_delta import UpdateError
 from app_custom.privacy.private_update import PrivacySettings
 
 LOG_FILE = "fleet_versions.json"
@@ -70,6 +81,7 @@ class NestedFleetAssessor(Assessor):
         max_cohort: int = 1024,
         versions_per_task: int = 5,
         archive_dir: str = "fleetnest_archive",
+        project_ca: str = "startup/rootCA.pem",
     ) -> None:
         """Args:
         config, data: the nested configuration and the data spec (the cluster uses its validation set).
@@ -85,6 +97,8 @@ class NestedFleetAssessor(Assessor):
         versions_per_task: in async mode the FLARE task is renewed after this many candidates, so
             that a leaf whose reporting loop ended (a timeout, a restart) gets the next task.
         archive_dir: relative to the server's workspace (then one folder per job name) or absolute.
+        project_ca: the project's root CA certificate, which issued every leaf's site key: relative
+            to the server's workspace (its startup kit's own by default) or absolute.
         """
         super().__init__()
         if mode not in MODES:
@@ -111,6 +125,8 @@ class NestedFleetAssessor(Assessor):
         self.server_lr, self.server_momentum = server_lr, server_momentum
         self.max_acc_drop, self.max_loss_rise = max_acc_drop, max_loss_rise
         self.archive_dir = archive_dir
+        self.project_ca = project_ca
+        self.verifier: LeafSumVerifier | None = None
         self.versions: GlobalVersions | None = None
         self.combiner: LeafSumCombiner | None = None
         self._lock = threading.Lock()  # the buffer and what is published; never held while scoring
@@ -132,6 +148,8 @@ class NestedFleetAssessor(Assessor):
 
     # ---- SAGE's assessor API -------------------------------------------------------------------
     def start_task(self, fl_ctx: FLContext) -> Shareable:
+        if self.verifier is None:
+            self.verifier = self._open_verifier(fl_ctx)
         if self.versions is None:
             self._open(fl_ctx)
         with self._lock:
@@ -149,11 +167,17 @@ class NestedFleetAssessor(Assessor):
         allowed = leaves_under(fl_ctx, child)
         refusals = [f"from {child}: {problem}" for problem in problems]
         acknowledged = []
+        job_id = fl_ctx.get_job_id()
         with self._lock:
-            for session, item in entries:
+            for session, item, signature in entries:
                 acknowledged.append([item.leaf, session])
                 if allowed is not None and item.leaf not in allowed:
                     refusals.append(f"from {child}: leaf {item.leaf} is not one of its leaves")
+                    continue
+                try:  # before the (leaf, session) counts as seen: a forged one cannot pre-empt the genuine sum
+                    self.verifier.verify(job_id, session, item, signature)
+                except UpdateError as err:
+                    refusals.append(f"from {child}: leaf {item.leaf}, session {session}: {err}")
                     continue
                 key = (item.leaf, session)
                 if key in self._seen:
@@ -201,6 +225,21 @@ class NestedFleetAssessor(Assessor):
                 self._buffer, self._backlog, self._first_at = {}, [], None
 
     # ---- versions ------------------------------------------------------------------------------
+    def _open_verifier(self, fl_ctx: FLContext) -> LeafSumVerifier:
+        path = Path(self.project_ca)
+        if not path.is_absolute():
+            workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+            if workspace is None:
+                raise ValueError(f"project_ca {self.project_ca!r} is relative, and there is no server workspace")
+            path = Path(workspace.get_root_dir()) / path
+        try:
+            verifier = LeafSumVerifier(path.read_bytes())
+        except (OSError, ValueError) as err:
+            self.log_error(fl_ctx, f"cannot check the leaves' signatures: {err}")
+            raise ValueError(f"cannot check the leaves' signatures with {path}: {err}") from err
+        self.log_info(fl_ctx, f"leaf sums must be signed by their leaf under {path}")
+        return verifier
+
     def _open(self, fl_ctx: FLContext) -> None:
         fleet = load_fleet(self.data["fn"], self.data.get("kwargs", {}))
         root = Path(self.archive_dir)

@@ -3,13 +3,22 @@ forwards its leaves' sums. One executor serves both (FLARE's ``EdgeTaskExecutor`
 ``HierarchicalUpdateGatherer``), with ``CohortUpdater`` as its updater.
 
 At a leaf, devices poll through FLARE's edge API (routing proxy -> this leaf's ``ApiService`` ->
-``EdgeTaskReceiver`` -> here). Each poll gets the device's next step in the leaf's current
-``LeafCohort`` session; each answer must be a signed envelope from a certificate of the fleet's
-device CA (``local/device_ca`` in the leaf's workspace, CRL re-read on change) naming the device
-the proxy says sent it, for the session and stage in progress. Anything else is refused with a
-log line naming the device and the reason, and the session goes on. A finished session's
-decoded sum goes up with the next update report; it is resent until the parent acknowledges it
-(the cluster drops a (leaf, session) it has seen), so a lost report loses nothing.
+``EdgeTaskReceiver`` -> here). Each poll must carry the device's token over a single-use
+challenge this leaf gave it (``edge_messages.PollChallenges``; every answer carries the next) and
+gets the device's next step in the leaf's current ``LeafCohort`` session; each answer must be a
+signed envelope from a certificate of the fleet's device CA (``local/device_ca`` in the leaf's
+workspace, CRL re-read on change) naming the device the proxy says sent it, for the session and
+stage in progress. Anything else is refused with a log line naming the device and the reason,
+and the session goes on. A request that fails its check never affects the device id it merely
+claims; only a device that signed a lie (an answer naming another device) is dropped from its
+session. A source that keeps failing is ignored for a while, a source being a claimed id with
+the certificate it presents (``device_identity.FailureLimiter``), so no one's failures hold back
+the id's owner; a claimed id's refusals past a few per minute are counted, not logged.
+
+A finished session's decoded sum, signed with the leaf's FLARE site key (``startup/client.key``:
+``fleet_messages.SiteSigner``), goes up with the next update report; it is resent until the
+parent acknowledges it (the cluster drops a (leaf, session) it has seen), so a lost report loses
+nothing. A cluster-tier client forwards its children's sums with their signatures, unchanged.
 
 ``mode``: ``sync`` runs one session per FLARE task (round); ``async`` starts the next session as
 soon as one ends, from the newest global version the parent has sent (buffered asynchronous
@@ -25,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +52,22 @@ from nvflare.edge.web.models.task_request import TaskRequest
 from nvflare.edge.web.models.task_response import TaskResponse
 
 from app_custom.cluster.leaf_cohort import TRAIN, CohortRefusal, LeafCohort
-from app_custom.device_identity import DeviceAuthenticator, IdentityError
+from app_custom.device_identity import (
+    CertificateRefused,
+    DeviceAuthenticator,
+    FailureLimiter,
+    IdentityError,
+    SignedEnvelope,
+    read_envelope,
+)
 from app_custom.durable import append_jsonl
 from app_custom.edge_messages import (
+    ChallengeError,
     EdgeMessageError,
-    check_enrol,
+    PollChallenges,
     read_answer,
-    read_enrol_cookie,
+    read_poll_cookie,
+    read_poll_token,
     read_result_body,
     session_of,
     task_data,
@@ -58,6 +75,7 @@ from app_custom.edge_messages import (
 from app_custom.flare.fleet_messages import (
     ACKNOWLEDGED,
     MODES,
+    SiteSigner,
     acknowledged,
     leaf_sum_entry,
     leaves_under,
@@ -72,9 +90,8 @@ from app_custom.privacy.private_update import PrivacySettings
 
 AUDIT_FILE = "leaf_audit.jsonl"
 MAX_PENDING = 10_000  # sums waiting for the parent (a cluster-tier client forwards many leaves')
-TOKEN_CACHE = 100_000  # verified device tokens remembered
-TOKEN_TTL_S = 60.0  # how long a verified token is trusted without a new check
 DEVICE_CA_DIR = "local/device_ca"
+REFUSED_RETRY_S = 30  # how long a device whose request failed its check is asked to wait
 
 
 class CohortUpdater(Updater):
@@ -86,6 +103,7 @@ class CohortUpdater(Updater):
         super().__init__()
         self.settings, self.mode, self.cohort_args, self.is_leaf = settings, mode, cohort, leaf
         self.job_id, self.site = "", ""
+        self.signer: SiteSigner | None = None  # a leaf's site key: it signs its sums for the cluster
         self.version: int | None = None
         self.weights: dict[str, np.ndarray] | None = None
         self.session: LeafCohort | None = None
@@ -138,14 +156,14 @@ class CohortUpdater(Updater):
         for problem in problems:
             self.log_warning(fl_ctx, f"refused a sum from {child}: {problem}")
         with self._lock:
-            for session, item in entries:
+            for session, item, signature in entries:
                 taken.append([item.leaf, session])
                 if allowed is not None and item.leaf not in allowed:
                     self.log_warning(fl_ctx, f"refused a sum from {child}: leaf {item.leaf} is not one of its leaves")
                 elif len(self._pending) >= MAX_PENDING:
                     self.log_warning(fl_ctx, f"dropped a sum of {item.leaf}: {MAX_PENDING} sums wait for the parent")
-                else:
-                    self._pending[(item.leaf, session)] = leaf_sum_entry(session, item)
+                else:  # forwarded as signed: the cluster checks the leaf's signature, not this client's word
+                    self._pending[(item.leaf, session)] = leaf_sum_entry(session, item, signature)
             newer = self.weights if self.version is not None and (known is None or known < self.version) else None
             reply = version_message(self.version or 0, newer)
         reply[ACKNOWLEDGED] = taken
@@ -170,7 +188,8 @@ class CohortUpdater(Updater):
             return task_data(task.stage, task.spec, session.base_version, weights, task.message)
 
     def drop(self, device: str) -> None:
-        """``device`` takes no further part in the current session (it could not be trusted)."""
+        """``device`` takes no further part in the current session: only ever an authenticated
+        device that misbehaved, never an id a request merely claimed."""
         with self._lock:
             if self.session is not None:
                 self.session.drop(device)
@@ -222,7 +241,8 @@ class CohortUpdater(Updater):
             self.log_warning(fl_ctx, f"session {session.session} released nothing: {session.failure}")
             return
         item = session.outcome
-        self._pending[(item.leaf, session.session)] = leaf_sum_entry(session.session, item)
+        signature = self.signer.sign(self.job_id, session.session, item) if self.signer is not None else None
+        self._pending[(item.leaf, session.session)] = leaf_sum_entry(session.session, item, signature)
         self.log_info(
             fl_ctx,
             f"session {session.session}: secure sum of {item.count} devices from version {item.base_version} ready"
@@ -285,8 +305,11 @@ class NestedFleetExecutor(EdgeTaskExecutor):
         self._authenticator: DeviceAuthenticator | None = None
         self._audit_path: Path | None = None
         self._updater_obj: CohortUpdater | None = None
-        self._tokens: dict[bytes, tuple[str, float]] = {}  # verified token digest -> (device, until)
-        self._tokens_crl: tuple | None = None  # the CRL those tokens were checked under
+        self._challenges: PollChallenges | None = None
+        self._challenges_lock = threading.Lock()
+        self.failures = FailureLimiter()  # (claimed id, certificate digest): ignored for a while
+        self.noisy = FailureLimiter()  # claimed id: refusals no longer logged one by one for a while
+        self._failures_crl: tuple | None = None  # the CRL the failures were counted under
 
     def get_updater(self, fl_ctx: FLContext):
         leaf = bool(fl_ctx.get_prop(ReservedKey.IS_LEAF))
@@ -305,6 +328,12 @@ class NestedFleetExecutor(EdgeTaskExecutor):
             except IdentityError as err:
                 self.system_panic(f"this leaf cannot authenticate devices: {err}", fl_ctx)
                 return None
+            startup = Path(workspace.get_startup_kit_dir()) if workspace else root / "startup"
+            try:
+                self._updater_obj.signer = SiteSigner.from_startup(startup)
+            except ValueError as err:
+                self.system_panic(f"this leaf cannot sign its sums for the cluster: {err}", fl_ctx)
+                return None
             self._audit_path = root / AUDIT_FILE
         return self._updater_obj
 
@@ -313,18 +342,33 @@ class NestedFleetExecutor(EdgeTaskExecutor):
         job_id = fl_ctx.get_job_id()
         device = request.get_device_id()
         try:
-            self._authenticate_poll(device, request.cookie, job_id)
-        except (IdentityError, EdgeMessageError, CohortRefusal) as err:
-            self.log_warning(fl_ctx, f"refused a task request from device {device!r}: {err}")
-            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=30, message=f"not admitted: {err}"[:300])
+            challenges = self._poll_challenges(fl_ctx)
+        except CohortRefusal as err:
+            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=REFUSED_RETRY_S, message=str(err))
+        credential = None  # the digest of the certificate the request presents, once it is read
+        try:
+            raw = read_poll_cookie(request.cookie)
+            if raw is None:  # first contact, or a challenge the device let expire: its token comes next
+                return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=0, cookie=challenges.issue(device))
+            envelope = read_envelope(raw)
+            credential = hashlib.sha256(envelope.cert_pem).digest()
+            self._authenticate_poll(device, envelope, credential, challenges)
+        except (IdentityError, EdgeMessageError) as err:
+            self._refused(fl_ctx, "a task request", device, err, credential)
+            wait = 0 if isinstance(err, ChallengeError) else REFUSED_RETRY_S
+            message = f"not admitted: {err}"[:300]
+            cookie = challenges.issue(device)
+            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=wait, message=message, cookie=cookie)
+        cookie = challenges.issue(device)  # for the device's next poll
         try:
             data = self._updater_obj.next_task(device, fl_ctx)
         except Exception as err:  # a poll must never take the leaf down
             self.log_exception(fl_ctx, f"device {device}: cannot make its task: {err}")
             data = None
         if data is None:
-            return TaskResponse(EdgeApiStatus.RETRY, job_id, retry_wait=1, message="no step for this device now")
-        cookie = {"session": data["spec"].get("round"), "stage": data["stage"]}
+            return TaskResponse(
+                EdgeApiStatus.RETRY, job_id, retry_wait=1, message="no step for this device now", cookie=cookie
+            )
         return TaskResponse(
             EdgeApiStatus.OK,
             job_id,
@@ -337,54 +381,95 @@ class NestedFleetExecutor(EdgeTaskExecutor):
 
     def process_edge_result_report(self, request: ResultReport, current_task: TaskInfo, fl_ctx: FLContext):
         claimed = request.get_device_id()
+        device = credential = None  # the device is known once its envelope is verified, not before
         try:
             if self._authenticator is None:
                 raise CohortRefusal("this site is not a leaf")
-            device, payload = self._authenticator.open(read_result_body(request.result))
-            if device != claimed:
-                raise IdentityError(f"signed by {device}, sent as {claimed}")
+            envelope = read_envelope(read_result_body(request.result))
+            credential = hashlib.sha256(envelope.cert_pem).digest()
+            self._admit(claimed, credential)
+            device, payload = self._authenticator.open_envelope(envelope)
             answer = read_answer(payload)
             if answer["device"] != device:
-                raise EdgeMessageError(f"the payload names {answer['device']}, the certificate {device}")
+                # an honest device never signs an answer in another's name: this one lied, so it goes
+                self._updater_obj.drop(device)
+                raise EdgeMessageError(f"signed by {device}, the payload names {answer['device']}: {device} is dropped")
+            if device != claimed:  # perhaps its genuine answer replayed under another id: refused, no one dropped
+                raise IdentityError(f"signed by {device}, sent as {claimed}")
             self._updater_obj.take_answer(device, answer, fl_ctx)
-        except IdentityError as err:
-            self.log_warning(fl_ctx, f"refused a result from device {claimed!r}: {err}")
-            self._updater_obj.drop(claimed)  # no further step of this session for it
-            return ResultResponse(EdgeApiStatus.INVALID_REQUEST, message=str(err)[:300])
-        except (EdgeMessageError, CohortRefusal) as err:
-            self.log_warning(fl_ctx, f"refused a result from device {claimed!r}: {err}")
+        except (IdentityError, EdgeMessageError, CohortRefusal) as err:
+            self._refused(fl_ctx, "a result", claimed, err, credential)
             return ResultResponse(EdgeApiStatus.INVALID_REQUEST, message=str(err)[:300])
         except Exception as err:  # garbage must never take the leaf down
             self.log_exception(fl_ctx, f"refused a result from device {claimed!r}: unexpected {err!r}")
             return ResultResponse(EdgeApiStatus.ERROR, message="internal error")
         self._audit(device, answer)
-        return ResultResponse(EdgeApiStatus.OK, task_id=current_task.id, task_name=answer["stage"])
+        # the device may poll with this challenge at once: its step may have outlasted the last one
+        cookie = self._poll_challenges(fl_ctx).issue(device)
+        return ResultResponse(EdgeApiStatus.OK, task_id=current_task.id, task_name=answer["stage"], cookie=cookie)
 
     def process_edge_selection_request(self, request: SelectionRequest, current_task: TaskInfo, fl_ctx: FLContext):
         return SelectionResponse(EdgeApiStatus.OK, job_id=fl_ctx.get_job_id())
 
-    def _authenticate_poll(self, device: str, cookie: object, job_id: str) -> None:
-        """Every poll carries the device's signed token (it gets the global weights and a cohort
-        place): verified once, then remembered for ``TOKEN_TTL_S``, forgotten when the CRL changes."""
+    def _poll_challenges(self, fl_ctx: FLContext) -> PollChallenges:
         if self._authenticator is None:
             raise CohortRefusal("this site is not a leaf")
-        envelope = read_enrol_cookie(cookie)
-        now = time.time()
-        stamp = self._authenticator.crl_stamp
-        if stamp != self._tokens_crl:
-            self._tokens.clear()  # a new CRL: every device is checked against it again
-            self._tokens_crl = stamp
-        digest = hashlib.sha256(envelope).digest()
-        known = self._tokens.get(digest)
-        if known is not None and known[0] == device and known[1] > now:
-            return
-        signer, payload = self._authenticator.open(envelope)
+        job_id, site = fl_ctx.get_job_id(), fl_ctx.get_identity_name()
+        with self._challenges_lock:
+            if self._challenges is None or (self._challenges.job_id, self._challenges.leaf) != (job_id, site):
+                self._challenges = PollChallenges(job_id, site)
+            return self._challenges
+
+    def _authenticate_poll(
+        self, device: str, envelope: SignedEnvelope, credential: bytes, challenges: PollChallenges
+    ) -> None:
+        """``IdentityError`` or ``EdgeMessageError`` unless ``envelope`` is ``device``'s token over a
+        good challenge. The cheap checks come first (which leaf, which job, the challenge's MAC, age
+        and use), the certificate and the signature last; the challenge is spent only then, so that
+        no one can use up a device's challenge without its key."""
+        token = read_poll_token(envelope.payload)
+        nonce = challenges.check(token, device)
+        self._admit(device, credential)
+        signer, _ = self._authenticator.open_envelope(envelope)
         if signer != device:
             raise IdentityError(f"signed by {signer}, sent as {device}")
-        check_enrol(payload, device, job_id, now)
-        if len(self._tokens) >= TOKEN_CACHE:
-            self._tokens.clear()
-        self._tokens[digest] = (device, now + TOKEN_TTL_S)
+        challenges.spend(nonce)
+
+    def _admit(self, claimed: str, credential: bytes) -> None:
+        """Refuse, unchecked, a source that keeps failing (see ``_refused``)."""
+        stamp = self._authenticator.crl_stamp
+        if stamp != self._failures_crl:  # a new CRL (or a repaired one): every source is judged afresh
+            self.failures.clear()
+            self._failures_crl = stamp
+        left = self.failures.ignored_for((claimed, credential))
+        if left > 0:
+            raise _Ignored(f"this certificate failed its check too often as {claimed!r}: ignored for {left:.0f} s")
+
+    def _refused(self, fl_ctx: FLContext, what: str, claimed: str, err: Exception, credential: bytes | None) -> None:
+        """Log a refusal (a claimed id's first few per period) and count it against its source, a
+        claimed id with the certificate it presented, when the fault is that certificate's (foreign,
+        expired, revoked): that can never be the fault of the id's owner, who signs with its own
+        good certificate. Garbage, a bad signature under a good certificate, a replayed or stale
+        token are refused each time, cheaply (a parse, a MAC, one signature check), and never
+        ignored, since anyone can send them in the owner's name."""
+        if not self.noisy.ignored_for(claimed):
+            self.log_warning(fl_ctx, f"refused {what} from device {claimed!r}: {err}")
+            if self.noisy.failed(claimed):
+                self.log_warning(
+                    fl_ctx,
+                    f"device id {claimed!r}: {self.noisy.threshold} refusals within {self.noisy.period:.0f} s;"
+                    f" its next refusals are not logged for {self.noisy.period:.0f} s",
+                )
+        if isinstance(err, _Ignored) or not isinstance(err, CertificateRefused) or credential is None:
+            return
+        source = (claimed, credential)
+        if self.failures.failed(source):
+            self.log_warning(
+                fl_ctx,
+                f"device id {claimed!r}: {self.failures.threshold} failed checks of one certificate within"
+                f" {self.failures.period:.0f} s; requests as {claimed!r} with it are ignored for"
+                f" {self.failures.period:.0f} s ({err})",
+            )
 
     def _audit(self, device: str, answer: dict) -> None:
         raw = answer["message"]
@@ -394,3 +479,7 @@ class NestedFleetExecutor(EdgeTaskExecutor):
         else:
             record["secagg"] = secagg_summary(np.frombuffer(raw, dtype=np.uint8))
         append_jsonl(self._audit_path, record)
+
+
+class _Ignored(IdentityError):
+    """A request refused unchecked: its source keeps failing."""

@@ -107,3 +107,31 @@ def test_a_device_restarted_mid_session_carries_on_from_its_state(job, tmp_path)
             devices["robot-1"] = make(1)
     assert cohort.failure is None and cohort.outcome.count == 3  # robot-1's masked vector made it in
     assert not (tmp_path / "d1" / "secagg_session.json").exists()  # the finished session is discarded
+
+
+def test_a_device_signs_each_leaf_challenge_once_and_lets_a_stale_one_go(tmp_path):
+    """The device's side of the leaf's poll challenges: one signed token per challenge, for the leaf
+    that issued it, none for a challenge past half its window (the leaf would refuse it)."""
+    from app_custom.device_identity import DeviceAuthenticator
+    from app_custom.edge_messages import PollChallenges, read_poll_cookie, read_poll_token
+    from edge_runtime.fleet_device import DeviceIdentity, PollTokens
+    from provisioning.identities import DeviceCA
+
+    ca = DeviceCA.create(tmp_path / "ca", "fleetnest-test")
+    issued = ca.issue("robot-1", 7)
+    (tmp_path / "device.key").write_bytes(issued.key_pem)
+    (tmp_path / "device.crt").write_bytes(issued.cert_pem)
+    now = [0.0]
+    leaf = PollChallenges("job-1", "eu-depot-1", window=60, clock=lambda: now[0])
+    tokens = PollTokens("robot-1", DeviceIdentity(tmp_path), clock=lambda: now[0])
+    assert tokens.cookie("job-1") == {}  # no challenge yet: the first poll asks for one
+    tokens.take(leaf.issue("robot-1"))
+    cookie = tokens.cookie("job-1")
+    device, payload = DeviceAuthenticator(ca.dir).open(read_poll_cookie(cookie))
+    token = read_poll_token(payload)
+    assert device == "robot-1" and token["leaf"] == "eu-depot-1" and token["job_id"] == "job-1"
+    leaf.spend(leaf.check(token, "robot-1"))
+    assert tokens.cookie("job-1") == {}  # used: the next poll waits for the next challenge
+    tokens.take(leaf.issue("robot-1"))
+    now[0] += 31  # past half the window by the device's clock: not worth sending
+    assert tokens.cookie("job-1") == {}

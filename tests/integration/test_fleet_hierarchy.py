@@ -3,11 +3,14 @@ with mutual TLS, a cluster-tier client, two leaves), every process started from 
 FLARE's routing proxy, seven device processes, ``jobs/nested_fleet`` submitted through the admin
 API (Flare API). The tests run in order on one deployment:
 
-1. three accepted versions; the leaves held only masked vectors; no fast-layer value left a device;
+1. three accepted versions (every leaf sum signed by its leaf and checked by the cluster); the
+   leaves held only masked vectors; no fast-layer value left a device;
 2. a leaf is killed: the job goes on with the other leaf and completes; the leaf rejoins for a
    second job;
 3. during the second job a device's certificate is rotated and it keeps contributing; a revoked
-   device, garbage, an expired and a foreign certificate are refused with a log line;
+   device, garbage, an expired and a foreign certificate are refused with a log line; every FLARE
+   listener and the routing proxy speak verified TLS; a poll token replayed through the proxy is
+   refused;
 4. the server is killed mid-job and restarted: the job submitted again (in synchronous mode)
    resumes from the last accepted version;
 and everything is shut down with no process or port left behind.
@@ -15,23 +18,27 @@ and everything is shut down with no process or port left behind.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import re
+import socket
+import ssl
 import subprocess
 import sys
 import time
 
 import pytest
 from nvflare.edge.constants import EdgeApiStatus
-from nvflare.edge.simulation.feg_api import FegApi
 from nvflare.edge.web.models.device_info import DeviceInfo
 from nvflare.edge.web.models.job_request import JobRequest
 from nvflare.edge.web.models.result_report import ResultReport
+from nvflare.edge.web.models.task_request import TaskRequest
 from nvflare.edge.web.models.user_info import UserInfo
 
 from app_custom.device_identity import sign_message
 from app_custom.edge_messages import answer_payload, result_body
+from edge_runtime.fleet_device import DeviceIdentity, PollTokens, proxy_api
 from provisioning.identities import DeviceCA
 from simulator.localhost_fleet import (
     REPO,
@@ -139,11 +146,15 @@ def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versio
             assert records, f"{device} sent nothing"
             assert all(r["secagg"]["type"] in DEVICE_MESSAGES for r in records if "secagg" in r)
             assert {name for r in records for name in r["metrics"]} <= {"dp_epsilon"}
+    # every sum the cluster took was signed by its leaf: none was refused for its signature
+    server = fleet.log("server")
+    assert "leaf sums must be signed by their leaf under" in server
+    assert not re.search(r"refused a leaf sum .*(signature|signed by)", server)
 
 
-def _edge_api(fleet: LocalFleet, device: str) -> tuple[FegApi, DeviceInfo, UserInfo, str]:
+def _edge_api(fleet: LocalFleet, device: str):
     info, user = DeviceInfo(device), UserInfo()
-    api = FegApi(fleet.proxy_url + "/", info, user)
+    api = proxy_api(fleet.proxy_url, info, user, fleet.proxy_ca)
     reply = wait_until(
         lambda: (
             (r := api.get_job(JobRequest("nested_fleet", info, user, {"methods": ["fleetnest"]}))).get("job_id") and r
@@ -219,6 +230,54 @@ def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused
 
     wait_until(rotated_device_contributed, 90, f"{rotated} to send a masked vector with its new certificate")
     wait_until(lambda: any("has been revoked" in r for r in _refusals(fleet, leaf, revoked)), 90, f"{revoked} refused")
+
+
+def test_every_flare_listener_and_the_routing_proxy_speak_tls(state):
+    fleet = state.fleet
+    root_ca = fleet.kit("server") / "startup" / "rootCA.pem"
+    admin = fleet.admin_kit / "startup"  # mutual TLS listeners ask for a certificate of the project
+    client = (admin / "client.crt", admin / "client.key")
+    listeners = {"server": fleet.ports["server"], "admin": fleet.ports["admin"], "relay": fleet.ports["relay"]}
+    listeners |= {leaf: fleet.ports[f"leaf{i}"] for i, leaf in enumerate(fleet.leaves, 1)}  # edge API services
+    for name, port in listeners.items():
+        _handshake(port, root_ca, name, client)
+    _handshake(fleet.ports["proxy"], fleet.proxy_ca, "proxy")
+
+
+def _handshake(port: int, cafile, name: str, client: tuple | None = None) -> None:
+    """A TLS handshake that verifies the listener's certificate for localhost under ``cafile``."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    if client is not None:
+        context.load_cert_chain(*map(str, client))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3"), name
+        except ssl.SSLError as err:
+            raise AssertionError(f"{name} (port {port}) does not speak verified TLS: {err}") from err
+
+
+def test_a_poll_token_replayed_through_the_proxy_is_refused(state, tmp_path):
+    fleet = state.fleet
+    device = devices_by_leaf(fleet.leaves, 12)[state.survivor][-1]  # none of the fleet's, nor a stranger before
+    identity = tmp_path / device
+    assert fleet.cli("device", "--id", device, "--out", str(identity)) == 0
+    api, info, user, job_id = _edge_api(fleet, device)
+    tokens = PollTokens(device, DeviceIdentity(identity))
+    first = api.get_task(TaskRequest(info, user, job_id, tokens.cookie(job_id)))  # no token yet: a challenge
+    tokens.take(first.get("cookie"))
+    request = TaskRequest(info, user, job_id, tokens.cookie(job_id))
+    assert request.cookie, first
+    captured = copy.deepcopy(request)
+    admitted = api.get_task(request)
+    assert not str(admitted.get("message") or "").startswith("not admitted"), admitted
+    replayed = api.get_task(captured)
+    assert str(replayed.get("message") or "").startswith("not admitted"), replayed
+    wait_until(
+        lambda: any("already used" in r for r in _refusals(fleet, state.survivor, device)),
+        30,
+        f"the leaf to log the replay of {device}'s token",
+    )
 
 
 def test_a_restarted_server_resumes_from_the_last_accepted_version(state):

@@ -73,8 +73,30 @@ def _broken(edit):
         (lambda r: r["devices"].update(valid_days=0), "valid_days"),
         (lambda r: r["regions"][0].update(name="r" * 60), "regions\\[0\\].name"),  # "<region>-relay" > 64
         (lambda r: r.update({1: "x"}), "unknown keys \\['1'\\]"),
+        (lambda r: r.update(proxy={"host_names": []}), "proxy.host_names: expected a non-empty list"),
+        (lambda r: r.update(proxy={"host_names": ["bad host"]}), "proxy.host_names\\[0\\]"),
+        (lambda r: r.update(proxy={"port": 1}), "fleet.proxy: unknown keys"),
     ],
 )
 def test_a_bad_fleet_description_is_refused_naming_the_field(edit, message):
     with pytest.raises(FleetSpecError, match=message):
         fleet_spec_from_dict(_broken(edit))
+
+
+def test_a_leaf_keeps_its_internal_listener_on_loopback_while_its_edge_certificate_names_its_host():
+    """FLARE opens a client's internal listener (clear TCP, for its own job processes) on its
+    listening host's default_host: for a leaf on another host that must not be the leaf's
+    network address, while the certificate of its edge API service must name that address."""
+    remote = _broken(lambda r: r["regions"][0]["leaves"][0].update(host="depot1.fleet.example"))
+    participants = {p["name"]: p for p in project_config(fleet_spec_from_dict(remote))["participants"]}
+    assert participants["eu-depot-1"]["listening_host"] == {
+        "default_host": "localhost",
+        "host_names": ["depot1.fleet.example"],
+    }
+    assert participants["eu-depot-2"]["listening_host"] == {"default_host": "localhost"}
+
+
+def test_the_routing_proxy_names_default_to_the_server_host():
+    assert fleet_spec_from_dict(FLEET).proxy_hosts == ("localhost", "127.0.0.1")
+    named = fleet_spec_from_dict(FLEET | {"proxy": {"host_names": ["proxy.fleet.example", "203.0.113.7"]}})
+    assert named.proxy_hosts == ("proxy.fleet.example", "203.0.113.7")

@@ -112,3 +112,37 @@ def test_republishing_the_crl_reaches_every_leaf_kit(fleet, capsys):
     assert "republished" in capsys.readouterr().out
     after = (kits / "eu-depot-1" / "local" / "device_ca" / "crl.pem").read_bytes()
     assert after != before and after == (kits / "eu-depot-2" / "local" / "device_ca" / "crl.pem").read_bytes()
+
+
+def test_the_routing_proxy_gets_a_tls_certificate_under_the_device_ca(fleet, capsys):
+    args = ["provision", "--fleet", str(fleet / "fleet.yaml"), "--workspace", str(fleet / "ws")]
+    kits = sorted((fleet / "ws" / "fleetnest-test").glob("prod_*"))[-1]
+    device_ca = x509.load_pem_x509_certificate((kits / "scripts" / "proxy_ca.pem").read_bytes())
+    first = x509.load_pem_x509_certificate((kits / "scripts" / "proxy.crt").read_bytes())
+    first.verify_directly_issued_by(device_ca)
+    names = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usage = first.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    assert stat.S_IMODE((kits / "scripts" / "proxy.key").stat().st_mode) == 0o600
+    assert main(args + ["proxy"]) == 0  # renewal: a new certificate, same CA
+    renewed = x509.load_pem_x509_certificate((kits / "scripts" / "proxy.crt").read_bytes())
+    assert renewed.serial_number != first.serial_number
+    renewed.verify_directly_issued_by(device_ca)
+    assert "restart the proxy" in capsys.readouterr().out
+
+
+def test_a_remote_leaf_serves_devices_under_its_host_name_and_its_internal_listener_stays_local(tmp_path):
+    remote = json.loads(json.dumps(FLEET))
+    remote["regions"][0]["leaves"][0]["host"] = "depot1.fleet.example"
+    (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(remote))
+    assert main(["provision", "--fleet", str(tmp_path / "fleet.yaml"), "--workspace", str(tmp_path / "ws")]) == 0
+    kit = tmp_path / "ws" / "fleetnest-test" / "prod_00" / "eu-depot-1"
+    internal = json.loads((kit / "local" / "comm_config.json").read_text())["internal"]
+    assert internal["resources"]["host"] == "localhost", "the clear internal listener would face the network"
+    edge = x509.load_pem_x509_certificate((kit / "startup" / "server.crt").read_bytes())
+    names = edge.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "depot1.fleet.example" in names.get_values_for_type(x509.DNSName)
+    lcp = json.loads((kit.parent / "scripts" / "lcp_map.json").read_text())
+    assert lcp["eu-depot-1"] == {"host": "depot1.fleet.example", "port": 19101}
