@@ -174,6 +174,12 @@ class DeviceAuthenticator:
         except OSError as err:
             raise IdentityError(f"no revocation list in {self.dir}: {err}") from err
 
+    def ca_and_crl(self) -> tuple[bytes, bytes]:
+        """The device CA's certificate and the CRL in force (re-read if its file changed): what
+        devices check one another's secure-aggregation keys with."""
+        self._load_crl()
+        return self._ca_pem, self._crl_pem
+
     @property
     def crl_stamp(self) -> tuple | None:
         """Identifies the CRL in force, after re-reading it if its file changed: when it differs from

@@ -11,6 +11,10 @@ Only ``device_id`` and ``state_dir`` are required; each optional section switche
 - ``ota``: the signed OTA updater;
 - ``telemetry``: MQTT presence, health and metrics, and the localhost Prometheus endpoint.
 
+``ota`` and ``telemetry`` take TLS settings: ``ca_file`` (the fleet's service CA, which checks the
+OTA server and the broker), ``cert_file`` and ``key_file`` (the device's certificate and key from the
+device CA: the broker's ACL knows the device by it). MQTT runs over TLS as soon as one is set.
+
 The annotated example is ``edge_runtime/systemd/edge.yaml.example``.
 """
 
@@ -62,6 +66,9 @@ SECTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
         "device_class": (..., str),
         "ring": (None, str),
         "poll_s": (30.0, (0.1, 86_400.0)),
+        "ca_file": (None, "absolute"),
+        "cert_file": (None, "absolute"),
+        "key_file": (None, "absolute"),
     },
     "telemetry": {
         "mqtt_host": (None, str),
@@ -70,6 +77,9 @@ SECTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
         "buffer": (500, (1, 1_000_000)),
         "interval_s": (10.0, (0.1, 3600.0)),
         "metrics_port": (0, (0, 65535)),  # 0: no /metrics endpoint
+        "ca_file": (None, "absolute"),
+        "cert_file": (None, "absolute"),
+        "key_file": (None, "absolute"),
     },
 }
 
@@ -176,6 +186,15 @@ class EdgeConfig:
         for needs, needed in (("learning", "sensor"), ("fleet", "learning")):
             if needs in sections and needed not in sections:
                 raise EdgeConfigError(f"{where}: {needs} needs a {needed} section")
+        for name in ("ota", "telemetry"):
+            section = sections.get(name)
+            if section and (section["cert_file"] is None) != (section["key_file"] is None):
+                raise EdgeConfigError(
+                    f"{where}: {name}.cert_file and {name}.key_file go together: give both or neither"
+                )
+        ota = sections.get("ota")
+        if ota and ota["ca_file"] and not ota["repository"].startswith("https://"):
+            raise EdgeConfigError(f"{where}: ota.ca_file checks an https repository, got {ota['repository']!r}")
         return cls(device, Path(state), float(interval), sections)
 
     @classmethod

@@ -59,14 +59,16 @@ from app_custom.nested.learner import NestedLearner
 from app_custom.nested.slow_delta import shapes_of
 from app_custom.privacy.device_round import DeviceRound
 from app_custom.privacy.dp import PrivacyLedger
+from app_custom.privacy.peer_certificates import CertificateAuthority, CertificateSigner
 from app_custom.privacy.private_update import PrivacySettings
-from app_custom.privacy.secagg import MASK, UNMASK, ProtocolError
+from app_custom.privacy.secagg import MASK, UNMASK, PeerTrust, ProtocolError
 from app_custom.privacy.wire import WireError, encode_message
+from edge_runtime.unit import DEVICE_CA_FILE
 
 log = logging.getLogger("fleetnest.device")
 STATE_FILE, LEDGER_FILE, AUDIT_FILE = "device_state.pt", "privacy_ledger.json", "outbound_audit.jsonl"
 SESSION_FILE = "secagg_session.json"
-PROXY_CA_FILE = "device_ca.pem"  # beside device.key: the CA the routing proxy's certificate must verify under
+PROXY_CA_FILE = DEVICE_CA_FILE  # beside device.key: the device CA, for the routing proxy and the peers' keys
 HTTP_TIMEOUT_S = 60.0
 
 
@@ -158,6 +160,26 @@ def proxy_api(proxy: str, device_info, user_info, ca_file: Path):
     return VerifiedFegApi()
 
 
+class PeerKeys:
+    """What a device takes part in authenticated secure aggregation with: its own key, to sign its
+    adverts and its consistency answers, and the fleet's device CA, to check its neighbours; the
+    CRL comes with each session from the leaf (signed by the CA and dated, so a leaf can hide at
+    most a revocation younger than the CRL's validity)."""
+
+    def __init__(self, identity: DeviceIdentity, ca_pem: bytes) -> None:
+        self.identity, self.ca_pem = identity, ca_pem
+
+    def trust(self, spec: dict) -> PeerTrust:
+        crl = spec.get("device_crl")
+        if not spec.get("authenticated") or not isinstance(crl, str) or not crl:
+            raise ProtocolError(
+                "leaf", "advertise", "an unauthenticated session (or one without the device CRL): this device joins"
+                " only sessions where every peer's keys are signed"
+            )
+        key_pem, cert_pem = self.identity.current()
+        return PeerTrust(CertificateSigner(key_pem, cert_pem), CertificateAuthority(self.ca_pem, crl.encode()))
+
+
 class FleetDevice:
     def __init__(
         self,
@@ -169,14 +191,18 @@ class FleetDevice:
         state_dir: Path,
         learner: NestedLearner | None = None,
         persist: Callable[[], object] | None = None,
+        peers: PeerKeys | None = None,
     ) -> None:
         """``learner`` and ``persist``: the edge daemon's own learner and its checkpoint (else the
-        learner is built from ``data`` and saved to ``device_state.pt``)."""
+        learner is built from ``data`` and saved to ``device_state.pt``). ``peers``: the device's
+        key and the fleet's device CA; with them it takes part only in authenticated sessions
+        (``FleetClient`` sets them from the device's identity)."""
         self.id = device_id
         self.nested = NestedConfig.from_dict(config)
         self.settings = PrivacySettings.from_dict(privacy)
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self.peers = peers
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if learner is None:
             fleet = load_fleet(data["fn"], data.get("kwargs", {}))
             if not 0 <= index < len(fleet.devices):
@@ -194,14 +220,25 @@ class FleetDevice:
         self.ledger = PrivacyLedger(self.settings.dp, history)
         self._rng = np.random.default_rng(secrets.randbits(128))
         self._session_path = state_dir / SESSION_FILE
-        # a session this device was in when it stopped: carried on if the leaf is still at it
-        self._round: DeviceRound | None = DeviceRound.load(self._session_path, self.settings)
+        self._round: DeviceRound | None = None
+        self._resumed = False  # the session on disk is read at first use, once ``peers`` are known
         self.metrics: dict[str, float] = {}
+
+    def _session(self) -> DeviceRound | None:
+        """The session in progress: a session this device was in when it stopped is carried on if
+        the leaf is still at it."""
+        if not self._resumed:
+            self._resumed = True
+            if self._session_path.exists():
+                spec = json.loads(self._session_path.read_text())["spec"]
+                trust = self.peers.trust(spec) if self.peers is not None and spec.get("authenticated") else None
+                self._round = DeviceRound.load(self._session_path, self.settings, trust)
+        return self._round
 
     @property
     def in_session(self) -> bool:
         """Whether this device is between the train step and the end of a session."""
-        return self._round is not None
+        return self._session() is not None
 
     def answer(
         self, stage: str, spec: dict, version: int, weights: dict | None, message: bytes | None
@@ -209,7 +246,7 @@ class FleetDevice:
         """(protocol message, skip reason, metrics) for one step of a session."""
         if stage == "train":
             return self._train(spec, version, weights)
-        if self._round is None or self._round.round != spec.get("round"):
+        if self._session() is None or self._round.round != spec.get("round"):
             raise ProtocolError("leaf", stage, "no session of this device in progress")
         out = self._round.answer(stage, message, self._charge)
         metrics = {"dp_epsilon": self.ledger.epsilon()} if stage == MASK else {}
@@ -223,26 +260,28 @@ class FleetDevice:
     def _charge(self) -> None:
         """Count this session against the budget before the masked vector leaves."""
         self.ledger.record_contribution()
-        write_json_atomic(self.state_dir / LEDGER_FILE, {"history": self.ledger.history})
+        write_json_atomic(self.state_dir / LEDGER_FILE, {"history": self.ledger.history}, mode=0o600)
 
     def _train(self, spec: dict, version: int, weights: dict | None) -> tuple[bytes | None, str | None, dict]:
         if weights is None:
             raise EdgeMessageError("a train task without the global slow layers")
-        self._round = None
+        self._round, self._resumed = None, True
         DeviceRound.discard(self._session_path)  # a new session: whatever was left of the last one is void
         noise = self.settings.dp.noise_multiplier > 0
         min_cohort = self.settings.dp.contributors_assumed if noise else 1
-        DeviceRound.check(self.id, spec, shapes_of(weights), self.settings, min_cohort)
+        trust = self.peers.trust(spec) if self.peers is not None else None
+        DeviceRound.check(self.id, spec, shapes_of(weights), self.settings, min_cohort, trust)
         merge = self.learner.receive_global(weights, version)
         outcome = self.learner.train_round()
         self.persist()
         self.metrics = {"acc_after_merge": merge.acc_after} | outcome.metrics
-        log.info("%s: trained from version %d: %s", self.id, version, self.metrics)
+        # the numbers stay on the device: not even its log, which its operators may collect
+        log.info("%s: trained from version %d", self.id, version)
         reason = self.ledger.over_budget_reason()
         if reason:
             return None, reason, {}
         self._round, _ = DeviceRound.begin(
-            self.id, spec, outcome.slow_delta, self.settings, self._rng, outcome.num_samples, min_cohort
+            self.id, spec, outcome.slow_delta, self.settings, self._rng, outcome.num_samples, min_cohort, trust
         )
         self._round.save(self._session_path)
         return encode_message(self._round.advert()), None, {}
@@ -260,8 +299,8 @@ class FleetClient:
     def __init__(
         self, device: FleetDevice, proxy: str, identity: DeviceIdentity, job: str, proxy_ca: Path | None = None
     ) -> None:
-        """``proxy_ca``: the CA the proxy's certificate must verify under (default: the fleet's device
-        CA beside the identity, ``device_ca.pem``)."""
+        """``proxy_ca``: the fleet's device CA, which the proxy's certificate must verify under and
+        the peers' secure-aggregation keys too (default: ``device_ca.pem`` beside the identity)."""
         from nvflare.edge.web.models.device_info import DeviceInfo
         from nvflare.edge.web.models.user_info import UserInfo
 
@@ -269,7 +308,9 @@ class FleetClient:
         self.tokens = PollTokens(device.id, identity)
         self.audit = device.state_dir / AUDIT_FILE
         self.info, self.user = DeviceInfo(device.id, app_name="fleetnest", platform="linux"), UserInfo()
-        self.api = proxy_api(proxy, self.info, self.user, proxy_ca or identity.dir / PROXY_CA_FILE)
+        device_ca = Path(proxy_ca or identity.dir / PROXY_CA_FILE)
+        self.api = proxy_api(proxy, self.info, self.user, device_ca)
+        device.peers = PeerKeys(identity, device_ca.read_bytes())  # the same CA checks the peers' keys
         self.job_id: str | None = None
         self.backoff = 1.0
         self.last = "not polled yet"

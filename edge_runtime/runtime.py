@@ -37,6 +37,7 @@ from .learning import ContinualLearner
 from .samples import SampleError, SampleStore
 from .scheduler import MicroUpdateGate, make_probe
 from .telemetry import HealthPublisher, Metrics
+from .unit import IDENTITY_FILES, identity_dir
 
 log = logging.getLogger("fleetnest.edge")
 STALL_S = {"inference": 60.0, "learning": 600.0, "ota": 1800.0}
@@ -67,11 +68,29 @@ def _check_files(config: EdgeConfig) -> dict | None:
             json.loads(Path(ota["root"]).read_bytes())
         except (OSError, ValueError) as err:
             raise EdgeConfigError(f"ota.root: cannot read the trusted root metadata {ota['root']}: {err}") from err
+    for name in ("ota", "telemetry"):
+        section = config.section(name)
+        for setting in ("ca_file", "cert_file", "key_file"):
+            if section and section[setting] and not Path(section[setting]).is_file():
+                raise EdgeConfigError(f"{name}.{setting}: {section[setting]} does not exist")
     if fleet:
-        for name in ("device.key", "device.crt"):
-            if not (Path(fleet["identity"]) / name).is_file():
-                raise EdgeConfigError(f"fleet.identity: {Path(fleet['identity']) / name} does not exist")
+        identity = identity_dir(Path(fleet["identity"]))
+        # the key and certificate (or systemd's credentials), and the device CA that checks the
+        # routing proxy and the peers' secure-aggregation keys
+        for name in IDENTITY_FILES:
+            if not (identity / name).is_file():
+                raise EdgeConfigError(f"fleet.identity: {identity / name} does not exist")
     return job
+
+
+def _tls(section: dict):
+    """The section's TLS files (``ota.tls.TlsFiles``), or None when it sets none (plain: development)."""
+    if not (section["ca_file"] or section["cert_file"]):
+        return None
+    from ota.tls import TlsFiles
+
+    paths = [Path(section[name]) if section[name] else None for name in ("ca_file", "cert_file", "key_file")]
+    return TlsFiles(*paths)
 
 
 class Worker:
@@ -167,7 +186,8 @@ class EdgeRuntime:
             learner=learner.learner,
             persist=lambda: learner.checkpoint("fleet session"),
         )
-        self.fleet = FleetClient(device, fleet["proxy"], DeviceIdentity(Path(fleet["identity"])), fleet["job"])
+        identity = DeviceIdentity(identity_dir(Path(fleet["identity"])))
+        self.fleet = FleetClient(device, fleet["proxy"], identity, fleet["job"])
 
     def _start_ota(self, ota: dict) -> str:
         from ota.agent import DeviceAgent
@@ -178,7 +198,7 @@ class EdgeRuntime:
         from ota.updater import HealthPolicy, Updater
 
         directory = self.config.state_dir / "ota"
-        client = ReleaseClient(ota["repository"], directory, Path(ota["root"]).read_bytes())
+        client = ReleaseClient(ota["repository"], directory, Path(ota["root"]).read_bytes(), tls=_tls(ota))
         trt, _ = tensorrt_status()
         l4t = l4t_release()
         profile = DeviceProfile(
@@ -209,7 +229,12 @@ class EdgeRuntime:
         if telemetry["mqtt_host"]:
             ring = getattr(self, "ota_ring", None) or "none"
             self.link = DeviceLink(
-                telemetry["mqtt_host"], telemetry["mqtt_port"], self.config.device_id, ring, telemetry["prefix"]
+                telemetry["mqtt_host"],
+                telemetry["mqtt_port"],
+                self.config.device_id,
+                ring,
+                telemetry["prefix"],
+                tls=_tls(telemetry),
             ).start()
             if self.agent is not None:
                 self.agent.link = self.link

@@ -29,7 +29,9 @@ from app_custom.durable import write_bytes_atomic
 from .config import EdgeConfig, EdgeConfigError
 
 NETWORK_DROP_IN, CREDENTIALS_DROP_IN = "network.conf", "credentials.conf"
-IDENTITY_FILES = ("device.key", "device.crt")  # the credential ids are the file names DeviceIdentity reads
+DEVICE_CA_FILE = "device_ca.pem"  # beside the key: the fleet device CA (routing proxy, peers' keys)
+# the credential ids are the file names the fleet client reads
+IDENTITY_FILES = ("device.key", "device.crt", DEVICE_CA_FILE)
 RESOLV_CONF = Path("/etc/resolv.conf")
 HEADER = (
     "# written by python -m edge_runtime.unit from {config}; rerun it (and systemctl daemon-reload) after a change\n"

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import urllib3
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater
 
 from .layout import MANIFEST
-from .repository import desired_path, release_path
+from .repository import desired_path, layout_path, release_path
+from .tls import TlsFiles
 
 _REASONS = [
     (tuf_errors.ExpiredMetadataError, "repository metadata expired (a frozen or stale mirror)"),
@@ -42,9 +45,40 @@ def _refusal(error: Exception) -> UpdateRefused:
     return UpdateRefused(f"{type(error).__name__}: {error}")
 
 
+class PoolFetcher(FetcherInterface):
+    """TUF's fetcher over one ``urllib3.PoolManager`` (HTTPS with the fleet's service CA and, where
+    the server asks for one, the device's certificate); python-tuf's ``Urllib3Fetcher`` behaviour."""
+
+    def __init__(self, http: urllib3.PoolManager, socket_timeout: float = 30.0, chunk_size: int = 400_000) -> None:
+        self.http, self.socket_timeout, self.chunk_size = http, socket_timeout, chunk_size
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        try:
+            response = self.http.request(
+                "GET", url, preload_content=False, timeout=urllib3.Timeout(self.socket_timeout)
+            )
+        except urllib3.exceptions.MaxRetryError as e:
+            if isinstance(e.reason, urllib3.exceptions.TimeoutError):
+                raise tuf_errors.SlowRetrievalError from e
+            raise tuf_errors.DownloadError(f"{url}: {e.reason}") from e
+        if response.status >= 400:
+            response.close()
+            raise tuf_errors.DownloadHTTPError(f"HTTP error occurred with status {response.status}", response.status)
+        return self._chunks(response)
+
+    def _chunks(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        try:
+            yield from response.stream(self.chunk_size)
+        except urllib3.exceptions.TimeoutError as e:
+            raise tuf_errors.SlowRetrievalError from e
+        finally:
+            response.release_conn()
+
+
 class ReleaseClient:
     """Reads the fleet's repository at ``repo_url`` (``<url>/metadata/``, ``<url>/targets/``),
-    keeping TUF's trusted metadata under ``state_dir/tuf``."""
+    keeping TUF's trusted metadata under ``state_dir/tuf``; over HTTPS with ``tls`` (the CA that
+    checks the server, and the device's certificate if the server asks for client certificates)."""
 
     def __init__(
         self,
@@ -52,12 +86,18 @@ class ReleaseClient:
         state_dir: str | os.PathLike,
         trusted_root: bytes,
         fetcher: FetcherInterface | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.repo_url = repo_url.rstrip("/")
         self.metadata_dir = Path(state_dir) / "tuf"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.trusted_root = trusted_root
-        self.fetcher = fetcher
+        retries = urllib3.Retry(total=3, backoff_factor=0.5)
+        context = tls.client_context() if tls is not None else None
+        self.http = urllib3.PoolManager(retries=retries, ssl_context=context)
+        self.fetcher = fetcher or (
+            PoolFetcher(urllib3.PoolManager(retries=False, ssl_context=context)) if tls else None
+        )
         self._updater: Updater | None = None
 
     def refresh(self) -> None:
@@ -107,12 +147,13 @@ class ReleaseClient:
         return document
 
     def ring(self, device_id: str) -> str:
-        """This device's ring, from the signed ring layout (``desired/rings.json``)."""
-        from .rings import LAYOUT, RingError, check_layout, ring_of
+        """This device's ring, from the ring layout the offline targets key signed
+        (``layout/rings.json``; the online rollout role cannot sign that path)."""
+        from .rings import RingError, check_layout, ring_of
 
-        info = self.target(desired_path(LAYOUT))
+        info = self.target(layout_path())
         if info is None:
-            raise UpdateRefused("the repository has no signed ring layout yet")
+            raise UpdateRefused("the repository has no ring layout signed by the offline key yet")
         try:
             return ring_of(device_id, check_layout(json.loads(self.fetch(info))))
         except (RingError, ValueError) as e:
@@ -144,7 +185,7 @@ class ReleaseClient:
 
         url = f"{self.repo_url}/targets/{info.get_prefixed_paths()[0]}"
         try:
-            return download(url, dest, info.length, info.hashes["sha256"])
+            return download(url, dest, info.length, info.hashes["sha256"], http=self.http)
         except DownloadError as e:
             raise UpdateRefused(str(e)) from e
 

@@ -7,6 +7,11 @@ Topics (``<prefix>`` is ``fleetnest`` by default):
 - ``<prefix>/report/<device>``: QoS 1, ``{"device", "ring", "release", "status", "reason"}``;
 - ``<prefix>/presence/<device>``: retained ``online``, and ``offline`` as the last will.
 
+With ``tls`` (``ota.tls.TlsFiles``) every connection is TLS with a client certificate: a device's
+own, or a fleet service's (``ota.broker_config`` writes the broker's side). The server hands each
+report to ``on_report(sender, body)`` with ``sender`` the device segment of its topic, which the
+broker's ACL lets only that device's certificate write: the controller checks the body against it.
+
 No artifact and no sample ever goes over MQTT. Callbacks only queue work (an exception in a paho
 callback would kill its network thread); a worker thread does it. After a broker restart
 (retained messages gone when it does not persist them) the server publishes every ring's
@@ -23,14 +28,26 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
+from .tls import TlsFiles
+
 log = logging.getLogger(__name__)
 PREFIX = "fleetnest"
 
 
-def _client(client_id: str) -> mqtt.Client:
+def _client(client_id: str, tls: TlsFiles | None) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
+    if tls is not None:
+        client.tls_set_context(tls.client_context())
     return client
+
+
+def report_sender(topic: str, prefix: str = PREFIX) -> str | None:
+    """The device a report topic names (``<prefix>/report/<device>``), or None for any other topic."""
+    head = f"{prefix}/report/"
+    if not topic.startswith(head) or "/" in topic[len(head) :] or topic == head:
+        return None
+    return topic[len(head) :]
 
 
 class RolloutBroker:
@@ -40,19 +57,24 @@ class RolloutBroker:
         self,
         host: str,
         port: int,
-        on_report: Callable[[dict], None],
+        on_report: Callable[[str | None, object], object],
         current_targeting: Callable[[], dict[str, dict]],
         prefix: str = PREFIX,
+        tls: TlsFiles | None = None,
+        max_queued: int = 10_000,
     ) -> None:
+        """``on_report(sender, body)``: ``sender`` is the device the topic names, ``body`` the
+        parsed JSON (whatever it holds: the controller checks it)."""
         self.prefix = prefix
         self.on_report = on_report
         self.current_targeting = current_targeting
-        self.reports: queue.Queue = queue.Queue()
+        self.reports: queue.Queue = queue.Queue(maxsize=max_queued)
+        self.dropped = 0
         self.connected = threading.Event()
-        self.client = _client("fleetnest-rollout-server")
+        self.client = _client("fleetnest-rollout-server", tls)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *args: self.connected.clear()
-        self.client.on_message = lambda client, userdata, message: self.reports.put(message.payload)
+        self.client.on_message = self._on_message
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, daemon=True)
         self.client.connect_async(host, port, keepalive=10)
@@ -66,19 +88,22 @@ class RolloutBroker:
             client.publish(f"{self.prefix}/desired/{ring}", json.dumps(desired), qos=1, retain=True)
         self.connected.set()
 
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self.reports.put_nowait((message.topic, message.payload))
+        except queue.Full:  # a flood: dropped here rather than growing without bound
+            self.dropped += 1
+
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                payload = self.reports.get(timeout=0.2)
+                topic, payload = self.reports.get(timeout=0.2)
             except queue.Empty:
                 continue
             try:
-                report = json.loads(payload)
-                if not isinstance(report, dict):
-                    raise ValueError("not an object")
-                self.on_report(report)
+                self.on_report(report_sender(topic, self.prefix), json.loads(payload))
             except Exception as e:  # a malformed report must not stop the rollout
-                log.warning("ignored a report: %s", e)
+                log.warning("ignored a report on %s: %s", topic, e)
 
     def start(self) -> RolloutBroker:
         self._worker.start()
@@ -98,12 +123,14 @@ class RolloutBroker:
 class DeviceLink:
     """Device side: presence with a last will, the ring's targeting hints, reports."""
 
-    def __init__(self, host: str, port: int, device: str, ring: str, prefix: str = PREFIX) -> None:
+    def __init__(
+        self, host: str, port: int, device: str, ring: str, prefix: str = PREFIX, tls: TlsFiles | None = None
+    ) -> None:
         self.prefix, self.device, self.ring = prefix, device, ring
         self.hint = threading.Event()  # set when the ring's targeting changes
         self.last_report: dict | None = None
         self.connected = threading.Event()
-        self.client = _client(f"fleetnest-device-{device}")
+        self.client = _client(f"fleetnest-device-{device}", tls)
         self.client.will_set(self._topic("presence"), "offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *args: self.connected.clear()

@@ -3,10 +3,12 @@
 Roles and what each signs:
 
 - ``root`` (2 of 3 offline keys): the keys of every role;
-- ``targets`` (offline key): the release bundles, as ``releases/<release>/<file>``;
+- ``targets`` (offline key): the release bundles, as ``releases/<release>/<file>``, and the ring
+  layout devices place themselves with, ``layout/rings.json``;
 - ``rollout`` (online key, delegated by ``targets`` for ``desired/*`` only, terminating): which
   release each ring should run, as ``desired/<ring>.json``. This is Uptane's director idea: the
-  online rollout server chooses among releases, but only among those the offline key signed;
+  online rollout server chooses among releases, but only among those the offline key signed, and
+  for rings the offline key laid out;
 - ``snapshot`` and ``timestamp`` (online keys): one consistent view of all metadata, and its
   freshness (the timestamp expires after a day: a frozen mirror is noticed).
 
@@ -14,6 +16,9 @@ The layout is TUF's consistent snapshot, served as is over HTTP: ``metadata/N.ro
 ``metadata/N.targets.json``, ``metadata/N.rollout.json``, ``metadata/N.snapshot.json``,
 ``metadata/timestamp.json``, ``targets/<dir>/<sha256>.<file>``. Files are written atomically and
 ``timestamp.json`` last, so a client never sees a half-published state.
+
+The targets role is signed offline (``ota.signing``) and imported here (``import_targets``): the
+serving machine needs only the snapshot, timestamp and rollout keys.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -31,6 +37,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from securesystemslib.signer import Signer
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
@@ -44,13 +51,11 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from .bundle import read_manifest, verify_files
 from .keys import ROOT_THRESHOLD, KeyDir
-from .layout import MANIFEST
 from .rings import LAYOUT, RingError, check_layout
+from .signing import RELEASES, SigningError, layout_path, read_signed_folder, release_path, releases_in, sign_targets
 
 ROLLOUT = "rollout"
-RELEASES = "releases"
 DESIRED = "desired"
 EXPIRY = {
     "root": timedelta(days=365),
@@ -80,8 +85,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def release_path(release: str, name: str) -> str:
-    return f"{RELEASES}/{release}/{name}"
+__all__ = [
+    "DESIRED",
+    "RELEASES",
+    "ROLLOUT",
+    "Repository",
+    "RepositoryError",
+    "desired_path",
+    "layout_path",
+    "release_path",
+]
 
 
 def desired_path(ring: str) -> str:
@@ -134,6 +147,11 @@ class Repository:
                 finally:
                     self._depth = 0
                     fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def reload(self) -> None:
+        """Read the metadata on disk again (another process may have published since)."""
+        with self._locked():
+            pass
 
     def _reload(self) -> None:
         roots = [int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json")]
@@ -198,23 +216,28 @@ class Repository:
 
     def _publish(self, changed: dict[str, tuple[Metadata, Signer]]) -> None:
         """Bump, sign and write the changed targets roles, then a new snapshot, then the timestamp."""
-        keys = self._keys()
         for role, (md, signer) in changed.items():
             md.signed.version += 1
             md.signed.expires = _expires(role)
             md.sign(signer)
-            delegator = self.root.signed if role == "targets" else self.targets.signed
-            delegator.verify_delegate(role, md.signed_bytes, md.signatures)
-            _atomic_write(self.metadata_dir / f"{md.signed.version}.{quote(role, '')}.json", md.to_bytes(_JSON))
-            self.snapshot.signed.meta[f"{role}.json"] = MetaFile(md.signed.version)
+            self._write_role(role, md)
         if changed:
-            self.snapshot.signed.version += 1
-            self.snapshot.signed.expires = _expires("snapshot")
-            self.snapshot.sign(keys.signer("snapshot"))
-            _atomic_write(
-                self.metadata_dir / f"{self.snapshot.signed.version}.snapshot.json", self.snapshot.to_bytes(_JSON)
-            )
+            self._write_snapshot()
         self._write_timestamp()
+
+    def _write_role(self, role: str, md: Metadata) -> None:
+        delegator = self.root.signed if role == "targets" else self.targets.signed
+        delegator.verify_delegate(role, md.signed_bytes, md.signatures)
+        _atomic_write(self.metadata_dir / f"{md.signed.version}.{quote(role, '')}.json", md.to_bytes(_JSON))
+        self.snapshot.signed.meta[f"{role}.json"] = MetaFile(md.signed.version)
+
+    def _write_snapshot(self) -> None:
+        self.snapshot.signed.version += 1
+        self.snapshot.signed.expires = _expires("snapshot")
+        self.snapshot.sign(self._keys().signer("snapshot"))
+        _atomic_write(
+            self.metadata_dir / f"{self.snapshot.signed.version}.snapshot.json", self.snapshot.to_bytes(_JSON)
+        )
 
     @_writes
     def refresh_timestamp(self) -> None:
@@ -230,30 +253,92 @@ class Repository:
 
     def _add_target(self, md: Metadata, path: str, local: Path) -> None:
         target = TargetFile.from_file(path, str(local), ["sha256"])
+        self._store_target(target, local)
+        md.signed.targets[path] = target
+
+    def _store_target(self, target: TargetFile, local: Path) -> None:
         for prefixed in target.get_prefixed_paths():
             dest = self.targets_dir / prefixed
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp")
             shutil.copyfile(local, tmp)
             os.replace(tmp, dest)
-        md.signed.targets[path] = target
 
     def releases(self) -> list[str]:
-        return sorted({path.split("/")[1] for path in self.targets.signed.targets if path.startswith(f"{RELEASES}/")})
+        return releases_in(self.targets.signed)
+
+    # ---- the offline targets role --------------------------------------------------------------
+    @_writes
+    def import_targets(self, folder: str | os.PathLike) -> list[str]:
+        """Take targets metadata signed offline (``ota.signing.sign_targets``) with the files it newly
+        signs, then publish a new snapshot and timestamp (the online keys); returns the paths added or
+        changed. Refused unless it is signed by the root's targets keys, is exactly the next version,
+        keeps every file signed before (only the ring layout may change) and every new file matches
+        its signed length and hashes."""
+        try:
+            md, files = read_signed_folder(folder)
+        except SigningError as e:
+            raise RepositoryError(str(e)) from e
+        try:
+            self.root.signed.verify_delegate("targets", md.signed_bytes, md.signatures)
+        except UnsignedMetadataError as e:
+            raise RepositoryError(f"the targets metadata is not signed by the fleet's targets key: {e}") from e
+        new, old = md.signed, self.targets.signed
+        if new.version != old.version + 1:
+            raise RepositoryError(
+                f"targets version {new.version} is not the next one ({old.version + 1}): sign again on top of "
+                f"metadata/{old.version}.targets.json"
+            )
+        if new.is_expired():
+            raise RepositoryError(f"the targets metadata expired at {new.expires.isoformat()}")
+        for path, info in old.targets.items():
+            if path != layout_path() and new.targets.get(path) != info:
+                raise RepositoryError(f"{path} is changed or removed: a signed release file is never replaced")
+        added = {path: info for path, info in new.targets.items() if old.targets.get(path) != info}
+        for path, info in added.items():
+            local = files / info.get_prefixed_paths()[0]
+            try:
+                with open(local, "rb") as f:
+                    info.verify_length_and_hashes(f)
+            except (OSError, LengthOrHashMismatchError) as e:
+                raise RepositoryError(f"{path}: the signed folder's file is missing or does not match: {e}") from e
+        for info in added.values():
+            self._store_target(info, files / info.get_prefixed_paths()[0])
+        self._write_role("targets", md)
+        self.targets = md
+        changed: dict[str, tuple[Metadata, Signer]] = {}
+        try:  # a rollout key the offline role newly delegates to: the rollout metadata is signed again
+            self.targets.signed.verify_delegate(ROLLOUT, self.rollout.signed_bytes, self.rollout.signatures)
+        except UnsignedMetadataError:
+            changed[ROLLOUT] = (self.rollout, self._keys().signer(ROLLOUT))
+        for role, (role_md, signer) in changed.items():
+            role_md.signed.version += 1
+            role_md.signed.expires = _expires(role)
+            role_md.sign(signer)
+            self._write_role(role, role_md)
+        self._write_snapshot()
+        self._write_timestamp()
+        return sorted(added)
+
+    def _sign_and_import(self, **what) -> None:
+        """The single-machine path: sign offline (the targets key is here too), then import."""
+        staging = self.path / ".staging"
+        staging.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=staging) as tmp:
+            try:
+                sign_targets(self._keys(), self.targets, Path(tmp) / "signed", **what)
+            except SigningError as e:
+                raise RepositoryError(str(e)) from e
+            self.import_targets(Path(tmp) / "signed")
 
     @_writes
     def add_release(self, bundle: str | os.PathLike) -> str:
-        """Sign a verified bundle into the repository (needs the offline targets key)."""
-        bundle = Path(bundle)
-        manifest = read_manifest(bundle)
-        verify_files(bundle, manifest)
-        release = manifest["release"]
-        if release in self.releases():
-            raise RepositoryError(f"release {release} is already published: a release is never replaced")
-        signer = self._keys().signer("targets")
-        for name in [MANIFEST, *manifest["files"]]:
-            self._add_target(self.targets, release_path(release, name), bundle / name)
-        self._publish({"targets": (self.targets, signer)})
+        """Sign a verified bundle into the repository (needs the offline targets key here: a
+        development setup; a fleet signs offline and imports, see ``ota.signing``)."""
+        from .bundle import read_manifest
+
+        release = read_manifest(Path(bundle))["release"]
+        self._sign_and_import(bundle=bundle)
         return release
 
     @_writes
@@ -270,20 +355,30 @@ class Repository:
         self._sign_desired(ring, document)
 
     def desired(self, ring: str) -> dict | None:
-        """The signed targeting document of ``ring`` (or the layout for ``rings``), as published."""
+        """The signed targeting document of ``ring``, as published."""
+        if ring == LAYOUT:
+            return None  # never a targeting document: the layout is the offline role's (``layout()``)
         info = self.rollout.signed.targets.get(desired_path(ring))
         if info is None:
             return None
         return json.loads((self.targets_dir / info.get_prefixed_paths()[0]).read_bytes())
 
+    def layout(self) -> dict | None:
+        """The ring layout the offline targets key signed (``layout/rings.json``), or None."""
+        info = self.targets.signed.targets.get(layout_path())
+        if info is None:
+            return None
+        return check_layout(json.loads((self.targets_dir / info.get_prefixed_paths()[0]).read_bytes()))
+
     @_writes
     def set_layout(self, layout: dict) -> None:
-        """Sign the ring layout devices place themselves with (``desired/rings.json``)."""
+        """Sign the ring layout devices place themselves with (needs the offline targets key here: a
+        development setup; a fleet signs it offline with ``fleetnest ota sign --salt``)."""
         try:
             check_layout(layout)
         except RingError as e:
             raise RepositoryError(str(e)) from e
-        self._sign_desired(LAYOUT, layout)
+        self._sign_and_import(layout=layout)
 
     def _sign_desired(self, ring: str, document: dict) -> None:
         signer = self._keys().signer(ROLLOUT)

@@ -14,11 +14,17 @@ when at least ``abort_failures`` of its devices failed (health check rolled back
 the failure share is at least ``abort_share``. Everything is persisted in SQLite (one row per
 rollout, one per device report, an event log), each change in one transaction, so a restarted
 server loses nothing and carries on.
+
+A report counts only if ``ota.reports.ReportGate`` admits it (sent by the device it names, which
+is enrolled and in the ring it claims by the offline-signed layout, within its rate) and its ring
+is one the rollout targets already; anything else is logged with its reason and counted nowhere.
+The ring names come from that signed layout too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -26,10 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .reports import FAILED, HEALTHY, ReportGate, ReportRefused
 from .repository import Repository, RepositoryError
 
+log = logging.getLogger(__name__)
+
 RUNNING, PAUSED, COMPLETED, ABORTED, ROLLED_BACK = "running", "paused", "completed", "aborted", "rolled-back"
-HEALTHY, FAILED = "installed", ("rolled-back", "refused")
+COUNTED = "counted"
+LAYOUT_TTL_S = 5.0  # a layout imported by another process is seen within this long
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -79,18 +89,28 @@ class RolloutController:
         self,
         db: str | Path,
         repository: Repository,
-        rings: list[str],
+        rings: list[str] | None = None,
         policy: Policy | None = None,
         notify: Callable[[str, dict], None] | None = None,
+        enrolled: Callable[[str], bool] | None = None,
+        gate: ReportGate | None = None,
     ) -> None:
-        """``rings``: the layout's ring names in order; ``notify(ring, desired)`` is called after
-        every signed change of a ring's targeting (the MQTT push)."""
-        if not rings:
-            raise RolloutError("a rollout needs at least one ring")
+        """``rings``: the signed layout's ring names in order (default: read from it; given, they
+        must match it); ``notify(ring, desired)`` is called after every signed change of a ring's
+        targeting (the MQTT push); ``enrolled(device)``: the fleet's enrolment, for the report gate."""
+        layout = repository.layout()
+        if layout is None:
+            raise RolloutError("the repository has no ring layout signed by the offline key: sign one first")
+        names = [ring["name"] for ring in layout["rings"]]
+        if rings is not None and list(rings) != names:
+            raise RolloutError(f"rings {list(rings)} are not the signed layout's {names}")
         self.repository = repository
-        self.rings = list(rings)
+        self.rings = names
         self.policy = policy or Policy()
         self.notify = notify or (lambda ring, desired: None)
+        self.gate = gate or ReportGate(self._layout, enrolled)
+        self.refused = 0  # reports refused since start (each logged with its reason)
+        self._layout_cache: tuple[float, dict | None] = (time.monotonic(), layout)
         self._lock = threading.RLock()
         self.db = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -168,17 +188,37 @@ class RolloutController:
             self._target(self.rings[0], {"release": release, "rollout": rollout_id})
             return rollout_id
 
-    def report(self, device: str, ring: str, release: str, status: str, reason: str = "") -> None:
-        """A device's outcome for a release (from MQTT or polling); evaluates the rollout."""
+    def _layout(self) -> dict | None:
+        at, layout = self._layout_cache
+        if time.monotonic() - at > LAYOUT_TTL_S:
+            self.repository.reload()  # a layout imported by another process
+            layout = self.repository.layout()
+            self._layout_cache = (time.monotonic(), layout)
+        return layout
+
+    def report(self, sender: str | None, body: object) -> str:
+        """A device's outcome for a release, as ``sender`` (the device the transport authenticated)
+        sent it; evaluates the rollout. Returns ``"counted"``, or why it was not."""
         with self._lock:
+            try:
+                report = self.gate.admit(sender, body)
+            except ReportRefused as e:
+                self.refused += 1
+                log.warning("report refused: %s", e)
+                return f"refused: {e}"
             row = self._row()
-            if row is None or release != row["release"] or ring not in self.rings:
-                return  # a report about another release or an unknown ring: kept out of the decision
+            if row is None or report.release != row["release"]:
+                return "ignored: not about the current rollout's release"
+            if report.ring not in self.rings[: row["stage"] + 1]:
+                self.refused += 1
+                log.warning("report refused: %s reports for ring %s, not targeted yet", report.device, report.ring)
+                return f"refused: ring {report.ring} is not targeted yet"
             self.db.execute(
                 "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (row["id"], device, ring, release, status, reason[:500], time.time()),
+                (row["id"], report.device, report.ring, report.release, report.status, report.reason, time.time()),
             )
             self.evaluate()
+            return COUNTED
 
     def evaluate(self) -> str | None:
         """Promote, complete or abort the running rollout on its reports; returns what happened."""

@@ -66,7 +66,7 @@ class FleetSimulation:
         self.broker = RolloutBroker(
             "127.0.0.1",
             broker_port,
-            on_report=lambda r: self.controller.report(r["device"], r["ring"], r["release"], r["status"], r["reason"]),
+            on_report=self.controller.report,
             current_targeting=lambda: {r: d for r in names if (d := self.repository.desired(r))},
         ).start()
         self.controller.notify = self.broker.publish_desired

@@ -122,40 +122,136 @@ def _ota_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ota_serve(args: argparse.Namespace) -> int:
-    import threading
+def _tls_files(ca: str | None, cert: str | None, key: str | None, what: str):
+    """``TlsFiles`` from command-line paths (None when no CA is given: plain, for development only)."""
+    if ca is None:
+        if cert or key:
+            raise ValueError(f"{what}: a client certificate needs the CA file that checks the other side")
+        return None
+    from ota.tls import TlsFiles
 
+    return TlsFiles(Path(ca), Path(cert) if cert else None, Path(key) if key else None)
+
+
+def _ota_sign(args: argparse.Namespace) -> int:
+    from ota.bundle import BundleError
+    from ota.keys import KeyDir, KeyFileError
+    from ota.rings import DEFAULT_RINGS, RingError, make_layout
+    from ota.signing import SigningError, sign_targets
+
+    try:
+        layout = None
+        if args.salt:
+            rings = _ring_shares(args.rings) if args.rings else DEFAULT_RINGS
+            layout = make_layout(args.salt, rings)
+        signed = sign_targets(KeyDir(Path(args.keys)), args.targets, args.out, bundle=args.bundle, layout=layout)
+    except (BundleError, KeyFileError, RingError, SigningError, ValueError, OSError) as e:
+        return _ota_fail("sign", e)
+    print(f"signed {signed.name} into {args.out}: carry the folder to the OTA server and run `fleetnest ota import`")
+    return 0
+
+
+def _ota_import(args: argparse.Namespace) -> int:
+    from ota.keys import KeyDir, KeyFileError
+    from ota.repository import Repository, RepositoryError
+
+    try:
+        added = Repository(args.repo, KeyDir(Path(args.keys))).import_targets(args.signed)
+    except (KeyFileError, RepositoryError, OSError) as e:
+        return _ota_fail("import", e)
+    print(f"imported {len(added)} signed files: {', '.join(added)}")
+    return 0
+
+
+def _ota_broker_config(args: argparse.Namespace) -> int:
+    from ota.broker_config import BrokerConfig, BrokerConfigError, BrokerFiles
+    from ota.tls import ServiceCA, TlsError
+
+    try:
+        device_ca = Path(args.device_ca).resolve()
+        for name in ("ca.pem", "crl.pem"):
+            if not (device_ca / name).is_file():
+                raise BrokerConfigError(f"{device_ca / name}: missing (the provisioning state's device_ca folder?)")
+        service_ca = ServiceCA.create(args.service_ca, args.project)
+        out = Path(args.out).resolve()
+        server = service_ca.issue_server("broker", args.hosts.split(","), out / "tls")
+        files = BrokerFiles(
+            device_ca / "ca.pem", device_ca / "crl.pem", service_ca.cert_file, server.cert_file, server.key_file
+        )
+        config = BrokerConfig(files, args.host, args.port, args.service_host, args.service_port, args.prefix)
+        conf = config.write(out)
+        services = [service_ca.issue_client(name, out / "services") for name in config.default_services()]
+    except (BrokerConfigError, TlsError, ValueError, OSError) as e:
+        return _ota_fail("broker-config", e)
+    listeners = f"devices on {args.host}:{args.port}, services on {args.service_host}:{args.service_port}"
+    print(f"mosquitto -c {conf}  ({listeners})")
+    for identity in services:
+        print(f"service identity: {identity.cert_file} (key {identity.key_file})")
+    print(f"devices check the broker with {service_ca.cert_file}")
+    return 0
+
+
+def _ota_service_cert(args: argparse.Namespace) -> int:
+    from ota.tls import ServiceCA, TlsError
+
+    try:
+        ca = ServiceCA.create(args.service_ca, args.project)
+        if args.client:
+            identity = ca.issue_client(args.name, args.out)
+        else:
+            identity = ca.issue_server(args.name, args.hosts.split(","), args.out)
+    except (TlsError, ValueError, OSError) as e:
+        return _ota_fail("service-cert", e)
+    print(f"{identity.cert_file} (key {identity.key_file}), issued by {ca.cert_file}")
+    return 0
+
+
+def _ring_shares(spec: str) -> list[tuple[str, float]]:
+    return [(name, float(share)) for name, share in (item.split(":") for item in spec.split(","))]
+
+
+def _ota_serve(args: argparse.Namespace) -> int:
+    from ota.freshness import TimestampKeeper
     from ota.keys import KeyDir
     from ota.repository import Repository, RepositoryError
     from ota.server import RepositoryServer
+    from ota.tls import TlsError
 
     try:
-        server = RepositoryServer(args.repo, args.host, args.port)
+        https = None
+        if args.tls_cert or args.tls_key:
+            from ota.tls import TlsFiles
+
+            key = Path(args.tls_key) if args.tls_key else None
+            https = TlsFiles(Path(args.tls_ca) if args.tls_ca else None, Path(args.tls_cert or ""), key)
+        server = RepositoryServer(
+            args.repo,
+            args.host,
+            args.port,
+            idle_timeout_s=args.idle_timeout_s,
+            max_connections=args.max_connections,
+            tls=https.server_context(require_client_cert=bool(args.tls_ca)) if https else None,
+        )
         repository = Repository(args.repo, KeyDir(Path(args.keys))) if args.keys else None
-    except (ValueError, RepositoryError, OSError) as e:
+        mqtt_tls = _tls_files(args.mqtt_ca, args.mqtt_cert, args.mqtt_key, "--mqtt")
+    except (ValueError, RepositoryError, TlsError, OSError) as e:
         return _ota_fail("serve", e)
-    stop = threading.Event()
-
-    def keep_fresh() -> None:  # the timestamp expires after a day: renew it well before
-        while not stop.wait(args.timestamp_every_s):
-            repository.refresh_timestamp()
-
-    if repository is not None:
-        repository.refresh_timestamp()
-        threading.Thread(target=keep_fresh, daemon=True).start()
+    keeper = TimestampKeeper(repository, args.timestamp_every_s).start() if repository is not None else None
     broker = None
     if args.mqtt and args.db and args.keys:  # the rollout server: reports in, targeting hints out
         from ota.mqtt import RolloutBroker
 
-        controller = _controller(args)
+        try:
+            controller = _controller(args)
+        except (ValueError, RepositoryError, OSError) as e:
+            return _ota_fail("serve", e)
         host, _, port = args.mqtt.partition(":")
         broker = RolloutBroker(
             host,
-            int(port or 1883),
-            on_report=lambda r: controller.report(
-                r["device"], r["ring"], r["release"], r["status"], r.get("reason", "")
-            ),
+            int(port or (8884 if mqtt_tls else 1883)),
+            on_report=controller.report,
             current_targeting=lambda: {r: d for r in controller.rings if (d := controller.repository.desired(r))},
+            tls=mqtt_tls,
         ).start()
         controller.notify = broker.publish_desired
     print(f"serving {args.repo} at {server.url}", flush=True)
@@ -164,7 +260,8 @@ def _ota_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        stop.set()
+        if keeper is not None:
+            keeper.stop()
         if broker is not None:
             broker.stop()
     return 0
@@ -175,27 +272,29 @@ EX_TEMPFAIL = 75  # staged, the switch waits for the mission lock
 
 def _controller(args: argparse.Namespace, notify=None):
     from ota.keys import KeyDir
+    from ota.reports import Enrolment
     from ota.repository import Repository
-    from ota.rings import LAYOUT, check_layout
     from ota.rollout import RolloutController
 
     repository = Repository(args.repo, KeyDir(Path(args.keys)))
-    layout = repository.desired(LAYOUT)
-    if layout is None:
-        raise ValueError("the repository has no ring layout yet: run `fleetnest ota rings` first")
-    rings = [ring["name"] for ring in check_layout(layout)["rings"]]
-    return RolloutController(args.db, repository, rings, notify=notify)
+    if repository.layout() is None:
+        raise ValueError("the repository has no ring layout signed by the offline key: `fleetnest ota sign --salt`")
+    enrolled = Enrolment(args.device_ca) if getattr(args, "device_ca", None) else None
+    return RolloutController(args.db, repository, notify=notify, enrolled=enrolled)
 
 
-def _mqtt_notify(spec: str | None):
+def _mqtt_notify(args: argparse.Namespace):
     """A one-shot publisher of targeting hints (the serve command keeps a connection instead)."""
-    if not spec:
+    if not args.mqtt:
         return None
     import paho.mqtt.client as mqtt
 
-    host, _, port = spec.partition(":")
+    tls = _tls_files(args.mqtt_ca, args.mqtt_cert, args.mqtt_key, "--mqtt")
+    host, _, port = args.mqtt.partition(":")
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    client.connect(host, int(port or 1883))
+    if tls is not None:
+        client.tls_set_context(tls.client_context())
+    client.connect(host, int(port or (8884 if tls else 1883)))
     client.loop_start()
 
     def notify(ring: str, desired: dict) -> None:
@@ -212,9 +311,7 @@ def _ota_rings(args: argparse.Namespace) -> int:
     from ota.rings import DEFAULT_RINGS, RingError, make_layout
 
     try:
-        rings = DEFAULT_RINGS
-        if args.rings:
-            rings = [(name, float(share)) for name, share in (item.split(":") for item in args.rings.split(","))]
+        rings = _ring_shares(args.rings) if args.rings else DEFAULT_RINGS
         Repository(args.repo, KeyDir(Path(args.keys))).set_layout(make_layout(args.salt, rings))
     except (KeyFileError, RepositoryError, RingError, ValueError, OSError) as e:
         return _ota_fail("rings", e)
@@ -228,7 +325,7 @@ def _ota_rollout(args: argparse.Namespace) -> int:
     from ota.rollout import RolloutError, describe
 
     try:
-        controller = _controller(args, _mqtt_notify(args.mqtt))
+        controller = _controller(args, _mqtt_notify(args))
         if args.action == "start":
             if not args.release:
                 raise RolloutError("rollout start needs --release")
@@ -288,6 +385,12 @@ def _ota_update(args: argparse.Namespace) -> int:
     return 0 if outcome.ok else EX_TEMPFAIL if outcome.status == "staged" else 1
 
 
+def _mqtt_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mqtt-ca", default=None, help="the service CA that checks the broker (TLS)")
+    parser.add_argument("--mqtt-cert", default=None, help="this service's client certificate")
+    parser.add_argument("--mqtt-key", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetnest", description="Nested federated learning for robot fleets.")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -338,7 +441,54 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--repo", required=True)
     init.add_argument("--keys", required=True)
     init.set_defaults(run=_ota_init)
-    publish = ota.add_parser("publish", help="sign a bundle into the repository (needs the offline targets key)")
+    sign = ota.add_parser(
+        "sign",
+        help="offline: sign a release and/or the ring layout into targets metadata (only the offline targets key)",
+        description="Runs on the offline machine. Signs a bundle (--bundle) and/or the ring layout (--salt, "
+        "--rings) on top of the repository's current targets metadata into a new folder, which "
+        "`fleetnest ota import` takes on the OTA server.",
+    )
+    sign.add_argument("--keys", required=True, help="key folder holding offline/targets.pem and public.json")
+    sign.add_argument("--targets", required=True, help="the repository's current metadata/N.targets.json (copied)")
+    sign.add_argument("--bundle", default=None, help="a bundle folder to sign as a release")
+    sign.add_argument("--salt", default=None, help="sign the ring layout with this salt")
+    sign.add_argument("--rings", default="", help="name:cumulative_share,... (default canary:0.05,ring-10:0.1,...)")
+    sign.add_argument("--out", required=True, help="the signed folder to create")
+    sign.set_defaults(run=_ota_sign)
+    imp = ota.add_parser(
+        "import",
+        help="online: import targets metadata signed offline, then sign snapshot and timestamp (online keys only)",
+    )
+    imp.add_argument("--repo", required=True)
+    imp.add_argument("--keys", required=True, help="key folder holding online/snapshot.pem, timestamp.pem")
+    imp.add_argument("--signed", required=True, help="the folder `fleetnest ota sign` wrote")
+    imp.set_defaults(run=_ota_import)
+    broker = ota.add_parser(
+        "broker-config",
+        help="write the fleet's Mosquitto configuration: TLS, device certificates, topic ACLs",
+    )
+    broker.add_argument("--device-ca", required=True, help="the device CA folder (ca.pem, crl.pem) from provisioning")
+    broker.add_argument("--service-ca", required=True, help="the service CA folder (created if missing)")
+    broker.add_argument("--project", default="fleetnest")
+    broker.add_argument("--out", required=True, help="folder for mosquitto.conf, the ACL files and certificates")
+    broker.add_argument("--hosts", default="localhost,127.0.0.1", help="the broker's names for its certificate")
+    broker.add_argument("--host", default="0.0.0.0", help="device listener address")
+    broker.add_argument("--port", type=int, default=8883, help="device listener port")
+    broker.add_argument("--service-host", default="127.0.0.1", help="service listener address")
+    broker.add_argument("--service-port", type=int, default=8884, help="service listener port")
+    broker.add_argument("--prefix", default="fleetnest", help="topic prefix")
+    broker.set_defaults(run=_ota_broker_config)
+    cert = ota.add_parser("service-cert", help="issue a TLS certificate from the service CA (OTA server, a service)")
+    cert.add_argument("--service-ca", required=True)
+    cert.add_argument("--project", default="fleetnest")
+    cert.add_argument("--name", required=True, help="common name (a service's MQTT user name with --client)")
+    cert.add_argument("--hosts", default="localhost,127.0.0.1", help="server certificate: its host names")
+    cert.add_argument("--client", action="store_true", help="a client certificate for the broker's service listener")
+    cert.add_argument("--out", required=True)
+    cert.set_defaults(run=_ota_service_cert)
+    publish = ota.add_parser(
+        "publish", help="development only: sign a bundle in place (needs the offline and the online keys together)"
+    )
     publish.add_argument("--repo", required=True)
     publish.add_argument("--keys", required=True)
     publish.add_argument("--bundle", required=True)
@@ -350,16 +500,25 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--keys", required=True)
     rotate.add_argument("--role", required=True, choices=["targets", "snapshot", "timestamp", "rollout"])
     rotate.set_defaults(run=_ota_rotate)
-    serve = ota.add_parser("serve", help="serve the repository over HTTP (Range requests)")
+    serve = ota.add_parser("serve", help="serve the repository over HTTP(S) (Range requests)")
     serve.add_argument("--repo", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765)
     serve.add_argument("--keys", default=None, help="online keys: renew the timestamp while serving")
     serve.add_argument("--timestamp-every-s", type=float, default=6 * 3600)
+    serve.add_argument("--idle-timeout-s", type=float, default=30.0, help="close a connection idle this long")
+    serve.add_argument("--max-connections", type=int, default=256)
+    serve.add_argument("--tls-cert", default=None, help="HTTPS: the server certificate (`ota service-cert`)")
+    serve.add_argument("--tls-key", default=None)
+    serve.add_argument("--tls-ca", default=None, help="HTTPS: also require client certificates from this CA")
     serve.add_argument("--db", default=None, help="rollout state (SQLite): with --mqtt, take device reports")
-    serve.add_argument("--mqtt", default=None, help="host:port of the MQTT broker")
+    serve.add_argument("--mqtt", default=None, help="host:port of the broker's service listener")
+    _mqtt_tls_arguments(serve)
+    serve.add_argument("--device-ca", default=None, help="count reports only from devices this device CA enrolled")
     serve.set_defaults(run=_ota_serve)
-    rings = ota.add_parser("rings", help="sign the ring layout devices place themselves with")
+    rings = ota.add_parser(
+        "rings", help="development only: sign the ring layout in place (needs the offline targets key)"
+    )
     rings.add_argument("--repo", required=True)
     rings.add_argument("--keys", required=True)
     rings.add_argument("--salt", required=True, help="any fixed string; changing it reshuffles the rings")
@@ -372,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--db", required=True, help="the rollout state (SQLite)")
     rollout.add_argument("--release", default=None)
     rollout.add_argument("--mqtt", default=None, help="host:port of the broker to push targeting hints to")
+    _mqtt_tls_arguments(rollout)
     rollout.set_defaults(run=_ota_rollout)
     update = ota.add_parser(
         "update",

@@ -2,8 +2,10 @@
 
 1. ``fleetnest provision`` a localhost fleet and start it: FLARE server, relay, cluster-tier client,
    two leaves, FLARE's routing proxy (real processes, mutual TLS);
-2. an MQTT broker in-process (amqtt) and the OTA service: TUF repository, signed ring layout
-   (canary, then the fleet), HTTP server, rollout controller taking reports over MQTT;
+2. the fleet's MQTT broker (Mosquitto when the machine has it, else amqtt in-process: TLS with
+   device certificates, topic ACLs) and the OTA service (``ota.service``): keys split at a
+   ceremony, the ring layout signed offline, HTTPS with the fleet's service CA, a rollout
+   controller counting only reports its broker authenticated, from devices in their signed ring;
 3. six edge daemons (``fleetnest edge run``, processes; no systemd), each with its own certificate,
    simulated sensors and a file probe saying idle and charging: they infer, store samples, learn
    in micro-updates;
@@ -17,16 +19,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from .edge_fleet import FLEET, DaemonProcess, OtaService, device_job, edge_config, set_probe
+from .edge_fleet import DEVICE_CLASS, FLEET, DaemonProcess, device_job, edge_config, set_probe
 from .localhost_fleet import LocalFleet, devices_by_leaf, wait_until
 
 DEVICES_PER_LEAF = 3
@@ -39,54 +39,43 @@ def say(step: str, text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {step:<9} {text}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_broker(work: Path, device_ca: Path):
+    """The fleet's broker: Mosquitto when installed, else amqtt in this process; the same rules."""
+    from ota.brokers import EmbeddedBroker, FleetBrokerSetup, MosquittoBroker, mosquitto_binary
+
+    setup = FleetBrokerSetup.create(work, device_ca)
+    broker = MosquittoBroker(setup) if mosquitto_binary() else EmbeddedBroker(setup)
+    return setup, broker.start()
 
 
-class EmbeddedBroker:
-    """An MQTT 3.1.1 broker (amqtt) on a localhost port, in a thread of this process."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="mqtt-broker", daemon=True)
-
-    def start(self) -> EmbeddedBroker:
-        from amqtt.broker import Broker
-
-        self.thread.start()
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
-
-        async def start() -> Broker:
-            broker = Broker(config, loop=self.loop)
-            await broker.start()
-            return broker
-
-        self.broker = asyncio.run_coroutine_threadsafe(start(), self.loop).result(20)
-        return self
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(20)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def secure_device_config(path: Path, setup, identity: Path) -> None:
+    """The daemon's TLS settings: the service CA checks the OTA server and the broker; the device's
+    certificate logs it in to the broker (its device listener)."""
+    config = yaml.safe_load(path.read_text())
+    ca = str(setup.service_ca.cert_file)
+    config["ota"]["ca_file"] = ca
+    config["telemetry"].update(
+        mqtt_port=setup.config.port,
+        ca_file=ca,
+        cert_file=str(identity / "device.crt"),
+        key_file=str(identity / "device.key"),
+    )
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 class HealthLog:
-    """Every health record and presence change the daemons publish."""
+    """Every health record and presence change the daemons publish (the monitor service's identity)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, setup) -> None:
         import paho.mqtt.client as mqtt
 
         self.records: list[dict] = []
         self.presence: dict[str, str] = {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fleetnest-demo-monitor")
+        self.client.tls_set_context(setup.monitor.client_context())
         self.client.on_connect = lambda c, *_: c.subscribe([("fleetnest/health/+", 1), ("fleetnest/presence/+", 1)])
         self.client.on_message = self._message
-        self.client.connect("127.0.0.1", port)
+        self.client.connect(setup.config.service_host, setup.config.service_port)
         self.client.loop_start()
 
     def _message(self, client, userdata, message) -> None:
@@ -145,13 +134,22 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
         fleet.start_proxy()
         event("flare", f"FLARE is up; the routing proxy listens on {fleet.proxy_url}")
 
-        port = free_port()
-        broker = EmbeddedBroker(port).start()
-        health = HealthLog(port)
+        from ota.rollout import Policy
+        from ota.service import FleetOtaService
+
+        setup, broker = start_broker(out / "mqtt", fleet.provisioned.device_ca)
+        health = HealthLog(setup)
         by_leaf = devices_by_leaf(fleet.leaves, DEVICES_PER_LEAF)
         devices = [d for leaf in fleet.leaves for d in by_leaf[leaf]]
-        ota = OtaService(out / "ota", RINGS, broker_port=port, salt=_pick_salt(devices), min_reports=2)
-        event("ota", f"MQTT broker on 127.0.0.1:{port}; OTA repository at {ota.url} (rings {[r for r, _ in RINGS]})")
+        ota = FleetOtaService(
+            out / "ota", RINGS, _pick_salt(devices), setup.service_ca, broker=setup, policy=Policy(min_reports=2)
+        )
+        kind = type(broker).__name__
+        event(
+            "ota",
+            f"{kind} on 127.0.0.1:{setup.config.port} (TLS, device certificates, topic ACLs); "
+            f"OTA repository at {ota.url} (rings {[r for r, _ in RINGS]}); offline and online keys apart",
+        )
 
         job = device_job(out / "device_job.json", "--noise", str(noise))
         probe = out / "probe.json"
@@ -162,8 +160,18 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
                 raise RuntimeError(f"cannot issue a certificate for {device}")
             fleet_cfg = {"proxy": fleet.proxy_url, "identity": str(identity), "job": "nested_fleet"}
             config = edge_config(
-                out / "devices", device, index, job, probe, ota, port, fleet_cfg, rate_hz=5.0, min_interval_s=5.0
+                out / "devices",
+                device,
+                index,
+                job,
+                probe,
+                ota,
+                setup.config.port,
+                fleet_cfg,
+                rate_hz=5.0,
+                min_interval_s=5.0,
             )
+            secure_device_config(config, setup, identity)
             daemons[device] = DaemonProcess(config).start()
         for device, daemon in daemons.items():
             if not daemon.wait_for("serving local model", 120):
@@ -194,10 +202,10 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
         accepted = fleet.accepted()
 
         newest = accepted[-1]["version"]
-        release = ota.publish(fleet.archive, newest)
+        release = ota.publish(fleet.archive, newest, DEVICE_CLASS)
         assert ota.controller is not None
         ota.controller.start(release)
-        event("rollout", f"{release} published and rolled out: ring canary first")
+        event("rollout", f"{release} signed offline, imported online and rolled out: ring canary first")
         seen_stage = 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -273,6 +281,7 @@ def _report(out, fleet, ota, daemons, health, devices, rings, release, accepted,
             if v["status"] != "accepted"
         ],
         "rollout": ota.controller.status(),
+        "reports_refused": ota.controller.refused,
         "devices": per_device,
         "presence": health.presence,
         "events": [{"t_s": round(t, 1), "step": step, "event": text} for t, _, step, text in events],

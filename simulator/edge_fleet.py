@@ -75,14 +75,11 @@ def seed_archive(
 
 
 class OtaService:
-    def __init__(
-        self,
-        work: Path,
-        rings: tuple[tuple[str, float], ...],
-        broker_port: int | None = None,
-        salt: str = "fleetnest-demo",
-        **policy,
-    ):
+    """A signed repository served on localhost, with one machine holding every key: for tests and
+    benchmarks of devices' updates. The demo's service (``ota.service.FleetOtaService``) splits the
+    keys, serves HTTPS and runs the authenticated rollout controller."""
+
+    def __init__(self, work: Path, rings: tuple[tuple[str, float], ...], salt: str = "fleetnest-demo"):
         from ota import keys as fleet_keys
         from ota.repository import Repository
         from ota.rings import make_layout
@@ -96,24 +93,6 @@ class OtaService:
         self.server = RepositoryServer(self.work / "repo").start()
         self.root = self.work / "root.json"
         self.root.write_bytes((self.repository.metadata_dir / "1.root.json").read_bytes())
-        self.controller = self.broker = None
-        if broker_port is not None:
-            from ota.mqtt import RolloutBroker
-            from ota.rollout import Policy, RolloutController
-
-            names = [name for name, _ in rings]
-            self.controller = RolloutController(
-                self.work / "rollouts.sqlite", self.repository, names, Policy(**policy) if policy else Policy()
-            )
-            self.broker = RolloutBroker(
-                "127.0.0.1",
-                broker_port,
-                on_report=lambda r: self.controller.report(
-                    r["device"], r["ring"], r["release"], r["status"], r["reason"]
-                ),
-                current_targeting=lambda: {r: d for r in names if (d := self.repository.desired(r))},
-            ).start()
-            self.controller.notify = self.broker.publish_desired
 
     @property
     def url(self) -> str:
@@ -137,10 +116,6 @@ class OtaService:
         self.repository.set_desired(ring, {"release": release})
 
     def close(self) -> None:
-        if self.broker is not None:
-            self.broker.stop()
-        if self.controller is not None:
-            self.controller.close()
         self.server.stop()
 
 

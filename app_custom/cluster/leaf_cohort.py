@@ -90,6 +90,7 @@ class LeafCohort:
         enrol_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         authority: Authority | None = None,
+        crl_pem: bytes | None = None,
     ) -> None:
         if not 2 <= min_devices <= cohort_size:
             raise ValueError(f"need 2 <= min_devices <= cohort_size, got {min_devices} and {cohort_size}")
@@ -101,6 +102,10 @@ class LeafCohort:
             "cohort": [],
             "authenticated": authority is not None,
         }
+        if authority is not None and crl_pem:
+            # the device CA's CRL in force: devices check their peers against it (it is the CA's,
+            # signed and dated, so a leaf can only withhold a revocation younger than its validity)
+            self.spec["device_crl"] = crl_pem.decode()
         self.leaf, self.session, self.base_version = leaf, session, base_version
         self.settings, self.shapes = settings, dict(shapes)
         self.cohort_size, self.min_devices = cohort_size, min_devices

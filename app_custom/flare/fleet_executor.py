@@ -86,6 +86,7 @@ from app_custom.flare.fleet_messages import (
 )
 from app_custom.flare.outbound_audit import secagg_summary
 from app_custom.nested.slow_delta import UpdateError, shapes_of
+from app_custom.privacy.peer_certificates import CertificateAuthority
 from app_custom.privacy.private_update import PrivacySettings
 
 AUDIT_FILE = "leaf_audit.jsonl"
@@ -104,6 +105,8 @@ class CohortUpdater(Updater):
         self.settings, self.mode, self.cohort_args, self.is_leaf = settings, mode, cohort, leaf
         self.job_id, self.site = "", ""
         self.signer: SiteSigner | None = None  # a leaf's site key: it signs its sums for the cluster
+        # a leaf's device CA: its sessions are authenticated (signed adverts, the consistency round)
+        self.device_ca: DeviceAuthenticator | None = None
         self.version: int | None = None
         self.weights: dict[str, np.ndarray] | None = None
         self.session: LeafCohort | None = None
@@ -215,6 +218,10 @@ class CohortUpdater(Updater):
                 return None  # one sum per round; a failed session may be tried again
             self._next_session += 1
             self._session_weights = self.weights
+            authority, crl_pem = None, None
+            if self.device_ca is not None:
+                ca_pem, crl_pem = self.device_ca.ca_and_crl()
+                authority = CertificateAuthority(ca_pem, crl_pem)
             self.session = LeafCohort(
                 job_id=self.job_id,
                 leaf=self.site,
@@ -222,6 +229,8 @@ class CohortUpdater(Updater):
                 base_version=self.version,
                 settings=self.settings,
                 shapes=shapes_of(self.weights),
+                authority=authority,
+                crl_pem=crl_pem,
                 **self.cohort_args,
             )
             self._started_in_task = True
@@ -328,6 +337,7 @@ class NestedFleetExecutor(EdgeTaskExecutor):
             except IdentityError as err:
                 self.system_panic(f"this leaf cannot authenticate devices: {err}", fl_ctx)
                 return None
+            self._updater_obj.device_ca = self._authenticator
             startup = Path(workspace.get_startup_kit_dir()) if workspace else root / "startup"
             try:
                 self._updater_obj.signer = SiteSigner.from_startup(startup)

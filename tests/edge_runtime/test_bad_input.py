@@ -122,6 +122,46 @@ def test_no_model_a_dead_repository_and_a_dead_broker_and_it_still_infers_then_c
         broker.stop()
 
 
+def test_with_the_fleets_tls_settings_it_reports_through_the_authenticated_broker_and_nothing_else(tmp_path):
+    from ota.brokers import FleetBrokerSetup, MosquittoBroker
+    from provisioning.identities import DeviceCA
+
+    ca = DeviceCA.create(tmp_path / "device_ca", "fleet")
+    issued = ca.issue("robot-7", 30)
+    (tmp_path / "device.crt").write_bytes(issued.cert_pem)
+    (tmp_path / "device.key").write_bytes(issued.key_pem)
+    setup = FleetBrokerSetup.create(tmp_path / "mqtt", tmp_path / "device_ca")
+    broker = MosquittoBroker(setup).start()
+    got: list[tuple[str, bytes]] = []
+    monitor = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-monitor")
+    monitor.tls_set_context(setup.monitor.client_context())
+    monitor.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    monitor.on_connect = lambda c, *_: c.subscribe([("fleetnest/health/+", 1), ("fleetnest/presence/+", 1)])
+    monitor.connect("127.0.0.1", setup.config.service_port)
+    monitor.loop_start()
+    telemetry = {
+        "mqtt_host": "127.0.0.1",
+        "mqtt_port": setup.config.port,
+        "ca_file": str(setup.service_ca.cert_file),
+        "cert_file": str(tmp_path / "device.crt"),
+        "key_file": str(tmp_path / "device.key"),
+    }
+    path, _ = _config(tmp_path, telemetry=telemetry)
+    daemon = DaemonProcess(path).start()
+    try:
+        deadline = time.monotonic() + 90
+        while sum(t == "fleetnest/health/robot-7" for t, _ in got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        health = [json.loads(p) for t, p in got if t == "fleetnest/health/robot-7"]
+        assert len(health) >= 2 and all(h["device"] == "robot-7" for h in health), daemon.text()[-2000:]
+        assert ("fleetnest/presence/robot-7", b"online") in got
+        assert {t.rsplit("/", 1)[-1] for t, _ in got} == {"robot-7"}
+    finally:
+        daemon.stop()
+        monitor.loop_stop()
+        broker.stop()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_full_disk_keeps_it_inferring_and_checkpoints_resume_once_there_is_room(tmp_path):
     disk = tmp_path / "disk"

@@ -142,6 +142,16 @@ def test_no_watchdog_once_the_main_loop_hangs(tmp_path):
         ("device_id: r\nstate_dir: /tmp/x\nloop_interval_s: .nan\n", "loop_interval_s must be a number"),
         ("device_id: [unclosed\n", "not valid YAML"),
         ("- a list\n", "expected a mapping"),
+        (
+            "device_id: r\nstate_dir: /tmp/x\ntelemetry: {mqtt_host: h, cert_file: /etc/fleetnest/device.crt}\n",
+            "telemetry.cert_file and telemetry.key_file go together",
+        ),
+        (
+            "device_id: r\nstate_dir: /tmp/x\n"
+            "ota: {repository: 'http://ota:8765', root: /r.json, device_class: c, ca_file: /etc/ca.pem}\n",
+            "ota.ca_file checks an https repository",
+        ),
+        ("device_id: r\nstate_dir: /tmp/x\ntelemetry: {ca_file: relative.pem}\n", "ca_file must be an absolute path"),
     ],
 )
 def test_a_bad_config_is_refused_with_a_message_naming_the_field(tmp_path, text, reason):

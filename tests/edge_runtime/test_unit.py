@@ -117,6 +117,7 @@ def test_a_fleet_device_gets_its_identity_as_credentials_and_a_device_without_on
     assert credentials == [
         ("LoadCredential", "device.key:/etc/fleetnest/identity/device.key"),
         ("LoadCredential", "device.crt:/etc/fleetnest/identity/device.crt"),
+        ("LoadCredential", "device_ca.pem:/etc/fleetnest/identity/device_ca.pem"),
     ]
     assert _service_directives((out / NETWORK_DROP_IN).read_text()) == [("IPAddressAllow", "198.51.100.7")]
     assert {stat.S_IMODE(p.stat().st_mode) for p in written} == {0o644}
@@ -162,6 +163,8 @@ def test_the_daemon_reads_its_identity_from_the_credentials_systemd_loaded(tmp_p
     (credentials / "device.key").write_bytes(b"key")
     assert identity_dir(configured, {"CREDENTIALS_DIRECTORY": str(credentials)}) == configured  # no certificate
     (credentials / "device.crt").write_bytes(b"crt")
+    assert identity_dir(configured, {"CREDENTIALS_DIRECTORY": str(credentials)}) == configured  # no device CA
+    (credentials / "device_ca.pem").write_bytes(b"ca")
     assert identity_dir(configured, {"CREDENTIALS_DIRECTORY": str(credentials)}) == credentials
     assert identity_dir(configured, {}) == configured
 

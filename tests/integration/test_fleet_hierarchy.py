@@ -52,7 +52,7 @@ from simulator.localhost_fleet import (
 
 pytestmark = pytest.mark.integration
 
-DEVICE_MESSAGES = {"KeyAdvert", "ShareBundle", "MaskedInput", "UnmaskShares"}
+DEVICE_MESSAGES = {"KeyAdvert", "ShareBundle", "MaskedInput", "ConsistencySignature", "UnmaskShares"}
 JOB = ("--buffer-timeout", "5", "--max-wait", "120", "--stage-timeout", "8")
 
 
@@ -135,7 +135,8 @@ def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versio
     for leaf in fleet.leaves:
         records = _leaf_audit(fleet, leaf)
         assert records, f"{leaf} accepted no device message"
-        assert {r["secagg"]["type"] for r in records if "secagg" in r} <= DEVICE_MESSAGES
+        # authenticated sessions: every device signed the survivor set it was shown
+        assert {r["secagg"]["type"] for r in records if "secagg" in r} == DEVICE_MESSAGES
         masked = [r["secagg"] for r in records if r.get("secagg", {}).get("type") == "MaskedInput"]
         assert masked and all(m["ring_bits"] == 12 for m in masked)
         assert all(m["payload_bytes"] == (m["length"] * 12 + 7) // 8 for m in masked)

@@ -5,12 +5,22 @@ import json
 
 import pytest
 
+from ota.rings import make_layout, ring_of
 from ota.rollout import ABORTED, COMPLETED, PAUSED, RUNNING, Policy, RolloutController, RolloutError
 from simulator.cli import main
 
 from .test_updater import fleet, publish  # noqa: F401 - the fixture and its helper
 
 RINGS = ["canary", "rest"]
+LAYOUT = make_layout("fleet-salt", [("canary", 0.5), ("rest", 1.0)])  # the fleet fixture's signed layout
+CANARY = [d for d in (f"robot-{i}" for i in range(50)) if ring_of(d, LAYOUT) == "canary"]
+REST = [d for d in (f"robot-{i}" for i in range(50)) if ring_of(d, LAYOUT) == "rest"]
+
+
+def send(controller, device, ring, release, status="installed", reason=""):
+    """A report as the device itself sends it (the transport authenticated it as ``device``)."""
+    body = {"device": device, "ring": ring, "release": release, "status": status, "reason": reason}
+    return controller.report(device, body)
 
 
 def _controller(fleet, policy=None, notified=None):  # noqa: F811
@@ -32,19 +42,20 @@ def test_rings_are_promoted_on_healthy_reports_and_the_state_survives_a_restart(
     rollout = controller.start(release)
     assert fleet[1].desired("canary")["release"] == release and fleet[1].desired("rest") is None
     assert notified == [("canary", {"release": release, "rollout": rollout})]
-    controller.report("d1", "canary", release, "installed")
-    controller.report("d1", "canary", "v0-other", "rolled-back")  # about another release: ignored
+    assert send(controller, CANARY[0], "canary", release) == "counted"
+    assert send(controller, CANARY[0], "canary", "v0-other", "rolled-back").startswith("ignored")  # another release
+    assert send(controller, REST[0], "rest", release).startswith("refused: ring rest is not targeted")
     assert controller.status()["stage"] == 0
     controller.close()
     restarted = _controller(fleet)  # a server restart: nothing lost
     assert restarted.status()["rings"]["canary"] == {"installed": 1}
-    restarted.report("d2", "canary", release, "installed")
+    send(restarted, CANARY[1], "canary", release)
     assert restarted.status()["stage"] == 1 and fleet[1].desired("rest")["release"] == release
     with pytest.raises(RolloutError, match="still running"):
         restarted.start(release)
     restarted.pause()
-    restarted.report("d3", "rest", release, "installed")
-    restarted.report("d4", "rest", release, "installed")
+    send(restarted, REST[0], "rest", release)
+    send(restarted, REST[1], "rest", release)
     assert restarted.status()["state"] == PAUSED  # no promotion while paused
     restarted.resume()
     assert restarted.status()["state"] == COMPLETED and restarted.fleet_release() == release
@@ -56,12 +67,12 @@ def test_failures_abort_and_point_the_targeted_rings_back(fleet):  # noqa: F811
     first, second = publish(fleet, 1), publish(fleet, 3)
     controller = _controller(fleet)
     controller.start(first)
-    for device, ring in [("a", "canary"), ("b", "canary"), ("c", "rest"), ("d", "rest")]:
-        controller.report(device, ring, first, "installed")
+    for device, ring in [(CANARY[0], "canary"), (CANARY[1], "canary"), (REST[0], "rest"), (REST[1], "rest")]:
+        send(controller, device, ring, first)
     assert controller.status()["state"] == COMPLETED
     controller.start(second)
-    controller.report("a", "canary", second, "installed")
-    controller.report("b", "canary", second, "rolled-back", "health check failed")
+    send(controller, CANARY[0], "canary", second)
+    send(controller, CANARY[1], "canary", second, "rolled-back", "health check failed")
     status = controller.status()
     assert status["state"] == ABORTED and "1 of 2 devices failed" in status["reason"]
     assert fleet[1].desired("canary") == {"release": first, "rollback_from": second, "rollout": status["id"]}

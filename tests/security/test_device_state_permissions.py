@@ -24,12 +24,6 @@ def umask_022():
         os.umask(old)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fleet_device writes device_state.pt via NestedLearner.save (plain open) and privacy_ledger.json via "
-    "write_json_atomic with the default mode 0o666: both follow the umask until they pass mode=0o600",
-)
 def test_a_fleet_devices_state_and_ledger_are_owner_only_under_umask_022(tmp_path, umask_022):
     job = job_settings(argparse.Namespace(devices=8, cohort=3, noise=0.05))
     device = FleetDevice("robot-0", job["config"], job["data"], job["privacy"], 0, tmp_path / "state")

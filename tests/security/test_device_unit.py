@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.config import EdgeConfig, EdgeConfigError
+from edge_runtime.config import EdgeConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "edge_runtime" / "systemd" / "fleetnest-edge.service"
@@ -98,15 +98,10 @@ def test_the_device_key_reaches_the_service_as_a_credential_not_a_readable_file(
     assert re.findall(r"^LoadCredential=(.*)$", merged, re.M) == [
         "device.key:/etc/fleetnest/identity/device.key",
         "device.crt:/etc/fleetnest/identity/device.crt",
+        "device_ca.pem:/etc/fleetnest/identity/device_ca.pem",
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=EdgeConfigError,
-    reason="edge_runtime/runtime.py reads fleet.identity itself; with LoadCredential= it must read "
-    "edge_runtime.unit.identity_dir(Path(fleet['identity'])) (in _check_files and for DeviceIdentity)",
-)
 def test_the_daemon_runs_on_the_credentials_when_the_key_file_is_not_readable_to_it(tmp_path, monkeypatch):
     from edge_runtime.runtime import _check_files
     from jobs.nested_fleet.job import settings as job_settings
@@ -115,7 +110,7 @@ def test_the_daemon_runs_on_the_credentials_when_the_key_file_is_not_readable_to
     job.write_text(json.dumps(job_settings(argparse.Namespace(devices=8, cohort=3, noise=0.05))))
     credentials = tmp_path / "credentials"  # what systemd sets up from LoadCredential= (the key stays root-only)
     credentials.mkdir()
-    for name in ("device.key", "device.crt"):
+    for name in ("device.key", "device.crt", "device_ca.pem"):
         (credentials / name).write_bytes(b"-----BEGIN-----\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
     unreadable = tmp_path / "identity"  # root:root 0700 on the device: to the service user, not there

@@ -70,3 +70,65 @@ def test_the_noise_a_device_draws_is_the_discrete_gaussian_it_is_charged_for():
     assert noise.dtype == np.int64
     assert abs(noise.mean()) < 0.1 and noise.std() == pytest.approx(7.0, rel=0.01)
     assert math.isclose(discrete_gaussian.round_rho(2.0), 1 / 8, rel_tol=1e-12)
+
+
+def test_a_hierarchy_devices_epsilon_is_its_own_participation_in_authenticated_sessions(tmp_path):
+    """Real fleet devices (certificates from a real device CA) in three authenticated leaf
+    sessions of a cohort of 3 out of 4: each device's reported epsilon is dp-accounting's for the
+    sessions in which the leaf took its masked vector, and nothing for the others."""
+    from app_custom.cluster.leaf_cohort import MASK, LeafCohort
+    from app_custom.privacy.peer_certificates import CertificateAuthority
+    from edge_runtime.fleet_device import DeviceIdentity, FleetDevice, PeerKeys
+    from jobs.nested_fleet.job import settings as job_settings
+    from provisioning.identities import DeviceCA
+
+    job = job_settings(argparse.Namespace(devices=8, cohort=3, noise=0.5))
+    ca = DeviceCA.create(tmp_path / "ca", "epsilon-test")
+    ca_pem, crl_pem = (ca.dir / "ca.pem").read_bytes(), (ca.dir / "crl.pem").read_bytes()
+    devices = {}
+    for i in range(4):
+        issued = ca.issue(f"robot-{i}", valid_days=30)
+        identity = tmp_path / f"id{i}"
+        identity.mkdir()
+        (identity / "device.key").write_bytes(issued.key_pem)
+        (identity / "device.crt").write_bytes(issued.cert_pem)
+        peers = PeerKeys(DeviceIdentity(identity), ca_pem)
+        devices[issued.device_id] = FleetDevice(
+            issued.device_id, job["config"], job["data"], job["privacy"], i, tmp_path / f"d{i}", peers=peers
+        )
+    weights = devices["robot-0"].learner.initial_slow()
+    settings = PrivacySettings.from_dict(job["privacy"])
+    contributed = dict.fromkeys(devices, 0)
+    for session, enrolled in enumerate((["robot-0", "robot-1", "robot-2"], ["robot-1", "robot-2", "robot-3"]) * 2):
+        leaf = LeafCohort(
+            job_id="job-1",
+            leaf="eu-depot-1",
+            session=session + 1,
+            base_version=0,
+            settings=settings,
+            shapes={name: value.shape for name, value in weights.items()},
+            cohort_size=3,
+            min_devices=2,
+            stage_timeout=60,
+            authority=CertificateAuthority(ca_pem, crl_pem),
+            crl_pem=crl_pem,
+        )
+        for name in enrolled:
+            leaf.task_for(name)
+        stages = set()
+        while not leaf.done:
+            for name in enrolled:
+                task = leaf.task_for(name)
+                if task is None:
+                    continue
+                stages.add(task.stage)
+                answer = weights if task.stage == "train" else None
+                message, _, _ = devices[name].answer(task.stage, task.spec, 0, answer, task.message)
+                leaf.submit(name, task.stage, message)
+        assert leaf.failure is None and "consistency" in stages
+        for name in leaf.aggregator._stages[MASK].accepted:
+            contributed[name] += 1
+    assert contributed == {"robot-0": 2, "robot-1": 4, "robot-2": 4, "robot-3": 2}
+    for name, device in devices.items():
+        expected = spent(settings.dp.noise_multiplier, contributed[name], settings.dp.delta)
+        assert device.ledger.epsilon() == pytest.approx(expected, rel=0.01)
