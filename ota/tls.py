@@ -19,20 +19,18 @@ makes the ``ssl.SSLContext`` for either side.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from app_custom.durable import write_bytes_atomic
-
-CA_VALID_DAYS = 3650
+from provisioning.certificates import create_ca, host_names, private_pem, sign_certificate
 
 
 class TlsError(ValueError):
@@ -41,12 +39,6 @@ class TlsError(ValueError):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 @dataclass(frozen=True)
@@ -78,26 +70,7 @@ class ServiceCA:
         directory = Path(directory)
         if (directory / "ca.pem").exists():
             return cls(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project[:40]} service CA")])
-        now = _now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CA_VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        write_bytes_atomic(directory / "ca.key", _key_pem(key), 0o600)
-        write_bytes_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        create_ca(directory, f"{project[:40]} service CA", _now())
         return cls(directory)
 
     def _issue(
@@ -106,26 +79,11 @@ class ServiceCA:
         if not name or len(name) > 64:
             raise TlsError(f"a certificate name must be 1 to 64 characters, got {name!r}")
         key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
+        cert = sign_certificate(self._key, self.cert, name, key.public_key(), usage, _now(), valid_days, sans)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         identity = Identity(out / f"{name}.pem", out / f"{name}.key")
-        write_bytes_atomic(identity.key_file, _key_pem(key), 0o600)
+        write_bytes_atomic(identity.key_file, private_pem(key), 0o600)
         write_bytes_atomic(identity.cert_file, cert.public_bytes(serialization.Encoding.PEM))
         return identity
 
@@ -133,13 +91,7 @@ class ServiceCA:
         """A TLS server certificate for ``hosts`` (DNS names or IP addresses): the broker, the OTA server."""
         if not hosts:
             raise TlsError("a server certificate needs at least one host name or address")
-        sans: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
-        return self._issue(name, ExtendedKeyUsageOID.SERVER_AUTH, sans, Path(out), valid_days)
+        return self._issue(name, ExtendedKeyUsageOID.SERVER_AUTH, host_names(hosts), Path(out), valid_days)
 
     def issue_client(self, name: str, out: str | os.PathLike, valid_days: int = 365) -> Identity:
         """A client certificate for a fleet service (the rollout server, a monitor) on the broker."""

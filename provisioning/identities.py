@@ -22,9 +22,7 @@ switch without missing a round.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +34,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from app_custom.device_identity import DEVICE_ID, URN, IdentityError, verify_device_certificate
 from app_custom.durable import write_bytes_atomic, write_json_atomic
 
+from .certificates import create_ca, private_pem, sign_certificate
+from .certificates import host_names as alt_names
+
 __all__ = ["DeviceCA", "IdentityError", "IssuedIdentity", "verify_device_certificate"]
 
-CA_VALID_DAYS = 3650
+CLIENT, SERVER = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
 CRL_VALID_DAYS = 7  # leaves refuse a CRL past its next update: republish at least weekly
 SERVER_VALID_DAYS = 90  # the routing proxy's certificate: renewed with `fleetnest provision proxy`
 
@@ -75,32 +76,8 @@ class DeviceCA:
             ca = cls(directory)
             ca.publish_crl(now)  # every provisioning run refreshes the CRL's validity
             return ca
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
         now = now or _now()
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{project[:40]} device CA")])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=CA_VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        write_bytes_atomic(
-            directory / "ca.key",
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-            0o600,
-        )
-        write_bytes_atomic(directory / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        create_ca(directory, f"{project[:40]} device CA", now)
         ca = cls(directory)
         ca.publish_crl(now)
         return ca
@@ -135,9 +112,7 @@ class DeviceCA:
         if csr_pem is None:
             key = ec.generate_private_key(ec.SECP256R1())
             public_key = key.public_key()
-            key_pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
+            key_pem = private_pem(key)
         else:
             try:
                 csr = x509.load_pem_x509_csr(csr_pem)
@@ -152,23 +127,9 @@ class DeviceCA:
             if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
                 raise IdentityError("device keys must be P-256 (secp256r1) keys")
         previous = [int(r["serial"]) for r in self.issued(device_id)] if revoke_previous else []
-        not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-            .issuer_name(self.cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(URN + device_id)]), critical=False
-            )
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
+        urn = [x509.UniformResourceIdentifier(URN + device_id)]
+        cert = sign_certificate(self._key, self.cert, device_id, public_key, CLIENT, now, valid_days, urn)
+        not_after = cert.not_valid_after_utc
         record = {"device_id": device_id, "serial": str(cert.serial_number), "not_after": not_after.isoformat()}
         write_json_atomic(self.dir / "issued.json", self._load("issued.json") + [record])
         for serial in previous:
@@ -185,37 +146,16 @@ class DeviceCA:
         if not host_names:
             raise IdentityError("a server certificate needs at least one host name")
         now = now or _now()
-        names = []
-        for host in host_names:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
         key = ec.generate_private_key(ec.SECP256R1())
-        not_after = min(now + dt.timedelta(days=valid_days), self.cert.not_valid_after_utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
+        cert = sign_certificate(
+            self._key, self.cert, name, key.public_key(), SERVER, now, valid_days, alt_names(host_names)
         )
+        not_after = cert.not_valid_after_utc
         record = {"name": name, "hosts": list(host_names), "serial": str(cert.serial_number)}
         record["not_after"] = not_after.isoformat()
         write_json_atomic(self.dir / "servers.json", self._load("servers.json") + [record])
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-        return IssuedIdentity(name, cert.serial_number, not_after, cert_pem, key_pem)
+        return IssuedIdentity(name, cert.serial_number, not_after, cert_pem, private_pem(key))
 
     def revoke(self, target: str | int, now: dt.datetime | None = None, reason: str = "revoked") -> list[int]:
         """Revoke one certificate (a serial) or every certificate of a device (its id); republish the CRL."""
