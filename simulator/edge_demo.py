@@ -280,6 +280,15 @@ def _report(out, fleet, ota, daemons, health, devices, rings, release, accepted,
             for v in fleet.versions()
             if v["status"] != "accepted"
         ],
+        # every link the loop uses, and what protects it
+        "links": {
+            "flare": "mutual TLS under the project root CA (server, relay, cluster client, leaves)",
+            "routing_proxy": f"{fleet.proxy_url} (server certificate from the device CA; devices verify it)",
+            "secure_aggregation": "authenticated: adverts signed with device certificates, the consistency round",
+            "mqtt": "TLS, device certificates from the device CA and its CRL, per-device topic ACLs",
+            "ota": f"{ota.url} (HTTPS under the service CA; releases signed offline)",
+            "rollout_reports": "counted only from the authenticated device, in the ring the signed layout gives it",
+        },
         "rollout": ota.controller.status(),
         "reports_refused": ota.controller.refused,
         "devices": per_device,

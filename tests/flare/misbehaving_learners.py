@@ -65,3 +65,7 @@ class GarblingDevice(PrivateLearnerExecutor):
         model = FLModelUtils.from_shareable(reply)
         model.params[SECAGG_KEY] = np.frombuffer(b"\x00\x00\x00\x02{}garbage", dtype=np.uint8).copy()
         return FLModelUtils.to_shareable(model)
+
+
+class SpentAndGarblingDevices(SpentDevice, GarblingDevice):
+    """Device 1 is over its budget and device 2 garbles its share stage: two faults, one round."""

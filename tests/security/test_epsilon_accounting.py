@@ -9,7 +9,9 @@ ledger reports with dp-accounting on exactly that participation.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import re
 
 import numpy as np
 import pytest
@@ -72,7 +74,7 @@ def test_the_noise_a_device_draws_is_the_discrete_gaussian_it_is_charged_for():
     assert math.isclose(discrete_gaussian.round_rho(2.0), 1 / 8, rel_tol=1e-12)
 
 
-def test_a_hierarchy_devices_epsilon_is_its_own_participation_in_authenticated_sessions(tmp_path):
+def test_a_hierarchy_devices_epsilon_is_its_own_participation_in_authenticated_sessions(tmp_path, caplog):
     """Real fleet devices (certificates from a real device CA) in three authenticated leaf
     sessions of a cohort of 3 out of 4: each device's reported epsilon is dp-accounting's for the
     sessions in which the leaf took its masked vector, and nothing for the others."""
@@ -82,6 +84,7 @@ def test_a_hierarchy_devices_epsilon_is_its_own_participation_in_authenticated_s
     from jobs.nested_fleet.job import settings as job_settings
     from provisioning.identities import DeviceCA
 
+    caplog.set_level(logging.INFO)
     job = job_settings(argparse.Namespace(devices=8, cohort=3, noise=0.5))
     ca = DeviceCA.create(tmp_path / "ca", "epsilon-test")
     ca_pem, crl_pem = (ca.dir / "ca.pem").read_bytes(), (ca.dir / "crl.pem").read_bytes()
@@ -132,3 +135,6 @@ def test_a_hierarchy_devices_epsilon_is_its_own_participation_in_authenticated_s
     for name, device in devices.items():
         expected = spent(settings.dp.noise_multiplier, contributed[name], settings.dp.delta)
         assert device.ledger.epsilon() == pytest.approx(expected, rel=0.01)
+    # and nothing measured on a device's data went to its log (attack 10)
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "trained from version" in logged and not re.search(r"acc|loss|norm", logged)
