@@ -50,10 +50,16 @@ from app_custom.nested.device_data import load_fleet  # noqa: E402
 from app_custom.nested.learner import NestedLearner  # noqa: E402
 from app_custom.nested.slow_delta import shapes_of  # noqa: E402
 from app_custom.privacy import wire  # noqa: E402
+from app_custom.privacy.discrete_gaussian import rounded_l2_bound  # noqa: E402
 from app_custom.privacy.dp import noise_for_epsilon  # noqa: E402
 from app_custom.privacy.peer_certificates import CertificateAuthority, CertificateSigner  # noqa: E402
-from app_custom.privacy.private_update import PrivacySettings, cohort_mean, prepare_update  # noqa: E402
-from app_custom.privacy.quantization import decode_sum  # noqa: E402
+from app_custom.privacy.private_update import (  # noqa: E402
+    DEFAULT_RING_BITS,
+    PrivacySettings,
+    cohort_mean,
+    prepare_update,
+)
+from app_custom.privacy.quantization import QuantizationError, decode_sum  # noqa: E402
 from app_custom.privacy.secagg import SecAggAggregator, SecAggDevice, SecAggParams  # noqa: E402
 from app_custom.privacy.secagg_crypto import SessionContext  # noqa: E402
 from provisioning.identities import DeviceCA  # noqa: E402
@@ -126,6 +132,21 @@ def secure_sum(
         "server_unmask_s": unmask_s,
         "server_total_s": aggregator_s + unmask_s,
     }
+
+
+def ring_for_noise(privacy: dict, cohort: int, length: int) -> PrivacySettings:
+    """The settings with the narrowest ring (12 bits at least) that holds the cohort's summed noise
+    with steps fine enough that rounding adds at most 10 % to the sensitivity (the noise grows with
+    it: Kairouz et al.'s advice on the scale): more noise needs more bits, so privacy costs upload."""
+    for bits in range(DEFAULT_RING_BITS, 33):
+        settings = PrivacySettings.from_dict(privacy | {"ring_bits": bits})
+        try:
+            scaled = settings.dp.clip_norm * settings.ring(cohort, length).scale
+        except QuantizationError:
+            continue
+        if rounded_l2_bound(scaled, length) <= 1.1 * scaled:
+            return settings
+    raise QuantizationError(f"no ring of 32 bits or fewer holds the noise of {privacy['dp']}")
 
 
 def device_identities(ids: list[str]) -> tuple[dict[str, CertificateSigner], bytes, bytes]:
@@ -331,7 +352,7 @@ def main() -> int:
             dp = {"clip_norm": clip, "noise_multiplier": z, "delta": delta, "fleet_size": fleet_size}
             # every device of this fleet holds the same number of samples: uniform weights are sample
             # weights, without scaling each signal down against its noise share (weight_cap)
-            settings = PrivacySettings.from_dict({"dp": dp | {"cohort_size": cohort}, "weighting": "uniform"})
+            settings = ring_for_noise({"dp": dp | {"cohort_size": cohort}, "weighting": "uniform"}, cohort, length)
             runs = [
                 run_fleet("digits", "env_shift", fleet_size, cohort, rounds, s, settings, records, protocol=False)
                 for s in seeds
@@ -339,6 +360,7 @@ def main() -> int:
             point = {
                 "epsilon": None if math.isinf(epsilon) else epsilon,
                 "noise_multiplier": z,
+                "ring_bits": settings.ring_bits,
                 "mean_acc": float(np.mean([r["mean_acc"] for r in runs])),
                 "worst_acc": float(np.mean([r["worst_acc"] for r in runs])),
                 "accepted_versions": float(np.mean([r["accepted_versions"] for r in runs])),
@@ -352,7 +374,8 @@ def main() -> int:
             "rounds": rounds,
             "delta": delta,
             "clip_norm": clip,
-            "mode": f"distributed (secure aggregation), {settings.ring_bits}-bit ring, the cohort's rotation",
+            "mode": "distributed (secure aggregation), the narrowest ring of 12 bits or more that holds the summed"
+            " noise (ring_bits per point), the cohort's rotation",
             "weighting": settings.weighting,
             "data": f"digits env_shift; each device draws {records} training recordings from a shared pool"
             " (overlapping, each through its own sensors) and is tested on the held-out pool",
