@@ -77,7 +77,9 @@ def verify_device_certificate(cert_pem: bytes, ca_pem: bytes, crl_pem: bytes, no
         raise IdentityError(f"not issued by this fleet's device CA ({cert.issuer.rfc4514_string()})") from err
     if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
         raise IdentityError("the revocation list is not signed by this fleet's device CA")
-    if crl.next_update_utc is not None and crl.next_update_utc < now:
+    if crl.next_update_utc is None:
+        raise IdentityError("the revocation list names no next update: it would be good forever; republish it")
+    if crl.next_update_utc < now:
         raise IdentityError(f"the revocation list expired at {crl.next_update_utc.isoformat()}: republish it")
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise IdentityError(

@@ -30,9 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
-from app_custom.privacy.private_update import PrivacySettings, cohort_bound, cohort_sum, session_params
+from app_custom.privacy.private_update import PrivacySettings, SumPastBound, bounded_cohort_sum, session_params
 from app_custom.privacy.secagg import (
     Authority,
     ConsistencySignature,
@@ -225,20 +223,12 @@ class LeafCohort:
         elif self.stage == UNMASK:
             result = aggregator.result()
             survivors = len(result.survivors)
-            bound = cohort_bound(self.settings, survivors, self.params.length, len(self.spec["cohort"]))
-            norm = float(np.linalg.norm(result.total))  # the rotation keeps norms
-            if norm > bound.norm:
-                self._fail(
-                    f"the decoded sum of {survivors} devices has norm {norm:.4g}, past the {bound.norm:.4g} that"
-                    f" {survivors} clipped devices reach: a device sent a crafted vector; nothing is released"
+            try:
+                total, weight = bounded_cohort_sum(
+                    result.total, survivors, self.shapes, self.settings, self.params.context, len(self.spec["cohort"])
                 )
-                return
-            total, weight = cohort_sum(result.total, survivors, self.shapes, self.settings, self.params.context)
-            if weight > bound.max_weight:
-                self._fail(
-                    f"the decoded weight of {survivors} devices is {weight:.4g}, past the {bound.max_weight:.4g} they"
-                    " can carry: a device sent a crafted weight; nothing is released"
-                )
+            except SumPastBound as err:
+                self._fail(str(err))
                 return
             self.outcome = LeafSum(self.leaf, self.base_version, survivors, weight, total)
             self.stage = DONE

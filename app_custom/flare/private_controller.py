@@ -26,7 +26,7 @@ from app_custom.flare.private_learner_executor import (
     secagg_params,
 )
 from app_custom.privacy.dp import ACCOUNTING
-from app_custom.privacy.private_update import PrivacySettings, cohort_mean
+from app_custom.privacy.private_update import PrivacySettings, SumPastBound, bounded_cohort_sum
 from app_custom.privacy.secagg import (
     ADVERTISE,
     MASK,
@@ -135,7 +135,14 @@ class PrivateNestedFedAvg(NestedFedAvg):
         for rejection in outcome.rejections:
             self.warning(f"round {round_}: {rejection.stage} message from {rejection.sender}: {rejection.reason}")
         survivors = list(outcome.survivors)
-        mean = cohort_mean(outcome.total, len(survivors), expected, self.settings, params.context)
+        try:
+            summed, weight = bounded_cohort_sum(
+                outcome.total, len(survivors), expected, self.settings, params.context, len(cohort)
+            )
+        except SumPastBound as err:
+            self.warning(f"round {round_}: {err}")
+            return log | {"secagg": {"aborted": str(err), "rejections": self._rejections(outcome.rejections)}}
+        mean = {name: value / weight for name, value in summed.items()}
         rejection = self.aggregator.add_cohort_mean(survivors, mean, expected)
         if rejection:
             self.warning(f"round {round_}: secure sum rejected: {rejection.reason}")

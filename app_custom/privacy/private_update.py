@@ -318,11 +318,44 @@ def session_params(settings: PrivacySettings, spec: Mapping, length: int) -> Sec
         max_dropout=settings.max_dropout,
         min_survivors=min_survivors(settings, len(cohort)),
         authenticated=authenticated,
+        cohort=tuple(sorted(cohort)),
     )
 
 
 def min_survivors(settings: PrivacySettings, cohort: int) -> int:
-    """A sum is released only over at least this many devices: the DP noise shares assume them."""
+    """A sum is released only over at least this many devices: the DP noise shares assume them
+    (a cohort smaller than that releases nothing)."""
     if settings.dp.mode == "distributed" and settings.dp.noise_multiplier > 0:
-        return max(2, min(settings.dp.contributors_assumed, cohort))
+        return max(2, settings.dp.contributors_assumed)
     return min(2, cohort)
+
+
+class SumPastBound(ValueError):
+    """A decoded sum no cohort of honest devices could have made: nothing is released."""
+
+
+def bounded_cohort_sum(
+    total: np.ndarray,
+    survivors: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    settings: PrivacySettings,
+    context: SessionContext,
+    ring_cohort: int,
+) -> tuple[Tensors, float]:
+    """``cohort_sum`` of a securely aggregated sum, once it is checked against ``cohort_bound``:
+    ``SumPastBound`` names what a crafted vector or weight pushed past it. Every aggregator (a leaf,
+    the flat job's server) releases sums through here."""
+    bound = cohort_bound(settings, survivors, total.size, ring_cohort)
+    norm = float(np.linalg.norm(total))  # the rotation keeps norms
+    if norm > bound.norm:
+        raise SumPastBound(
+            f"the decoded sum of {survivors} devices has norm {norm:.4g}, past the {bound.norm:.4g} that"
+            f" {survivors} clipped devices reach: a device sent a crafted vector; nothing is released"
+        )
+    summed, weight = cohort_sum(total, survivors, shapes, settings, context)
+    if weight > bound.max_weight:
+        raise SumPastBound(
+            f"the decoded weight of {survivors} devices is {weight:.4g}, past the {bound.max_weight:.4g} they"
+            " can carry: a device sent a crafted weight; nothing is released"
+        )
+    return summed, weight

@@ -29,8 +29,20 @@ needed secret could be reconstructed from at least its threshold of verified sha
 round aborts with ``SecAggAbort`` and nothing is released. Every message carries a header bound to
 (job, round, cohort, stage, sender); the transport's authenticated sender must match it. A bad
 message is rejected, attributed to its sender in ``rejections``, and the protocol goes on
-without it where it can. Threat model: an honest-but-curious aggregator and fewer than a
-threshold of colluding devices (no consistency check round against an actively lying aggregator).
+without it where it can.
+
+Threat model. Authenticated: an aggregator that lies, drops, reorders and equivocates, together
+with ``c`` colluding devices among a target's ``deg`` neighbours, learns nothing about the
+target's vector beyond the sum while ``c < 2 t - deg`` (``t`` = ``threshold(deg, max_dropout)``):
+it would need ``t`` self-mask shares and ``t`` masking shares, and an honest holder gives only
+one of the two, for the one set it signed (bound to the roster). A device deals its seeds once
+per session, and only to a roster drawn from the session's cohort that leaves out at most
+``max_dropout`` of it. With SecAgg+'s sparse graph the aggregator also chooses the context that
+seeds the graph and which devices the roster leaves out, so it can search for a graph that puts
+its colluders next to a target: there ``c`` counts the colluders it could place, not the
+fleet's share of them (the complete graph, the default, has no such freedom). Unauthenticated
+(no device identities, the flat simulation): an honest-but-curious aggregator only, since it
+could swap a peer's keys unseen.
 """
 
 from __future__ import annotations
@@ -124,10 +136,22 @@ def advert_payload(advert: KeyAdvert) -> bytes:
     )
 
 
-def survivors_payload(context: crypto.SessionContext, survivors: tuple[str, ...], dropped: tuple[str, ...]) -> bytes:
-    """What a survivor signs in the consistency round: the one (U3, U2 \\ U3) it was shown."""
+def roster_digest(roster: Roster) -> bytes:
+    """Names the roster (every advert's keys): what a consistency signature is bound to, besides the
+    context, so that no signature made in one run of a session counts in another."""
+    entries = [
+        [name, a.transport_public.hex(), a.masking_public.hex(), a.seed_commitment.hex()]
+        for name, a in sorted(roster.adverts.items())
+    ]
+    return hashlib.sha256(json.dumps(entries).encode()).digest()
+
+
+def survivors_payload(
+    context: crypto.SessionContext, roster: Roster, survivors: tuple[str, ...], dropped: tuple[str, ...]
+) -> bytes:
+    """What a survivor signs in the consistency round: the one (U3, U2 \\ U3) it was shown, of this roster."""
     sets = json.dumps([sorted(survivors), sorted(dropped)]).encode()
-    return b"fleetnest-secagg-survivors|" + context.encoded + b"|" + sets
+    return b"fleetnest-secagg-survivors|" + context.encoded + b"|" + roster_digest(roster) + b"|" + sets
 
 
 @dataclass(frozen=True)
@@ -215,6 +239,7 @@ class SecAggParams:
     max_dropout: float = 0.3
     min_survivors: int = 2
     authenticated: bool = False  # signed adverts and the consistency round
+    cohort: tuple[str, ...] = ()  # the session's cohort, fixed before any key is seen (empty: not checked)
 
     def __post_init__(self) -> None:
         if not isinstance(self.length, int) or self.length < 1:
@@ -231,6 +256,14 @@ class SecAggParams:
             raise ValueError(f"min_survivors must be a positive integer, got {self.min_survivors!r}")
         if not isinstance(self.authenticated, bool):
             raise ValueError(f"authenticated must be true or false, got {self.authenticated!r}")
+        if not isinstance(self.cohort, tuple) or not all(isinstance(d, str) for d in self.cohort):
+            raise ValueError(f"cohort must be a tuple of device ids, got {self.cohort!r}")
+
+    @property
+    def min_roster(self) -> int:
+        """The fewest of the cohort a roster may hold: the aggregator may leave out no more than
+        ``max_dropout`` of it, so it cannot shrink a device's neighbourhood (and threshold) at will."""
+        return max(self.min_survivors, math.ceil((1 - self.max_dropout) * len(self.cohort)))
 
 
 def neighbour_graph(devices: list[str], params: SecAggParams) -> dict[str, tuple[str, ...]]:
@@ -361,9 +394,23 @@ class SecAggDevice:
                 raise ProtocolError("aggregator", SHARE, f"advert of {name} refused: {err}") from err
 
     def share_keys(self, roster: Roster) -> ShareBundle:
+        if self._roster is not None:
+            # dealt again to another roster, the same seeds would reach two groups of holders, whom an
+            # aggregator could then tell two stories: this device deals once per session
+            raise ProtocolError("aggregator", SHARE, f"{self.id} already dealt its shares in this session")
         self._check_context(roster.context, SHARE)
         if self.id not in roster.neighbours:
             raise ProtocolError("aggregator", SHARE, f"roster leaves out {self.id}")
+        outsiders = sorted(set(roster.adverts) - set(self.params.cohort)) if self.params.cohort else []
+        if outsiders:
+            raise ProtocolError("aggregator", SHARE, f"roster names {outsiders}, not in the session's cohort")
+        if self.params.cohort and len(roster.adverts) < self.params.min_roster:
+            raise ProtocolError(
+                "aggregator",
+                SHARE,
+                f"roster of {len(roster.adverts)} of a cohort of {len(self.params.cohort)},"
+                f" below {self.params.min_roster}",
+            )
         if len(roster.adverts) < self.params.min_survivors:
             # a sum over fewer devices would not hide this one (nor carry the noise DP assumes)
             raise ProtocolError(
@@ -500,7 +547,7 @@ class SecAggDevice:
             raise ProtocolError("aggregator", CONSISTENCY, "asked to sign a second, different survivor set")
         if self._signed is None:
             self._signed = shown
-            self._signature = self._signer.sign(survivors_payload(self.params.context, *shown))
+            self._signature = self._signer.sign(survivors_payload(self.params.context, self._roster, *shown))
         return ConsistencySignature(self._header(CONSISTENCY), self._signature)
 
     def _check_signatures(self, request: UnmaskRequest) -> None:
@@ -509,7 +556,7 @@ class SecAggDevice:
             raise ProtocolError("aggregator", UNMASK, "an unmask request before this device signed a survivor set")
         if shown != self._signed:
             raise ProtocolError("aggregator", UNMASK, "the survivor set differs from the one this device signed")
-        payload = survivors_payload(self.params.context, *shown)
+        payload = survivors_payload(self.params.context, self._roster, *shown)
         neighbourhood = set(self._roster.neighbours[self.id]) | {self.id}
         valid = 0
         for signer, signature in request.signatures.items():
@@ -624,6 +671,11 @@ class SecAggAggregator:
     def roster(self) -> Roster:
         adverts = dict(sorted(self._stages[ADVERTISE].accepted.items()))
         self._require(len(adverts), ADVERTISE)
+        if self.params.cohort and len(adverts) < self.params.min_roster:
+            raise SecAggAbort(
+                f"{self.params.context}: {len(adverts)} of the cohort's {len(self.params.cohort)} devices advertised,"
+                f" need {self.params.min_roster}: devices refuse a roster that small"
+            )
         self._roster = Roster(self.params.context, adverts, neighbour_graph(list(adverts), self.params))
         return self._roster
 
@@ -710,7 +762,7 @@ class SecAggAggregator:
         shown = self._survivor_set
         if not self._admit(sender, message, CONSISTENCY, ConsistencySignature, set(shown.survivors)):
             return
-        payload = survivors_payload(self.params.context, shown.survivors, shown.dropped)
+        payload = survivors_payload(self.params.context, self._roster, shown.survivors, shown.dropped)
         try:
             self.authority.verify(sender, self._roster.adverts[sender].certificate, payload, message.signature)
         except ValueError as err:

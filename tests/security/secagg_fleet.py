@@ -50,11 +50,16 @@ class Cohort:
         return roster, self.aggregator.route_shares()
 
 
-def authenticated_round(n: int, length: int = 16, neighbours: int | None = None) -> Cohort:
+def authenticated_round(n: int, length: int = 16, neighbours: int | None = None, cohort=None) -> Cohort:
+    """``cohort``: the session's cohort as the devices know it (default: the ``n`` devices; ``()``
+    leaves the roster unchecked against it)."""
     rng = np.random.default_rng(0)
     ids = [f"robot-{i + 1}" for i in range(n)]
     ring = Ring(16, n, 1.0)
-    params = SecAggParams(SessionContext("job-1", 3, "leaf-a"), ring, length, neighbours, authenticated=True)
+    cohort = tuple(sorted(ids if cohort is None else cohort))
+    params = SecAggParams(
+        SessionContext("job-1", 3, "leaf-a"), ring, length, neighbours, authenticated=True, cohort=cohort
+    )
     levels = {d: quantize(rng.uniform(-1, 1, length), ring, rng) for d in ids}
     devices = {d: SecAggDevice(d, params, fleet_signer(d), fleet_authority()) for d in ids}
     return Cohort(params, devices, SecAggAggregator(params, ids, fleet_authority()), levels)

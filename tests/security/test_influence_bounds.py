@@ -190,3 +190,19 @@ def test_no_leaf_takes_more_than_its_share_of_a_version():
     assert out.accepted["depot-a"] / total == pytest.approx(0.5)
     assert math.isclose(out.accepted["depot-b"], out.accepted["depot-c"])
 
+
+
+def test_every_aggregator_releases_through_the_same_bound():
+    """The flat job's server and a leaf both release a securely aggregated sum through
+    ``bounded_cohort_sum``: a sum no three clipped devices reach is refused, an honest one passes."""
+    from app_custom.privacy.private_update import SumPastBound, bounded_cohort_sum
+    from app_custom.privacy.secagg_crypto import SessionContext
+
+    context = SessionContext("job-1", 1, "flat")
+    bound = cohort_bound(SETTINGS, 3, LENGTH, 3)
+    honest = np.full(LENGTH, 0.9 * bound.norm / np.sqrt(LENGTH))
+    honest[-1] = 2.5 * SETTINGS.dp.clip_norm / np.sqrt(2)  # the summed weight of three devices
+    _, weight = bounded_cohort_sum(honest, 3, SHAPES, SETTINGS, context, 3)
+    assert weight >= cohort_bound(SETTINGS, 3, LENGTH).min_weight
+    with pytest.raises(SumPastBound, match="crafted vector"):
+        bounded_cohort_sum(honest * 1.2, 3, SHAPES, SETTINGS, context, 3)

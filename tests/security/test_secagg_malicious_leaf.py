@@ -16,7 +16,15 @@ import pytest
 from app_custom.privacy import secagg_crypto as crypto
 from app_custom.privacy import shamir
 from app_custom.privacy.quantization import unpack
-from app_custom.privacy.secagg import ProtocolError, Roster, SharesFor, UnmaskRequest, survivors_payload, threshold
+from app_custom.privacy.secagg import (
+    ProtocolError,
+    Roster,
+    SharesFor,
+    UnmaskRequest,
+    neighbour_graph,
+    survivors_payload,
+    threshold,
+)
 
 from .secagg_fleet import authenticated_round, consistent_unmask, fleet_authority, fleet_signer, run_authenticated
 
@@ -152,7 +160,7 @@ def test_equivocation_needs_more_colluders_than_the_stated_bound(colluders, reco
         # the aggregator shows each honest device its story, signed by everyone who will sign it
         signers = [x for x, s in stories.items() if s is story] + corrupt
         signatures = {
-            x: fleet_signer(x).sign(survivors_payload(r.params.context, story.survivors, story.dropped))
+            x: fleet_signer(x).sign(survivors_payload(r.params.context, roster, story.survivors, story.dropped))
             for x in signers
         }
         try:
@@ -246,3 +254,35 @@ def test_a_device_with_the_fleet_ca_refuses_a_leaf_that_offers_an_unauthenticate
     settings = PrivacySettings.from_dict(PRIVACY)
     with pytest.raises(ProtocolError, match="unauthenticated session"):
         DeviceRound.begin("robot-1", task.spec, delta, settings, np.random.default_rng(0), trust=_trust("robot-1"))
+
+
+def test_a_leaf_cannot_make_a_device_deal_its_seeds_twice():
+    """Found in review: shown two rosters, a device dealt the same seeds twice; the leaf then ran the
+    two halves as two sessions, heard "it survived" from one and "it dropped" from the other, and
+    unmasked the device with no colluder at all. A device deals its seeds once per session (the
+    roster's size floor, off here, would also stand in the way)."""
+    r = authenticated_round(11, cohort=())
+    target, first, second = "robot-1", [f"robot-{i}" for i in range(2, 7)], [f"robot-{i}" for i in range(7, 12)]
+    adverts = {d: device.advertise() for d, device in r.devices.items()}
+
+    def roster(names):
+        names = sorted(names)
+        return Roster(r.params.context, {d: adverts[d] for d in names}, neighbour_graph(names, r.params))
+
+    r.devices[target].share_keys(roster([target, *first]))
+    with pytest.raises((ProtocolError, RuntimeError), match="already"):
+        r.devices[target].share_keys(roster([target, *second]))
+
+
+def test_a_roster_with_a_device_from_outside_the_cohort_or_too_few_of_it_is_refused():
+    r = authenticated_round(6, cohort=[f"robot-{i}" for i in range(1, 6)])  # robot-6 is not in the session
+    adverts = {d: device.advertise() for d, device in r.devices.items()}
+
+    def roster(names):
+        names = sorted(names)
+        return Roster(r.params.context, {d: adverts[d] for d in names}, neighbour_graph(names, r.params))
+
+    with pytest.raises(ProtocolError, match="not in the session's cohort"):
+        r.devices["robot-1"].share_keys(roster(["robot-1", "robot-2", "robot-3", "robot-4", "robot-6"]))
+    with pytest.raises(ProtocolError, match="roster of 3"):  # 0.7 of a cohort of 5 is 4
+        r.devices["robot-1"].share_keys(roster(["robot-1", "robot-2", "robot-3"]))
