@@ -173,8 +173,10 @@ class PeerKeys:
         crl = spec.get("device_crl")
         if not spec.get("authenticated") or not isinstance(crl, str) or not crl:
             raise ProtocolError(
-                "leaf", "advertise", "an unauthenticated session (or one without the device CRL): this device joins"
-                " only sessions where every peer's keys are signed"
+                "leaf",
+                "advertise",
+                "an unauthenticated session (or one without the device CRL): this device joins"
+                " only sessions where every peer's keys are signed",
             )
         key_pem, cert_pem = self.identity.current()
         return PeerTrust(CertificateSigner(key_pem, cert_pem), CertificateAuthority(self.ca_pem, crl.encode()))

@@ -121,9 +121,7 @@ def privatize(vector: np.ndarray, config: DPConfig, rng: np.random.Generator) ->
 
 MECHANISM_SECAGG = "distributed discrete Gaussian (Kairouz, Liu and Steinke 2021) over secure aggregation"
 MECHANISM_LOCAL = "Gaussian on each device's delta (local mode, no secure aggregation)"
-ACCOUNTING = (
-    "zCDP per contributed round, composed by dp-accounting's RDP accountant; no amplification by sampling"
-)
+ACCOUNTING = "zCDP per contributed round, composed by dp-accounting's RDP accountant; no amplification by sampling"
 
 
 def _epsilon(history: list[tuple[float, int]], delta: float) -> float:
@@ -157,8 +155,10 @@ class PrivacyLedger:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
                 raise PrivacyConfigError(f"privacy history entries are [rho, rounds], got {entry!r}")
             rho, rounds = entry
-            if not (isinstance(rho, (int, float)) and rho >= 0) or isinstance(rounds, bool) or not isinstance(
-                rounds, int
+            if (
+                not (isinstance(rho, (int, float)) and rho >= 0)
+                or isinstance(rounds, bool)
+                or not isinstance(rounds, int)
             ):
                 raise PrivacyConfigError(f"privacy history entries are [rho >= 0, rounds], got {entry!r}")
             self._history.append((float(rho), int(rounds)))

@@ -24,9 +24,7 @@ DP = {"clip_norm": 4.0, "noise_multiplier": 0.7, "delta": 1e-5, "fleet_size": 40
 PRIVACY = {"dp": DP, "ring_bits": 15}
 
 
-def _run(
-    tmp_path: Path, name: str, rounds: int = 2, privacy: dict = PRIVACY, clients: int = 4, **job_args
-) -> Path:
+def _run(tmp_path: Path, name: str, rounds: int = 2, privacy: dict = PRIVACY, clients: int = 4, **job_args) -> Path:
     data = DATA | {"kwargs": DATA["kwargs"] | {"num_devices": clients}}
     job = build_nested_job(
         name=name, config=CONFIG, data=data, num_rounds=rounds, min_clients=4, privacy=privacy, **job_args

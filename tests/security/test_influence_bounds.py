@@ -191,7 +191,6 @@ def test_no_leaf_takes_more_than_its_share_of_a_version():
     assert math.isclose(out.accepted["depot-b"], out.accepted["depot-c"])
 
 
-
 def test_every_aggregator_releases_through_the_same_bound():
     """The flat job's server and a leaf both release a securely aggregated sum through
     ``bounded_cohort_sum``: a sum no three clipped devices reach is refused, an honest one passes."""
