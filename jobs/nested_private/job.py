@@ -1,7 +1,7 @@
 """Build, export or run the flat nested job with DP-noised, securely aggregated slow deltas.
 
 python jobs/nested_private/job.py                            # run it in FLARE's simulator (SimEnv)
-python jobs/nested_private/job.py --dp-epsilon 8 --fleet-size 1000  # noise for a target epsilon
+python jobs/nested_private/job.py --dp-epsilon 8              # noise for a target epsilon (every round charged)
 python jobs/nested_private/job.py --device-metrics           # simulation: devices also send accuracy (not DP)
 python jobs/nested_private/job.py --refresh                  # rewrite this folder's meta.json and app/
 python jobs/nested_private/job.py --export --export-dir D    # NVFlare's flags: export to D/nested_private
