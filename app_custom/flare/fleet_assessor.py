@@ -54,6 +54,7 @@ from app_custom.flare.learner_executor import check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from app_custom.nested.slow_delta import UpdateError
+from app_custom.privacy.dp import ACCOUNTING
 from app_custom.privacy.private_update import PrivacySettings
 
 LOG_FILE = "fleet_versions.json"
@@ -271,6 +272,12 @@ class NestedFleetAssessor(Assessor):
         self._published = (self.versions.version, self.versions.current)
         state = "resumed from" if self.versions.resumed else "starting at"
         self.log_info(fl_ctx, f"{state} global version {self.versions.version} ({root})")
+        dp = self.settings.dp
+        self.log_info(
+            fl_ctx,
+            f"privacy: {self.settings.mechanism}, noise multiplier {dp.noise_multiplier} on the sum of"
+            f" {dp.contributors_assumed} devices' shares, delta {dp.delta}; each device's ledger: {ACCOUNTING}",
+        )
 
     def _add_to_buffer(self, item: LeafSum) -> None:
         if not self._buffer:

@@ -151,6 +151,8 @@ def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versio
     server = fleet.log("server")
     assert "leaf sums must be signed by their leaf under" in server
     assert not re.search(r"refused a leaf sum .*(signature|signed by)", server)
+    # the job log names the mechanism and the accounting the devices' epsilon stands for
+    assert "privacy: distributed discrete Gaussian" in server and "no amplification by sampling" in server
 
 
 def _edge_api(fleet: LocalFleet, device: str):
