@@ -99,6 +99,25 @@ class BrokerConfig:
             lines += [f"topic write {topic}" for topic in writes]
         return "\n".join(lines) + "\n"
 
+    def _listener(self, port: int, host: str, cafile: Path, acl: Path, crlfile: Path | None = None) -> list[str]:
+        """One TLS listener that takes only clients with a certificate from ``cafile``, each named by
+        its certificate's common name and held to ``acl``."""
+        f = self.files
+        return [
+            f"listener {port} {host}",
+            "allow_anonymous false",
+            f"cafile {cafile}",
+            *([f"crlfile {crlfile}"] if crlfile else []),
+            f"certfile {f.server_cert}",
+            f"keyfile {f.server_key}",
+            "tls_version tlsv1.2",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+            f"acl_file {acl}",
+            "",
+        ]
+
     def mosquitto_conf(self, device_acl: Path, service_acl: Path) -> str:
         f = self.files
         return "\n".join(
@@ -109,30 +128,9 @@ class BrokerConfig:
                 *([f"user {self.user}"] if self.user else []),
                 "",
                 "# devices (the fleet's device CA and its CRL)",
-                f"listener {self.port} {self.host}",
-                "allow_anonymous false",
-                f"cafile {f.device_ca}",
-                f"crlfile {f.device_crl}",
-                f"certfile {f.server_cert}",
-                f"keyfile {f.server_key}",
-                "tls_version tlsv1.2",
-                "require_certificate true",
-                "use_identity_as_username true",
-                "use_username_as_clientid true",
-                f"acl_file {device_acl}",
-                "",
+                *self._listener(self.port, self.host, f.device_ca, device_acl, f.device_crl),
                 "# fleet services (the service CA)",
-                f"listener {self.service_port} {self.service_host}",
-                "allow_anonymous false",
-                f"cafile {f.service_ca}",
-                f"certfile {f.server_cert}",
-                f"keyfile {f.server_key}",
-                "tls_version tlsv1.2",
-                "require_certificate true",
-                "use_identity_as_username true",
-                "use_username_as_clientid true",
-                f"acl_file {service_acl}",
-                "",
+                *self._listener(self.service_port, self.service_host, f.service_ca, service_acl),
             ]
         )
 
