@@ -162,11 +162,11 @@ class PrivacySettings:
         contributors = 1 if self.dp.mode == "local" else self.dp.contributors_assumed
         return max(self.dp.noise_multiplier * sensitivity / math.sqrt(contributors), MIN_SIGMA)
 
-    def noise_std(self, cohort: int, length: int) -> float:
-        """One device's noise per value in the delta's own units (for the bounds on a sum)."""
+    def noise_std(self, ring: Ring, length: int) -> float:
+        """One device's noise per value in the delta's own units, quantized in ``ring`` (for the
+        bounds on a sum)."""
         if not self.secure_aggregation:
             return self.dp.device_noise_std
-        ring = self.ring(cohort, length)
         return self.noise_sigma(ring.scale, length) / ring.scale
 
     @property
@@ -273,7 +273,7 @@ def cohort_bound(settings: PrivacySettings, survivors: int, length: int, ring_co
     if isinstance(survivors, bool) or not isinstance(survivors, int) or survivors < 1:
         raise ValueError(f"survivors must be a positive integer, got {survivors!r}")
     ring = settings.ring(ring_cohort or survivors, length)
-    spread = math.sqrt(survivors) * math.hypot(settings.noise_std(ring.cohort, length), 1.0 / ring.scale)
+    spread = math.sqrt(survivors) * math.hypot(settings.noise_std(ring, length), 1.0 / ring.scale)
     norm = (survivors * settings.dp.clip_norm + spread * (math.sqrt(length) + TAIL_SIGMAS)) * 1.01
     if not settings.weighted:
         return CohortBound(survivors, norm, float(survivors), float(survivors))
