@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,6 +12,7 @@ from app_custom.privacy.quantization import Ring, quantize
 from app_custom.privacy.secagg import SecAggAggregator, SecAggDevice, SecAggParams, UnmaskRequest
 from app_custom.privacy.secagg_crypto import SessionContext
 from provisioning.identities import DeviceCA
+from tests.privacy.secagg_harness import Round
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,23 +34,7 @@ def fleet_authority() -> CertificateAuthority:
     return _fleet()[0]
 
 
-@dataclass
-class Cohort:
-    params: SecAggParams
-    devices: dict[str, SecAggDevice]
-    aggregator: SecAggAggregator
-    levels: dict[str, np.ndarray]
-
-    def advertise_and_share(self):
-        for d, dev in self.devices.items():
-            self.aggregator.add_advert(d, dev.advertise())
-        roster = self.aggregator.roster()
-        for d in roster.adverts:
-            self.aggregator.add_shares(d, self.devices[d].share_keys(roster))
-        return roster, self.aggregator.route_shares()
-
-
-def authenticated_round(n: int, length: int = 16, neighbours: int | None = None, cohort=None) -> Cohort:
+def authenticated_round(n: int, length: int = 16, neighbours: int | None = None, cohort=None) -> Round:
     """``cohort``: the session's cohort as the devices know it (default: the ``n`` devices; ``()``
     leaves the roster unchecked against it)."""
     rng = np.random.default_rng(0)
@@ -62,10 +46,10 @@ def authenticated_round(n: int, length: int = 16, neighbours: int | None = None,
     )
     levels = {d: quantize(rng.uniform(-1, 1, length), ring, rng) for d in ids}
     devices = {d: SecAggDevice(d, params, fleet_signer(d), fleet_authority()) for d in ids}
-    return Cohort(params, devices, SecAggAggregator(params, ids, fleet_authority()), levels)
+    return Round(params, devices, SecAggAggregator(params, ids, fleet_authority()), levels)
 
 
-def consistent_unmask(r: Cohort, device: str, request: UnmaskRequest):
+def consistent_unmask(r: Round, device: str, request: UnmaskRequest):
     """What an aggregator showing ``request`` to the survivors gets back from ``device``: every
     survivor signs it, and the device is asked to unmask with those signatures."""
     signatures = {d: r.devices[d].sign_survivors(request).signature for d in request.survivors}
@@ -79,7 +63,7 @@ def over_the_wire(message: object) -> object:
     return decode_message(encode_message(message), type(message))
 
 
-def run_authenticated(r: Cohort, dropped_after_mask: frozenset[str] = frozenset()):
+def run_authenticated(r: Round, dropped_after_mask: frozenset[str] = frozenset()):
     """An honest authenticated round, every message through its bytes; the aggregator's result."""
     agg = r.aggregator
     for d, dev in r.devices.items():

@@ -25,8 +25,15 @@ from app_custom.privacy.secagg import (
     survivors_payload,
     threshold,
 )
+from tests.privacy.secagg_harness import advertise_and_share
 
-from .secagg_fleet import authenticated_round, consistent_unmask, fleet_authority, fleet_signer, run_authenticated
+from .secagg_fleet import (
+    authenticated_round,
+    consistent_unmask,
+    fleet_authority,
+    fleet_signer,
+    run_authenticated,
+)
 
 TARGET = "robot-1"
 
@@ -40,7 +47,7 @@ def _self_mask_removed(r, masked, seed: bytes) -> np.ndarray:
 
 def test_a_leaf_cannot_isolate_a_device_by_naming_it_the_only_sender():
     r = authenticated_round(5)
-    roster, routed = r.advertise_and_share()
+    roster, routed = advertise_and_share(r)
     lone = SharesFor(routed[TARGET].context, (TARGET,), {})  # "you are the only one left"
     try:
         masked = r.devices[TARGET].masked_input(lone, r.levels[TARGET])
@@ -84,7 +91,7 @@ def test_a_leaf_cannot_swap_the_peers_keys_in_the_roster_it_shows_a_device():
 
 def test_a_device_refuses_an_unmask_request_without_the_consistency_signatures():
     r = authenticated_round(6)
-    roster, routed = r.advertise_and_share()
+    roster, routed = advertise_and_share(r)
     for d in routed:
         r.aggregator.add_masked(d, r.devices[d].masked_input(routed[d], r.levels[d]))
     # equivocation: some holders are told the target dropped (they would return its masking
@@ -100,7 +107,7 @@ def test_a_device_refuses_an_unmask_request_without_the_consistency_signatures()
 
 def test_a_device_refuses_to_unmask_for_a_survivor_set_below_the_threshold():
     r = authenticated_round(6)
-    roster, routed = r.advertise_and_share()
+    roster, routed = advertise_and_share(r)
     for d in routed:
         r.aggregator.add_masked(d, r.devices[d].masked_input(routed[d], r.levels[d]))
     few = tuple(sorted(routed))[:2]
@@ -142,7 +149,7 @@ def test_equivocation_needs_more_colluders_than_the_stated_bound(colluders, reco
     """The bound in the module's threat model: with deg = 9 neighbours and t = 6, an aggregator
     and c colluding devices get both kinds of the target's shares only when c >= 2t - deg = 3."""
     r = authenticated_round(10)
-    roster, routed = r.advertise_and_share()
+    roster, routed = advertise_and_share(r)
     for d in routed:
         r.aggregator.add_masked(d, r.devices[d].masked_input(routed[d], r.levels[d]))
     everyone = tuple(sorted(routed))
