@@ -1,1 +1,1 @@
-"""fleetnest edge_runtime (built by later issues)."""
+"""fleetnest edge_runtime: the device daemon (inference, continual learning, the fleet client, OTA glue)."""

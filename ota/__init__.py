@@ -1,1 +1,1 @@
-"""fleetnest ota (built by later issues)."""
+"""fleetnest ota: releases, their signed repository and server, rollouts, fleet messaging, the device updater."""

@@ -1,4 +1,4 @@
-"""The ``fleetnest`` command line: one verb per tier (``simulate``, ``provision``, ``ota``; more come later)."""
+"""The ``fleetnest`` command line: one verb per tier (``simulate``, ``provision``, ``edge``, ``edge-demo``, ``ota``)."""
 
 from __future__ import annotations
 
