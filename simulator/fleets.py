@@ -7,6 +7,8 @@ Regimes:
   per input channel (lighting, sensor calibration), and for cameras a mirrored mount on some
   devices, for IMUs flipped axes on some devices.
 - ``scarce``: labels IID, only ``scarce_train`` training samples per device.
+- ``natural``: one person per device, for data sets that say who recorded each sample
+  (``watch``): the person's own recordings, split into training and test recordings.
 
 A device's test set is a sample of its own distribution: every held-out recording of the fleet
 (30 % of each device's recordings, never trained on by anyone), through the device's own sensors
@@ -31,7 +33,7 @@ from app_custom.nested.models import input_spec
 
 from .datasets import Dataset, load
 
-REGIMES = ("label_skew", "env_shift", "scarce")
+REGIMES = ("label_skew", "env_shift", "scarce", "natural")
 CLUSTER_SHARE = 0.1
 TEST_SHARE = 0.3
 REFERENCE_ROBOTS = 4
@@ -135,6 +137,7 @@ def make_fleet(
     alpha: float = 0.3,
     scarce_train: int = 16,
     records_per_device: int | None = None,
+    unscaled: bool = False,
 ) -> FleetData:
     """A fleet of ``num_devices`` devices over a shipped data set, deterministic in ``seed``.
 
@@ -142,6 +145,9 @@ def make_fleet(
     device records this many training recordings drawn from a shared training pool, so devices'
     recordings overlap (each through its own sensors under ``env_shift``); every device is tested
     on the disjoint pool of held-out recordings, which no device trains on.
+
+    ``unscaled``: the inputs as the package delivers them (raw pixel counts, raw sensor units),
+    as a device's sensors would, instead of the shipped data set's standardized form.
     """
     if records_per_device is not None and (
         isinstance(records_per_device, bool) or not isinstance(records_per_device, int) or records_per_device < 2
@@ -151,7 +157,7 @@ def make_fleet(
         raise ValueError(f"unknown regime {regime!r}; known: {list(REGIMES)}")
     if not isinstance(num_devices, int) or num_devices < 1:
         raise ValueError(f"num_devices must be a positive integer, got {num_devices!r}")
-    data: Dataset = load(dataset)
+    data: Dataset = load(dataset, unscaled=unscaled)
     rng = np.random.default_rng(seed)
     rest, held = _split_groups(data.groups, CLUSTER_SHARE, rng)
     cluster = LabelledSet(take(data.x, held), data.y[held], groups=data.groups[held])
@@ -159,6 +165,8 @@ def make_fleet(
         parts = np.array_split(np.arange(len(held)), REFERENCE_ROBOTS)
         shifted = concat([_Sensors(cluster.x, rng)(take(cluster.x, part)) for part in parts])
         cluster = LabelledSet(shifted, cluster.y, groups=cluster.groups)
+    if regime == "natural":
+        return _natural_fleet(data, rest, cluster, num_devices, rng)
     y_rest, g_rest = data.y[rest], data.groups[rest]
     if records_per_device is not None:
         splits = _drawn_splits(data, rest, num_devices, records_per_device, regime, rng)
@@ -174,7 +182,8 @@ def make_fleet(
             train_idx = rng.permutation(train_idx)[:scarce_train]
         device_sensors = _Sensors(data.x, rng) if regime == "env_shift" else None
         x_train = take(data.x, train_idx)
-        trains.append(LabelledSet(x_train if device_sensors is None else device_sensors(x_train), data.y[train_idx]))
+        x_train = x_train if device_sensors is None else device_sensors(x_train)
+        trains.append(LabelledSet(x_train, data.y[train_idx], groups=data.groups[train_idx]))
         test_index.append(test_idx)
         sensors.append(device_sensors)
         label_mix.append(np.bincount(data.y[index], minlength=data.num_classes) / len(index))
@@ -189,6 +198,27 @@ def make_fleet(
         weight = mix[y_pool] / pool_mix[y_pool] if regime == "label_skew" else None
         x_test = x_pool if device_sensors is None else device_sensors(x_pool)
         devices.append(DeviceData(train, LabelledSet(x_test, y_pool, weight)))
+    return FleetData(devices=tuple(devices), cluster_validation=cluster, num_classes=data.num_classes)
+
+
+def _natural_fleet(data: Dataset, rest: np.ndarray, cluster: LabelledSet, num_devices: int, rng) -> FleetData:
+    """One person per device: each trains on some of its own recordings and is tested on the rest."""
+    if data.persons is None:
+        raise ValueError(f"{data.name}: the natural regime needs who recorded each sample; {data.name} does not say")
+    people = rng.permutation(np.unique(data.persons[rest]))
+    if num_devices > len(people):
+        raise ValueError(f"{data.name}: {num_devices} devices, but only {len(people)} people recorded the data")
+    devices = []
+    for person in people[:num_devices]:
+        index = rest[data.persons[rest] == person]
+        train_pos, test_pos = _split_groups(data.groups[index], TEST_SHARE, rng)
+        train, test = index[train_pos], index[test_pos]
+        devices.append(
+            DeviceData(
+                LabelledSet(take(data.x, train), data.y[train], groups=data.groups[train]),
+                LabelledSet(take(data.x, test), data.y[test]),
+            )
+        )
     return FleetData(devices=tuple(devices), cluster_validation=cluster, num_classes=data.num_classes)
 
 

@@ -4,22 +4,25 @@ Every method shares the model, optimiser, learning rate, batch size, local epoch
 (one setting, the best of a small grid for FedAvg on digits label skew); they differ only in
 which parameters are shared and how the levels are scheduled:
 
-- ``nested``: three levels. ``fast`` = per-owner sensor adapters (channel mixing and offset;
-  for cameras also column mixing, a mirrored mount; trunk FiLM) and ``fast_head`` = a
-  residual head, both private and stepping every local step, each with a prior toward the
-  identity worth ``SENSOR_PRIOR`` / ``HEAD_PRIOR`` samples (a device with little data stays
-  close to the shared model); ``slow`` = encoders, trunk and head, shared,
-  every ``SLOW_PERIOD`` steps. After a merge the private levels refit for ``MERGE_ADAPT_STEPS``
-  steps and the device serves only merged versions (local training runs in a working copy),
-  unless the merged version is significantly less accurate on its own data than the one it
-  serves (``merge_check``, an exact McNemar test: then it keeps serving the previous one). The
-  refit happens in the served copy only; training goes on from the device's fast layers as they
-  were. The device serves its own fast layers only while they beat the shared model alone on its
-  own data (``personalization_check``); else the shared model with identity fast layers.
+- ``nested``: three levels. ``fast`` = per-owner sensor adapters (channel mixing and offset,
+  starting as the standardization of the owner's own samples; for cameras also column mixing, a
+  mirrored mount; trunk FiLM) and ``fast_head`` = a residual head, both private and stepping
+  every local step, each with a prior toward its start worth ``SENSOR_PRIOR`` / ``HEAD_PRIOR``
+  samples; ``slow`` = encoders, trunk and head, shared, every ``SLOW_PERIOD`` steps. Beside it
+  the device keeps a personal model (Ditto, ``DITTO_PROX``). After each merge it decides on
+  ``HOLDOUT`` of its own samples, never trained on, what to serve: the shared model alone, the
+  merged model with its fast layers (refit ``MERGE_ADAPT_STEPS`` steps), its personal model, or
+  a mix of personal and merged weights; and it keeps what it serves unless the held-out samples
+  say the new choice is at least as good (``personalize: select``). Fine-tuning the merged model
+  as a further candidate changed its choices from round to round (a fresh fine-tune each version).
 - ``local``: every parameter private (local-only training).
 - ``fedavg``: every parameter shared (FedAvg).
+- ``fedavg_ft``: FedAvg, each device serving the global model fine-tuned ``FINETUNE_EPOCHS``
+  epochs on its own data.
 - ``fedrep``: head private, body shared; alternating schedule, head epochs first (FedRep,
   Collins et al. 2021).
+- ``ditto``: FedAvg for the global model; each device serves a personal model trained beside it
+  with a pull of ``DITTO_PROX`` toward the global one (Ditto, Li et al. 2021).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-METHODS = ("nested", "local", "fedavg", "fedrep")
+METHODS = ("nested", "local", "fedavg", "fedavg_ft", "fedrep", "ditto")
+# How a simulation runs them: each a FLARE SimEnv job, or the same learners and cluster code in
+# one process (``simulator.inprocess``)
+ENGINES = ("flare", "inprocess")
 LR = 0.01
 LOCAL_EPOCHS = 3
 BATCH_SIZE = 16
@@ -36,6 +42,9 @@ FEDREP_HEAD_EPOCHS = 2
 MERGE_ADAPT_STEPS = 10
 SENSOR_PRIOR = 16.0
 HEAD_PRIOR = 480.0
+HOLDOUT = 0.2
+FINETUNE_EPOCHS = 3
+DITTO_PROX = 0.1
 
 _TRAINING = {"optimizer": "adam", "local_epochs": LOCAL_EPOCHS, "batch_size": BATCH_SIZE}
 
@@ -64,15 +73,26 @@ def method_config(method: str, seed: int = 0) -> dict[str, Any]:
             "schedule": "nested",
             "merge_adapt_steps": MERGE_ADAPT_STEPS,
             "serve_trained": False,
-            "merge_check": True,
-            "personalization_check": True,
+            "personalize": "select",
+            "holdout": HOLDOUT,
+            "personal_epochs": LOCAL_EPOCHS,
+            "personal_prox": DITTO_PROX,
         }
     elif method == "local":
         levels = [{"name": "fast", "patterns": ["*"], "period": 1, "lr": LR, "shared": False}]
         training = _TRAINING | {"schedule": "nested"}
-    elif method == "fedavg":
+    elif method in ("fedavg", "fedavg_ft", "ditto"):
         levels = [{"name": "slow", "patterns": ["*"], "period": 1, "lr": LR, "shared": True}]
         training = _TRAINING | {"schedule": "nested"}
+        if method == "fedavg_ft":
+            training |= {"serve_trained": False, "personalize": "finetune", "finetune_epochs": FINETUNE_EPOCHS}
+        elif method == "ditto":
+            training |= {
+                "serve_trained": False,
+                "personalize": "ditto",
+                "personal_epochs": LOCAL_EPOCHS,
+                "personal_prox": DITTO_PROX,
+            }
     elif method == "fedrep":
         levels = [
             {"name": "fast", "patterns": ["head.*"], "lr": LR, "shared": False, "epochs": FEDREP_HEAD_EPOCHS},

@@ -10,6 +10,7 @@ import torch
 from app_custom.flare.fast_layer_guard import RESULT_KEYS, SECAGG_KEY
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import FleetData
+from app_custom.nested.learner import SERVING_KINDS
 from app_custom.nested.levels import partition_parameters
 from app_custom.nested.models import build_model, input_spec
 from app_custom.privacy.private_update import PrivacySettings
@@ -141,6 +142,7 @@ def method_summary(log: dict) -> dict:
     by_round.append(sum(per_device) / len(per_device))
     statuses = [entry.get("status") for entry in log["rounds"]]
     drops = _drops(log, "acc_after_merge")
+    choices = [device_choice(metrics) for _, metrics in final]
     return {
         "mean_acc": sum(per_device) / len(per_device),
         "worst_acc": min(per_device),
@@ -149,10 +151,31 @@ def method_summary(log: dict) -> dict:
         "max_drop_after_merge": max(drops, default=None),
         "max_drop_naive_overwrite": max(_drops(log, "acc_naive_overwrite"), default=None),
         "drops_after_merge": drops,
+        "drops_naive_overwrite": _drops(log, "acc_naive_overwrite"),
         "versions": {"accepted": statuses.count("accepted"), "rejected": statuses.count("rejected")},
         "rejected_updates": sum(len(entry.get("rejected", {})) for entry in log["rounds"]),
         "privacy": privacy_summary(log),
+        **({"per_device_choice": choices} if any(c is not None for c in choices) else {}),
     }
+
+
+def device_choice(metrics: dict) -> dict | None:
+    """What one device serves at the end and why, from its scalar metrics: the kind of model, the
+    personal model's weight in it, whether it kept its previous model, and the held-out accuracy
+    of every candidate it weighed."""
+    if "serving_kind" not in metrics:
+        return None
+    kind = SERVING_KINDS[int(metrics["serving_kind"])]
+    choice = {"serves": kind, "personal_weight": metrics.get("serving_personal_weight", 0.0)}
+    if "holdout_samples" in metrics:
+        prefix = "holdout_acc_"
+        choice |= {
+            "kept_previous": bool(metrics.get("serving_kept")),
+            "holdout_samples": int(metrics["holdout_samples"]),
+            "holdout_acc": {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)},
+            "test_acc": metrics.get("test_acc"),
+        }
+    return choice
 
 
 def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[dict]]]) -> dict:
@@ -174,7 +197,9 @@ def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[
             "devices": len(next(iter(methods.values()))["per_device_acc"]) if methods else 0,
             "rounds": experiment.rounds,
             "seed": experiment.seed,
-            "runtime": "NVFlare simulator (SimEnv), one FLARE client per device",
+            "runtime": "NVFlare simulator (SimEnv), one FLARE client per device"
+            if getattr(experiment, "engine", "flare") == "flare"
+            else "in-process: the same learners and cluster versions, no FLARE transport",
             # one test sample moves a device's accuracy by about 1/n: the resolution of every
             # per-device number (Kish's effective size where the test set is weighted)
             "test_samples_per_device": [round(device.test.effective_size, 1) for device in fleet.devices],
@@ -192,6 +217,13 @@ def build_report(experiment, fleet: FleetData, runs: dict[str, tuple[dict, list[
     }
 
 
+def _choice_label(choice: dict | None) -> str:
+    if not choice:
+        return ""
+    label = f"mix {choice['personal_weight']:.0%}" if choice["serves"] == "mix" else choice["serves"]
+    return label + (" (kept)" if choice.get("kept_previous") else "")
+
+
 def write_plots(report: dict, out: Path) -> None:
     import matplotlib
 
@@ -204,9 +236,14 @@ def write_plots(report: dict, out: Path) -> None:
     for i, (method, summary) in enumerate(methods.items()):
         xs = [d + i * width for d in range(len(summary["per_device_acc"]))]
         ax.bar(xs, summary["per_device_acc"], width, label=f"{method} (mean {summary['mean_acc']:.2f})")
-    ax.set_xlabel("device")
+    ax.set_xlabel("device (and what the nested method serves on it)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
+    choices = methods.get("nested", {}).get("per_device_choice") or []
+    if choices:
+        ticks = range(len(choices))
+        ax.set_xticks([d + 0.4 - width / 2 for d in ticks])
+        ax.set_xticklabels([f"{d}\n{_choice_label(c)}" for d, c in zip(ticks, choices)], fontsize=7)
     ax.set_title(f"Per-device accuracy, {report['setup']['dataset']} / {report['setup']['regime']}")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -28,10 +28,16 @@ from app_custom.flare.nested_controller import METRICS_FILE
 from app_custom.flare.outbound_audit import AUDIT_FILE
 from app_custom.nested.device_data import load_fleet
 
-from .methods import METHODS, method_config
+from .methods import ENGINES, METHODS, method_config
 
 SHIPPED_FLEET_FN = "simulator.fleets:make_fleet"
-PRIVATE_METHODS = ("nested", "fedavg", "fedrep")  # those that send something (local-only sends nothing)
+PRIVATE_METHODS = (
+    "nested",
+    "fedavg",
+    "fedavg_ft",
+    "fedrep",
+    "ditto",
+)  # those that send something (local-only sends nothing)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,11 @@ class Experiment:
     methods: tuple[str, ...] = METHODS
     # PrivacySettings as a mapping: DP and secure aggregation for every method that shares layers
     privacy: dict | None = None
+    # "flare": every method a FLARE job in SimEnv; "inprocess": the same learners and cluster code
+    # in this process (``simulator.inprocess``), for benchmarks of many runs
+    engine: str = "flare"
+    # shipped data only: the inputs as the package delivers them, in their own units
+    unscaled: bool = False
 
     @property
     def is_plugin(self) -> bool:
@@ -53,6 +64,8 @@ class Experiment:
         if self.is_plugin:
             return {"fn": self.dataset, "kwargs": {}}
         kwargs = {"dataset": self.dataset, "regime": self.regime, "num_devices": self.devices, "seed": self.seed}
+        if self.unscaled:
+            kwargs["unscaled"] = True
         return {"fn": SHIPPED_FLEET_FN, "kwargs": kwargs}
 
 
@@ -193,12 +206,20 @@ def run_experiment(experiment: Experiment, out: Path) -> dict:
         f"{len(fleet.devices)} devices, {experiment.rounds} rounds, seed {experiment.seed}"
     )
     _say(f"FLARE's own output goes to {out / 'flare.log'}")
+    if experiment.engine not in ENGINES:
+        raise ValueError(f"unknown engine {experiment.engine!r}; known: {list(ENGINES)}")
     runs = {}
     for i, method in enumerate(experiment.methods, 1):
         started = time.monotonic()
-        _say(f"[{i}/{len(experiment.methods)}] {method}: FLARE simulator job with {len(fleet.devices)} clients")
-        run_method(experiment, method, out)
-        runs[method] = read_method(out, method)
+        if experiment.engine == "inprocess":
+            from .inprocess import run_method_inprocess
+
+            _say(f"[{i}/{len(experiment.methods)}] {method}: in-process, {len(fleet.devices)} devices")
+            runs[method] = run_method_inprocess(experiment, method, out)
+        else:
+            _say(f"[{i}/{len(experiment.methods)}] {method}: FLARE simulator job with {len(fleet.devices)} clients")
+            run_method(experiment, method, out)
+            runs[method] = read_method(out, method)
         final = runs[method][0].get("final", {})
         accs = [m["test_acc"] for m in final.values()]
         _say(

@@ -18,7 +18,7 @@ When the head is shared (the private levels are adapters that start as the ident
 nothing is private), the cluster holds a complete classifier, the shared model with identity
 adapters, and scores it directly on its validation data. When the head is private it holds
 no device's head and measures the slow layers with a *linear probe*: the slow layers are installed in
-the reference model (adapters at the identity), the trunk's features are computed on the
+the reference model (adapters standardizing the validation data), the trunk's features are computed on the
 cluster's validation data, and a logistic-regression head is fitted on one half and scored
 (accuracy, cross-entropy) on the other, then the halves swap (2-fold cross-fitting), so
 every validation sample is scored once and the estimate is as steady as the set allows.
@@ -68,6 +68,9 @@ class SlowLayerValidator:
     def __init__(self, config: NestedConfig, validation: LabelledSet, num_classes: int, seed: int = 0) -> None:
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, input_spec(validation.x), num_classes)
+        # adapters start as the standardization of the cluster's own validation data, as a device's
+        # start as that of its own samples (shared adapters ship that way in version 0)
+        self.model.standardize_inputs(_to_torch(validation.x))
         partition = partition_parameters(self.model, config.levels)
         self.shared_names = partition.shared_names
         # identity-initialised adapters are all that is private: the shared model is a whole classifier

@@ -128,11 +128,7 @@ class NestedLearnerExecutor(Executor):
         except (UpdateError, ValueError, TypeError) as e:
             self.log_error(fl_ctx, f"rejecting task {task_name}: {e}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
-        metrics = {"acc_after_merge": merge.acc_after}
-        if merge.acc_before is not None:
-            metrics["acc_before_merge"] = merge.acc_before
-        if merge.acc_naive is not None:
-            metrics["acc_naive_overwrite"] = merge.acc_naive
+        metrics = merge.metrics()
         meta: dict[str, Any] = {"global_version": version}
         if task_name == self.validate_task:
             metrics["test_acc"] = merge.acc_after

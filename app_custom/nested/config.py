@@ -16,6 +16,7 @@ import yaml
 MODEL_KINDS = ("auto", "mlp", "robot")
 SCHEDULES = ("nested", "alternating")
 OPTIMIZERS = ("adam", "sgd")
+PERSONALIZE = ("none", "finetune", "ditto", "select")
 MODALITIES = ("vision", "audio", "imu", "nav")
 
 
@@ -142,14 +143,23 @@ class TrainingConfig:
     # versions (new slow layers + its fast layers, refit), and local training runs in a working
     # copy: the served model changes once per global version, never mid-round.
     serve_trained: bool = True
-    # With serve_trained false: switch the served model to the merged one only if it is at least
-    # as accurate on the device's own training data (its local health check); else keep serving
-    # the previous version while training goes on from the new one.
-    merge_check: bool = False
-    # With serve_trained false: serve the device's own fast layers only while they are significantly
-    # more accurate on its own data than the identity (the shared model alone); else serve the shared
-    # model with identity fast layers. Training keeps the device's fast layers either way.
-    personalization_check: bool = False
+    # With serve_trained false, what the device serves after each merge (the fast layers never leave
+    # it either way):
+    # - "none": the merged model (new slow layers + its fast layers, refit);
+    # - "finetune": the merged model with every layer fine-tuned for ``finetune_epochs`` epochs on
+    #   its own data (FedAvg + fine-tuning);
+    # - "ditto": its personal model (every layer its own, trained ``personal_epochs`` epochs a
+    #   round with a proximal pull of ``personal_prox`` toward the merged model: Ditto);
+    # - "select": whichever of the shared model alone, the merged model, the fine-tuned and the
+    #   personal model and mixes of the last two (``mix_grid``) is most accurate on the device's own
+    #   held-out samples, and only when it is at least as accurate there as what it serves now.
+    personalize: str = "none"
+    # Share of the device's own training samples held out for its decisions: never trained on.
+    holdout: float = 0.0
+    personal_epochs: int = 0
+    personal_prox: float = 0.1
+    finetune_epochs: int = 0
+    mix_grid: tuple[float, ...] = (0.25, 0.5, 0.75)
 
     @staticmethod
     def from_dict(raw: Any, where: str = "training") -> TrainingConfig:
@@ -163,24 +173,40 @@ class TrainingConfig:
             "weight_decay",
             "merge_adapt_steps",
             "serve_trained",
-            "merge_check",
-            "personalization_check",
+            "personalize",
+            "holdout",
+            "personal_epochs",
+            "personal_prox",
+            "finetune_epochs",
+            "mix_grid",
         }
         _no_unknown(raw, allowed, where)
         serve_trained = raw.get("serve_trained", True)
-        merge_check = raw.get("merge_check", False)
-        personalization_check = raw.get("personalization_check", False)
-        flags = {
-            "serve_trained": serve_trained,
-            "merge_check": merge_check,
-            "personalization_check": personalization_check,
-        }
-        for key, value in flags.items():
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
-        for key in ("merge_check", "personalization_check"):
-            if flags[key] and serve_trained:
-                raise ConfigError(f"{where}.{key} needs serve_trained: false (a separate served model)")
+        if not isinstance(serve_trained, bool):
+            raise ConfigError(f"{where}.serve_trained: expected true or false, got {serve_trained!r}")
+        personalize = _choice(raw, "personalize", where, "none", PERSONALIZE)
+        if personalize != "none" and serve_trained:
+            raise ConfigError(
+                f"{where}.personalize: {personalize!r} needs serve_trained: false (a separate served model)"
+            )
+        holdout = _number(raw, "holdout", where, 0.0, 0.0)
+        if holdout >= 0.5:
+            raise ConfigError(f"{where}.holdout: expected < 0.5 (a share of the device's samples), got {holdout}")
+        if personalize == "select" and holdout == 0.0:
+            raise ConfigError(f"{where}.holdout: personalize 'select' decides on held-out samples: expected > 0")
+        personal_epochs = _int(raw, "personal_epochs", where, 0, 0)
+        finetune_epochs = _int(raw, "finetune_epochs", where, 0, 0)
+        if personalize == "ditto" and personal_epochs == 0:
+            raise ConfigError(f"{where}.personal_epochs: personalize 'ditto' trains a personal model: expected >= 1")
+        if personalize == "finetune" and finetune_epochs == 0:
+            raise ConfigError(f"{where}.finetune_epochs: personalize 'finetune' fine-tunes: expected >= 1")
+        mix_grid = raw.get("mix_grid", [0.25, 0.5, 0.75])
+        if not isinstance(mix_grid, (list, tuple)) or not all(
+            not isinstance(a, bool) and isinstance(a, (int, float)) and 0.0 < a < 1.0 for a in mix_grid
+        ):
+            raise ConfigError(
+                f"{where}.mix_grid: expected a list of numbers strictly between 0 and 1, got {mix_grid!r}"
+            )
         momentum = _number(raw, "momentum", where, 0.9, 0.0)
         if momentum >= 1.0:
             raise ConfigError(f"{where}.momentum: expected < 1, got {momentum}")
@@ -193,8 +219,12 @@ class TrainingConfig:
             weight_decay=_number(raw, "weight_decay", where, 0.0, 0.0),
             merge_adapt_steps=_int(raw, "merge_adapt_steps", where, 0, 0),
             serve_trained=serve_trained,
-            merge_check=merge_check,
-            personalization_check=personalization_check,
+            personalize=personalize,
+            holdout=holdout,
+            personal_epochs=personal_epochs,
+            personal_prox=_number(raw, "personal_prox", where, 0.1, 0.0),
+            finetune_epochs=finetune_epochs,
+            mix_grid=tuple(float(a) for a in mix_grid),
         )
 
 

@@ -3,8 +3,10 @@
 A fleet function is called with keyword arguments from the job (none for a user plug-in) and
 returns either a ``FleetData`` or a list with one dict per device holding numpy arrays
 ``x_train``, ``y_train``, ``x_test``, ``y_test`` (x float32, (n, d) or (n, C, H, W), or a dict
-of such arrays, one per modality; y int64 class labels). Everything is checked here, at the
-trust boundary, with errors that name the device and the array.
+of such arrays, one per modality; y int64 class labels) and optionally ``groups_train`` (one
+recording id per training sample: the device's held-out split keeps a recording's windows
+together). Everything is checked here, at the trust boundary, with errors that name the device
+and the array.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class LabelledSet:
 class DeviceData:
     train: LabelledSet
     test: LabelledSet
+    # The device's own held-out samples for its decisions (never trained on); None: the learner
+    # holds out its configured share of ``train``. The edge runtime passes its rolling buffer.
+    holdout: LabelledSet | None = None
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,11 @@ def check_device(raw: Any, index: int) -> DeviceData:
     missing = [key for key in ARRAY_KEYS if key not in raw]
     if missing:
         raise DataError(f"{where}: missing {missing}")
+    unknown = sorted(set(raw) - set(ARRAY_KEYS) - {"groups_train"})
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {unknown}; known: {list(ARRAY_KEYS)} and optional 'groups_train'")
     return DeviceData(
-        train=_check_set(raw["x_train"], raw["y_train"], f"{where} train"),
+        train=_check_set(raw["x_train"], raw["y_train"], f"{where} train", groups=raw.get("groups_train")),
         test=_check_set(raw["x_test"], raw["y_test"], f"{where} test"),
     )
 
@@ -170,7 +178,7 @@ def check_fleet(fleet: Any) -> FleetData:
         raise DataError("the fleet has no devices")
     devices = [
         DeviceData(
-            _check_set(d.train.x, d.train.y, f"device {i} train"),
+            _check_set(d.train.x, d.train.y, f"device {i} train", groups=d.train.groups),
             _check_set(d.test.x, d.test.y, f"device {i} test", d.test.weight),
         )
         for i, d in enumerate(fleet.devices)

@@ -40,6 +40,18 @@ class SensorAdapter(nn.Module):
             x = x @ self.mix_w.T
         return x
 
+    @torch.no_grad()
+    def standardize(self, x: torch.Tensor) -> None:
+        """Start as the standardization of ``x``'s channels (own mean 0, own scale 1): inputs
+        arrive as the sensors deliver them, in whatever units, and the owner's own samples say
+        how to scale them. Channels that do not vary keep scale 1."""
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims) if x.shape[0] > 1 else torch.ones_like(mean)
+        scale = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.ones_like(std))
+        self.mix.copy_(torch.diag(scale))
+        self.shift.copy_((-mean * scale).reshape(self.shift.shape))
+
 
 class ChannelAffine(nn.Module):
     """``x * scale + shift`` per channel (dimension 1): an owner's sensor gain, offset or lighting."""
@@ -169,6 +181,12 @@ class RobotModel(nn.Module):
         if "trunk" in self.adapters:
             z = self.adapters["trunk"](z)
         return z
+
+    def standardize_inputs(self, x: Inputs) -> None:
+        """Set every sensor adapter to standardize its modality by the statistics of ``x``."""
+        for name, value in self._as_dict(x).items():
+            if name in self.adapters:
+                self.adapters[name].standardize(torch.as_tensor(value))
 
     def forward(self, x: Inputs) -> torch.Tensor:
         z = self.features(x)

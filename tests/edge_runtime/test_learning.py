@@ -271,3 +271,18 @@ def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_mode
         assert out is not None and np.isfinite(out).all()
     finally:
         ota.close()
+
+
+def test_the_device_decides_on_its_rolling_held_out_buffer_and_trains_no_personal_model(tmp_path, job):
+    learner = _learner(tmp_path, job)
+    assert learner.ensure_learner()
+    nested = learner.learner
+    _, _, seq = learner.samples.snapshot()
+    assert len(nested.holdout) == int((seq % 5 == 0).sum()) > 0  # every 5th sample: never trained on
+    assert len(nested.train_set) + len(nested.holdout) == len(seq)
+    learner.micro_update(lambda: None)
+    slow = nested.initial_slow()
+    learner.merge_global({k: v + 0.01 for k, v in slow.items()}, 1)
+    # what it may serve is the release's graph with its fast layers: no personal model is trained
+    assert nested.personal is None and nested.serving in {"nested", "shared"}
+    assert nested.decision["holdout_samples"] == len(nested.holdout)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from app_custom.nested.config import NestedConfig
+from app_custom.nested.device_data import DeviceData, LabelledSet
 from app_custom.nested.learner import NestedLearner
 from app_custom.nested.slow_delta import UpdateError, state_of
 
@@ -93,30 +94,91 @@ def test_a_device_serving_merged_versions_does_not_change_its_answers_while_it_t
     assert not all(torch.equal(served[k], v) for k, v in learner.model.state_dict().items())
 
 
-def test_the_merge_check_keeps_serving_the_previous_version_when_the_merge_is_worse_on_own_data():
-    learner = _learner(_with_training(serve_trained=False, merge_check=True, local_epochs=5))
-    learner.receive_global(learner.initial_slow(), 0)
-    learner.train_round()
-    trained_slow = state_of(learner.model, learner.shared_names)
-    learner.receive_global(trained_slow, 1)  # a good version: the device's own training
-    good = learner.served
-    garbage = {k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) * 5 for k, v in trained_slow.items()}
-    learner.receive_global(garbage, 2)
-    assert learner.served is good  # the garbage version was merged into the working model but not served
-    np.testing.assert_array_equal(
-        state_of(learner.model, learner.shared_names)[learner.shared_names[0]], garbage[learner.shared_names[0]]
+SELECT = {
+    "serve_trained": False,
+    "personalize": "select",
+    "holdout": 0.25,
+    "personal_epochs": 2,
+    "finetune_epochs": 1,
+    "local_epochs": 3,
+}
+
+
+def _selecting(seed=0, n=160):
+    return NestedLearner(
+        NestedConfig.from_dict(_with_training(**SELECT)), make_device(seed, n=n), num_classes=3, device_seed=seed
     )
 
 
-def test_the_merge_check_refuses_only_a_significant_loss_on_own_data():
-    from app_custom.nested.learner import significantly_worse
+def test_a_merge_never_replaces_the_served_model_with_one_worse_on_the_devices_held_out_samples():
+    learner = _selecting()
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    learner.receive_global(state_of(learner.model, learner.shared_names), 1)  # a good version: its own training
+    good, serving = learner.served, learner.serving
+    garbage = {
+        k: np.random.default_rng(0).normal(size=v.shape).astype(np.float32) * 5
+        for k, v in learner.initial_slow().items()
+    }
+    report = learner.receive_global(garbage, 2)
+    # the garbage version was merged into the working model (training goes on from it) but not served
+    assert learner.served is good and learner.serving == serving and learner.decision["kept"]
+    assert report.metrics()["serving_kept"] == 1.0
+    name = learner.shared_names[0]
+    np.testing.assert_array_equal(state_of(learner.model, learner.shared_names)[name], garbage[name])
 
-    before = np.array([True] * 16)
-    assert not significantly_worse(before, np.array([True] * 15 + [False]))  # one miss of 16: chance
-    assert significantly_worse(before, np.array([True] * 10 + [False] * 6))  # six lost, none gained
-    old = np.array([True] * 10 + [False] * 6)
-    swapped = np.array([False] * 3 + [True] * 7 + [True] * 3 + [False] * 3)  # three lost, three gained
-    assert not significantly_worse(old, swapped) and not significantly_worse(old, before)
+
+def test_the_held_out_samples_are_never_trained_on_and_cover_every_class_with_whole_recordings():
+    from app_custom.nested.device_data import DeviceData, LabelledSet
+    from app_custom.nested.learner import split_holdout
+
+    y = np.repeat([0, 0, 1, 1, 1, 2], 5)  # six recordings of five windows, three classes
+    groups = np.repeat(np.arange(6), 5)
+    x = np.arange(30, dtype=np.float32)[:, None]
+    train, held = split_holdout(DeviceData(LabelledSet(x, y, groups=groups), LabelledSet(x, y)), 0.34, seed=1)
+    assert set(held.y) == {0, 1}  # class 2 has one recording: all of it is for training
+    assert not set(train.groups) & set(held.groups)  # whole recordings on one side
+    assert len(train) + len(held) == 30
+    learner = _selecting()
+    trained_on = {tuple(row) for row in learner._x.numpy()}
+    assert not any(tuple(row) in trained_on for row in learner.holdout.x)
+
+
+def test_without_held_out_samples_the_device_serves_the_merged_model():
+    learner = NestedLearner(
+        NestedConfig.from_dict(_with_training(**SELECT)), make_device(0, n=4), num_classes=3, device_seed=0
+    )
+    assert learner.holdout is None  # two training samples: nothing to spare
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    learner.receive_global(learner.initial_slow(), 1)
+    assert learner.serving == "nested" and learner.decision["holdout_samples"] == 0
+
+
+def test_decisions_use_models_that_never_saw_the_held_out_samples_and_the_served_twin_saw_every_sample():
+    learner = _selecting()
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    assert learner.personal is not None and learner.personal_full is not None
+    twin = learner._serving_twin("personal", learner.model, learner.personal)
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), learner.personal_full.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(learner.personal.parameters(), twin.parameters()))
+    mix = learner._serving_twin("mix50", learner.model, learner.personal)
+    for (name, m), p, f in zip(mix.named_parameters(), learner.model.parameters(), learner.personal_full.parameters()):
+        torch.testing.assert_close(m, 0.5 * p + 0.5 * f, msg=name)
+
+
+def test_the_switch_test_counts_a_recordings_windows_as_one():
+    from app_custom.nested.learner import lower_loss_p
+
+    current = np.ones(12)
+    other = np.ones(12) * 0.5
+    assert lower_loss_p(current, other) == 0.0  # every sample better by the same amount
+    one_recording = np.zeros(12, dtype=int)
+    assert lower_loss_p(current, other, one_recording) == 1.0  # one unit: no evidence
+    noisy = other + np.random.default_rng(0).normal(0, 0.05, 12)
+    assert lower_loss_p(current, noisy) < 0.01
+    assert lower_loss_p(current, noisy, np.repeat(np.arange(2), 6)) > lower_loss_p(current, noisy)
 
 
 def test_an_identity_prior_keeps_the_fast_layers_of_a_small_device_near_the_start():
@@ -185,21 +247,50 @@ def test_the_refit_after_a_merge_is_served_but_not_trained_on():
     assert all(np.array_equal(served_slow[k], model_slow[k]) for k in model_slow)
 
 
-def test_a_device_serves_its_fast_layers_only_when_they_beat_the_shared_model_on_its_own_data():
+def test_a_device_stops_serving_fast_layers_its_held_out_samples_say_are_broken():
     from app_custom.nested.slow_delta import install
 
-    learner = _learner(_with_training(serve_trained=False, personalization_check=True, local_epochs=5))
+    learner = _selecting()
     learner.receive_global(learner.initial_slow(), 0)
     learner.train_round()
     merged_slow = state_of(learner.model, learner.shared_names)
-    # fast layers that break the model: the shared model alone serves
     broken = {
         k: np.full(v.shape, 7.0, dtype=np.float32) for k, v in state_of(learner.model, learner.private_names).items()
     }
     install(learner.model, broken)
     learner.receive_global(merged_slow, 1)
+    assert learner.serving != "nested"  # another kind, significantly better on its held-out samples
     served = state_of(learner.served, learner.private_names)
-    assert all(np.array_equal(served[k], learner._initial_private[k]) for k in served)
+    assert not all(np.array_equal(served[k], broken[k]) for k in served)
     # the training model keeps the device's fast layers, whatever is served
     kept = state_of(learner.model, learner.private_names)
     assert all(np.array_equal(kept[k], broken[k]) for k in kept)
+
+
+def test_sensor_adapters_start_as_the_standardization_of_the_devices_own_samples():
+    device = make_device(0, n=80)
+    scaled = DeviceData(
+        LabelledSet(device.train.x * 50.0 + 300.0, device.train.y), LabelledSet(device.test.x, device.test.y)
+    )
+    learner = NestedLearner(NestedConfig.from_dict(NESTED), scaled, num_classes=3)
+    adapter = learner.model.adapters["features"]
+    with torch.no_grad():
+        seen = adapter(torch.from_numpy(scaled.train.x)).numpy()
+    np.testing.assert_allclose(seen.mean(axis=0), 0.0, atol=1e-3)
+    np.testing.assert_allclose(seen.std(axis=0, ddof=1), 1.0, atol=1e-3)
+
+
+def test_the_personal_model_and_the_serving_choice_survive_a_restart(tmp_path):
+    learner = _selecting()
+    learner.receive_global(learner.initial_slow(), 0)
+    learner.train_round()
+    learner.receive_global(state_of(learner.model, learner.shared_names), 1)
+    learner.save(tmp_path / "state.pt")
+    restarted = _selecting()
+    restarted.load(tmp_path / "state.pt")
+    assert restarted.serving == learner.serving
+    for model, again in ((learner.personal, restarted.personal), (learner.personal_full, restarted.personal_full)):
+        for (name, a), (_, b) in zip(model.named_parameters(), again.named_parameters()):
+            assert torch.equal(a, b), name
+    for k, v in learner._initial_private.items():
+        np.testing.assert_array_equal(restarted._initial_private[k], v)

@@ -26,12 +26,20 @@ def _device(n=20, d=4):
         ({"y_test": np.zeros(5, np.int64)}, "20 samples in x but 5 labels"),
         ({"x_train": np.full((20, 4), np.nan, np.float32)}, "NaN"),
         ({"x_train": np.zeros((20, 4), np.int32)}, "float32"),
+        ({"x_train": np.zeros((0, 4), np.float32), "y_train": np.zeros(0, np.int64)}, "train: no samples"),
+        ({"x_test": np.zeros((20, 4, 1, 1, 1), np.float32)}, "test.x: expected shape"),
+        ({"groups_train": np.zeros(3)}, "train.groups: expected one group id per sample"),
     ],
 )
 def test_plugin_data_errors_name_the_device_and_array(change, message):
     devices = [_device(), {**_device(), **change}]
     with pytest.raises(DataError, match=f"device 1 .*{re.escape(message)}"):
         fleet_from_devices(devices)
+
+
+def test_a_mistyped_key_is_named():
+    with pytest.raises(DataError, match=re.escape("device 1: unknown key(s) ['x_trian']")):
+        fleet_from_devices([_device(), {**_device(), "x_trian": np.zeros((20, 4), np.float32)}])
 
 
 def test_devices_must_agree_on_the_sample_shape():

@@ -65,6 +65,11 @@ def test_a_dataset_plugin_from_outside_the_repository_runs_through_flare(tmp_pat
     after_merge = report["forgetting"]["after_merge"]
     assert after_merge["merges"] == len(report["forgetting"]["drops_after_merge"]) == 3 * 2
     assert after_merge["max"] == report["forgetting"]["max_drop_after_merge"]
+    choices = report["methods"]["nested"]["per_device_choice"]  # what each device serves, and why
+    assert len(choices) == 3
+    for choice in choices:
+        assert choice["serves"] in {"nested", "shared", "finetune", "personal", "mix"}
+        assert choice["holdout_samples"] > 0 and set(choice["holdout_acc"]) >= {"shared", "nested", "personal"}
     assert (out / "per_device_accuracy.png").stat().st_size > 0
     assert "round 2/2" in proc.stderr  # progress is shown while it runs
 
