@@ -588,29 +588,28 @@ class NestedLearner:
         self._received = None if received is None else {k: v.numpy() for k, v in received.items()}
         self.global_version = state["global_version"]
         self._rng.set_state(state["rng"])
-        if state["served"] is not None:
-            self.served = copy.deepcopy(self.model)
-            self.served.load_state_dict(state["served"])
-        else:
-            self.served = self.model
+        self.served = self._copy_with(state["served"]) or self.model
         self.serving = state.get("serving", self.serving)
         if state.get("initial_private") is not None:
             self._initial_private = {k: v.numpy() for k, v in state["initial_private"].items()}
-        self.personal, self._personal_opt = None, None
-        if state.get("personal") is not None:
-            self.personal = copy.deepcopy(self.model)
-            self.personal.load_state_dict(state["personal"])
-            if state.get("personal_opt") is not None:
-                self._personal_opt = self._optimizer(self.personal)
-                self._personal_opt.load_state_dict(state["personal_opt"])
-        self.personal_full, self._personal_full_opt = None, None
-        if state.get("personal_full") is not None:
-            self.personal_full = copy.deepcopy(self.model)
-            self.personal_full.load_state_dict(state["personal_full"])
-            if state.get("personal_full_opt") is not None:
-                self._personal_full_opt = self._optimizer(self.personal_full)
-                self._personal_full_opt.load_state_dict(state["personal_full_opt"])
-        self.served_shadow = self.served
-        if state.get("served_shadow") is not None:
-            self.served_shadow = copy.deepcopy(self.model)
-            self.served_shadow.load_state_dict(state["served_shadow"])
+        self.personal = self._copy_with(state.get("personal"))
+        self._personal_opt = self._optimizer_with(self.personal, state.get("personal_opt"))
+        self.personal_full = self._copy_with(state.get("personal_full"))
+        self._personal_full_opt = self._optimizer_with(self.personal_full, state.get("personal_full_opt"))
+        self.served_shadow = self._copy_with(state.get("served_shadow")) or self.served
+
+    def _copy_with(self, weights: dict | None) -> torch.nn.Module | None:
+        """A copy of the model holding saved ``weights``; None for none."""
+        if weights is None:
+            return None
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(weights)
+        return model
+
+    def _optimizer_with(self, model: torch.nn.Module | None, saved: dict | None) -> torch.optim.Optimizer | None:
+        """``model``'s optimiser with its saved state; None without a model or a saved state."""
+        if model is None or saved is None:
+            return None
+        optimizer = self._optimizer(model)
+        optimizer.load_state_dict(saved)
+        return optimizer
