@@ -195,6 +195,17 @@ def run_cell(args: tuple) -> tuple[tuple[str, str, int], dict]:
     return (dataset, cell, seed), run_experiment(experiment, Path(work) / f"{dataset}-{cell}-{seed}")
 
 
+def _rounded(value):
+    """Floats to 4 decimals (a hundredth of a point): the per-merge lists would otherwise fill MBs."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _devices(dataset: str, cell: str, devices: int) -> int:
     """Devices of a cell: one per person in the natural regime, else ``--devices``."""
     persons = load(dataset).persons
@@ -246,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             missing = [f"{d}/{c}" for d, c in planned if c not in results.get(d, {})]
             payload = _payload(args, seeds, started, results, missing)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(payload, indent=2))
+            Path(args.out).write_text(json.dumps(_rounded(payload), indent=1))
     plot_choices(results, Path(args.out).with_name("personalization_choices.png"))
     print(json.dumps(payload["checks"], indent=2))
     return 0
