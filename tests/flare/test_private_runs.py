@@ -27,7 +27,7 @@ PRIVACY = {"dp": DP, "ring_bits": 15}
 def _run(tmp_path: Path, name: str, rounds: int = 2, privacy: dict = PRIVACY, clients: int = 4, **job_args) -> Path:
     data = DATA | {"kwargs": DATA["kwargs"] | {"num_devices": clients}}
     job = build_nested_job(
-        name=name, config=CONFIG, data=data, num_rounds=rounds, min_clients=4, privacy=privacy, **job_args
+        name=name, config=CONFIG, data=data, num_rounds=rounds, min_clients=clients, privacy=privacy, **job_args
     )
     SimEnv(num_clients=clients, num_threads=clients, workspace_root=str(tmp_path)).deploy(job)
     return tmp_path / name
