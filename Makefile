@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-ota bench-privacy bench-scale bench-edge job clean
+.PHONY: demo test lint bench bench-continual bench-ota bench-privacy bench-scale bench-edge job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test: job
 
 bench: $(STAMP)
 	$(PY) benchmarks/personalization.py
+
+bench-continual: $(STAMP)
+	$(PY) benchmarks/continual.py
 
 bench-ota: $(STAMP)
 	$(PY) benchmarks/ota.py

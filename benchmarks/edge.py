@@ -151,7 +151,7 @@ def daemon_rss(work: Path, job_path: Path, archive: Path, seconds: float) -> dic
             "rss_mb": peak,
             "rss_median_mb": statistics.median(samples),
             "seconds": seconds,
-            "installed": f"serving {release}+fast" in text,
+            "installed": f"serving {release}" in text,
             "micro_updates": text.count("micro-update "),
         }
     finally:

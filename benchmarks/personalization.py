@@ -121,13 +121,18 @@ def overall_forgetting(results: dict) -> dict:
     }
 
 
-def _payload(args: argparse.Namespace, seeds: list[int], started: float, results: dict, missing: list[str]) -> dict:
-    checks = {
-        f"{d}/{r}/{name}": ok
-        for d, regimes in results.items()
-        for r, summary in regimes.items()
+def cell_checks(results: dict) -> dict[str, bool]:
+    """Every cell's checks, named ``data set/cell/check``."""
+    return {
+        f"{d}/{c}/{name}": ok
+        for d, cells in results.items()
+        for c, summary in cells.items()
         for name, ok in summary.get("checks", {}).items()
     }
+
+
+def _payload(args: argparse.Namespace, seeds: list[int], started: float, results: dict, missing: list[str]) -> dict:
+    checks = cell_checks(results)
     forgetting = overall_forgetting(results)
     checks |= {f"forgetting/{name}": ok for name, ok in forgetting["checks"].items()}
     return {
@@ -206,6 +211,26 @@ def _rounded(value):
     return value
 
 
+def gather(runs, planned: list[tuple[str, str]], seeds: list[int], held_out: set[str], summarise, payload, out: Path):
+    """Each ``(data set, cell, seed)`` run's report as it comes from ``runs``: a cell is summarised
+    (``summarise(reports, held_out)``) once all its seeds are in, and ``payload(results, missing)``
+    is written to ``out`` after every run, so a benchmark cut short still leaves a file that says
+    what it holds. (results, the last payload)."""
+    results: dict = {}
+    reports: dict[tuple[str, str, int], dict] = {}
+    written = payload(results, [f"{d}/{c}" for d, c in planned])
+    for key, report in runs:
+        reports[key] = report
+        for dataset, cell in planned:
+            done = [reports.get((dataset, cell, seed)) for seed in seeds]
+            if None not in done and cell not in results.get(dataset, {}):
+                results.setdefault(dataset, {})[cell] = summarise(done, dataset in held_out)
+        written = payload(results, [f"{d}/{c}" for d, c in planned if c not in results.get(d, {})])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(_rounded(written), indent=1))
+    return results, written
+
+
 def _devices(dataset: str, cell: str, devices: int) -> int:
     """Devices of a cell: one per person in the natural regime, else ``--devices``."""
     persons = load(dataset).persons
@@ -241,23 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         for d, c in planned
         for seed in seeds
     ]
-    held_out = set(args.held_out.split(","))
-    results: dict = {}
-    reports: dict[tuple[str, str, int], dict] = {}
-    payload = _payload(args, seeds, started, results, [f"{d}/{c}" for d, c in planned])
     # Each experiment keeps about one core busy: ``--jobs`` runs that many at once.
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for key, report in pool.map(run_cell, runs):
-            reports[key] = report
-            for dataset, cell in planned:
-                done = [reports.get((dataset, cell, seed)) for seed in seeds]
-                if None not in done and cell not in results.get(dataset, {}):
-                    results.setdefault(dataset, {})[cell] = summarise(done, dataset in held_out)
-            # written after every experiment, so a run cut short still leaves a file that says what it holds
-            missing = [f"{d}/{c}" for d, c in planned if c not in results.get(d, {})]
-            payload = _payload(args, seeds, started, results, missing)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(_rounded(payload), indent=1))
+        results, payload = gather(
+            pool.map(run_cell, runs),
+            planned,
+            seeds,
+            set(args.held_out.split(",")),
+            summarise,
+            lambda results, missing: _payload(args, seeds, started, results, missing),
+            Path(args.out),
+        )
     plot_choices(results, Path(args.out).with_name("personalization_choices.png"))
     print(json.dumps(payload["checks"], indent=2))
     return 0

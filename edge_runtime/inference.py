@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from app_custom.durable import write_bytes_atomic, write_json_atomic
+from app_custom.nested.device_data import LabelledSet
 
 log = logging.getLogger("fleetnest.edge.inference")
 
@@ -89,6 +90,17 @@ def p99_ms(engine, feeds: dict[str, np.ndarray], runs: int = 40) -> float:
         engine.run(feeds)
         times.append((time.perf_counter() - started) * 1000)
     return float(np.percentile(times[5:], 99))
+
+
+def held_out_outcomes(graph: bytes, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out sample: whether ``graph`` (ONNX, run by onnxruntime) classifies it right, and its
+    cross-entropy; the learner's own measure (``outcomes``) applied to the graph's outputs."""
+    from app_custom.nested.learner import outcomes
+    from ota.engines import OnnxRuntimeEngine
+
+    assert isinstance(data.x, dict), "the sample store keeps inputs by modality"
+    logits = OnnxRuntimeEngine(graph, threads=1).run(data.x)
+    return outcomes(logits, data.y)
 
 
 class ModelServer:

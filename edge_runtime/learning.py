@@ -40,7 +40,7 @@ class ContinualLearner:
         state_dir: Path,
         config: dict,
         num_classes: int,
-        samples: SampleStore,
+        samples: SampleStore | None,
         steps: int = 20,
         min_samples: int = 32,
     ) -> None:
@@ -195,6 +195,11 @@ class ContinualLearner:
             report = learner.receive_global(slow, version)
             self.checkpoint(f"merged global version {version}")
             return f"merged global version {version} (own-data accuracy {report.acc_after:.3f})"
+
+    def holdout(self) -> LabelledSet | None:
+        """The rolling held-out buffer the learner decides on (never trained on), if there is one."""
+        with self.lock:
+            return None if self.learner is None else self.learner.holdout
 
     def fast_layers(self) -> dict[str, np.ndarray] | None:
         with self.lock:

@@ -32,7 +32,7 @@ from app_custom.durable import crash_trace as trace
 from app_custom.nested.device_data import import_function
 
 from .config import EdgeConfig, EdgeConfigError
-from .inference import BadOutputs, ModelCheckFailed, ModelServer
+from .inference import BadOutputs, ModelCheckFailed, ModelServer, held_out_outcomes
 from .learning import ContinualLearner
 from .samples import SampleError, SampleStore
 from .scheduler import MicroUpdateGate, make_probe
@@ -137,6 +137,9 @@ class EdgeRuntime:
         self._probe_feeds: dict[str, np.ndarray] | None = None
         self._last_report = 0.0
         self._last_served = ""
+        # what the device serves of the installed release, and the held-out figures it decided on
+        self.serving_decision: dict = {}
+        self._told_decision: dict = {}
 
     # ---- startup ----------------------------------------------------------------------------
     def recover(self) -> str:
@@ -245,7 +248,8 @@ class EdgeRuntime:
 
     # ---- the served model -------------------------------------------------------------------
     def _serve_latest(self) -> str:
-        """Serve the installed release with this device's fast layers, else the learner's own model."""
+        """Serve the installed release, with this device's fast layers where its held-out samples
+        support them (``_with_fast_layers``), else the learner's own model."""
         updater, learner = self.updater, self.learner
         current = updater.current if updater is not None else None
         if current is not None and current.exists():
@@ -262,13 +266,42 @@ class EdgeRuntime:
                 return self.models.refuse(label, ModelCheckFailed(str(err)))
             inputs, _ = load_golden(current, manifest)
             self._probe_feeds = inputs
-            data = graph.SerializeToString() if graph is not None else (current / "model.personal.onnx").read_bytes()
+            if graph is None:
+                data = (current / "model.personal.onnx").read_bytes()
+            else:
+                data, label = self._with_fast_layers(current, graph.SerializeToString(), manifest["release"])
             trace("offer-model")
             return self.models.offer(data, label, inputs, manifest["model"]["num_classes"])
         if learner is not None and learner.learner is not None:
             self.models.serve_local(learner.learner.served, list(learner.learner.model.modalities))
             return f"serving {self.models.label}"
         return "no model to serve yet"
+
+    def _with_fast_layers(self, current: Path, graph: bytes, release: str) -> tuple[bytes, str]:
+        """(graph, label) to serve: the release with this device's fast layers only where its
+        held-out samples say they are better than the release as shipped (as many right, and a
+        lower loss that a paired test finds significant: ``better_kind``, the rule by which the
+        learner switches kinds); else the release as shipped. Decided on the two graphs as served."""
+        from app_custom.nested.learner import better_kind
+
+        assert self.learner is not None
+        shipped = (current / "model.onnx").read_bytes()
+        holdout = self.learner.holdout()
+        if holdout is None:
+            self.serving_decision = {"serves": release, "why": "no held-out samples yet", "holdout_samples": 0}
+            return shipped, release
+        alone, mine = held_out_outcomes(shipped, holdout), held_out_outcomes(graph, holdout)
+        take = better_kind(alone, mine)
+        self.serving_decision = {
+            "serves": f"{release}+fast" if take else release,
+            "holdout_samples": len(holdout),
+            "holdout_acc_release": round(float(alone[0].mean()), 4),
+            "holdout_acc_with_fast_layers": round(float(mine[0].mean()), 4),
+        }
+        if self.serving_decision != self._told_decision:
+            log.info("serving decision on %d held-out samples: %s", len(holdout), self.serving_decision)
+            self._told_decision = self.serving_decision
+        return (graph, f"{release}+fast") if take else (shipped, release)
 
     # ---- workers ----------------------------------------------------------------------------
     def _infer_once(self) -> float:
@@ -405,6 +438,9 @@ class EdgeRuntime:
             "samples_stored": len(self.samples) if self.samples is not None else 0,
             "micro_updates": learner.micro_updates if learner is not None else 0,
             "checkpoint": learner.checkpoint_seq if learner is not None else None,
+            "holdout_samples": self.serving_decision.get("holdout_samples"),
+            "holdout_acc_release": self.serving_decision.get("holdout_acc_release"),
+            "holdout_acc_with_fast_layers": self.serving_decision.get("holdout_acc_with_fast_layers"),
             "ota": self.ota_note[:200],
             "learning": self.learning_note[:200],
         }

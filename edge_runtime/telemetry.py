@@ -36,6 +36,10 @@ HEALTH_FIELDS = {
     "samples_stored": int,
     "micro_updates": int,
     "checkpoint": int,
+    # the serving decision on the held-out buffer: its size and two accuracies over all of it
+    "holdout_samples": int,
+    "holdout_acc_release": float,
+    "holdout_acc_with_fast_layers": float,
     "ota": str,
     "learning": str,
 }

@@ -73,14 +73,15 @@ def tensorrt_status() -> tuple[object | None, str]:
 class OnnxRuntimeEngine:
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, threads: int = 2) -> None:
+    def __init__(self, onnx_path: str | Path | bytes, threads: int = 2) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # a robot's CPU is shared
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)  # a file, or a graph in memory
+        self.session = ort.InferenceSession(source, options, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -96,6 +96,14 @@ def _take(x: torch.Tensor | dict[str, torch.Tensor], index: torch.Tensor):
     return x[index]
 
 
+def outcomes(logits: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: whether ``logits`` classify it correctly, and its cross-entropy (a torch model's
+    outputs or an inference engine's)."""
+    logits, y = torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
+    loss = F.cross_entropy(logits, y, reduction="none").numpy().astype(np.float64)
+    return (logits.argmax(dim=1) == y).numpy(), loss
+
+
 def per_sample(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per sample of ``data``: whether ``model`` classifies it correctly, and its cross-entropy."""
     x, y = _to_torch(data.x), torch.from_numpy(data.y)
@@ -104,10 +112,19 @@ def per_sample(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512)
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
             index = torch.arange(start, min(start + batch_size, len(y)))
-            logits = model(_take(x, index))
-            loss.append(F.cross_entropy(logits, y[index], reduction="none").numpy())
-            correct.append((logits.argmax(dim=1) == y[index]).numpy())
-    return np.concatenate(correct), np.concatenate(loss).astype(np.float64)
+            right, losses = outcomes(model(_take(x, index)), y[index])
+            correct.append(right)
+            loss.append(losses)
+    return np.concatenate(correct), np.concatenate(loss)
+
+
+def supported(kept: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether held-out outcomes (``per_sample``'s) support a new version of the served kind of
+    model over the one kept: at least as many samples right, or one fewer with a lower mean loss."""
+    (kept_correct, kept_loss), (correct, loss) = kept, new
+    return int(correct.sum()) >= int(kept_correct.sum()) or (
+        int(correct.sum()) == int(kept_correct.sum()) - 1 and float(loss.mean()) < float(kept_loss.mean())
+    )
 
 
 def evaluate(model: torch.nn.Module, data: LabelledSet, batch_size: int = 512) -> tuple[float, float]:
@@ -148,6 +165,15 @@ def lower_loss_p(current: np.ndarray, other: np.ndarray, groups: np.ndarray | No
     if np.all(diff == diff[0]):
         return 0.0 if diff[0] < 0 else 1.0
     return float(ttest_1samp(diff, 0.0, alternative="less").pvalue)
+
+
+def better_kind(
+    current: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray], groups: np.ndarray | None = None
+) -> bool:
+    """Whether held-out outcomes (``per_sample``'s) say to serve another kind of model than the
+    current one: at least as many samples right, and a lower loss that a paired test over at least
+    ``SWITCH_MIN_UNITS`` units finds significant (``SWITCH_ALPHA``)."""
+    return int(other[0].sum()) >= int(current[0].sum()) and lower_loss_p(current[1], other[1], groups) < SWITCH_ALPHA
 
 
 def split_holdout(data: DeviceData, share: float, seed: int) -> tuple[LabelledSet, LabelledSet | None]:
@@ -359,14 +385,13 @@ class NestedLearner:
         current = self.serving if self.serving in found else "nested"
         best = max(found, key=lambda name: (acc[name], -loss[name]))
         target = current  # at the first merge: the merged model (nothing is trained yet)
-        significant = lower_loss_p(scored[current][1], scored[best][1], self.holdout.groups) < SWITCH_ALPHA
-        if not first and best != current and acc[best] >= acc[current] and significant:
+        if not first and best != current and better_kind(scored[current], scored[best], self.holdout.groups):
             target = best
         shadow = found[target] if found[target] is not self.personal else copy.deepcopy(self.personal)
         fresh = self._serving_twin(target, merged, shadow)
         take = first
         if not first:
-            kept_correct, kept_loss = per_sample(self.served_shadow, self.holdout)
+            kept = per_sample(self.served_shadow, self.holdout)
             correct, losses = scored[target]
             if target == self.serving:
                 # the same kind: step half-way from the served model to its new version unless the
@@ -377,9 +402,7 @@ class NestedLearner:
                     shadow, correct, losses = halfway, half_correct, half_loss
                     fresh = halfway if fresh is found[target] else interpolate(self.served, fresh, 0.5)
             # at least as many held-out samples right, or one fewer with a lower held-out loss
-            take = correct.sum() >= kept_correct.sum() or (
-                correct.sum() >= kept_correct.sum() - 1 and losses.mean() < kept_loss.mean()
-            )
+            take = supported(kept, (correct, losses))
         if take:
             self.served, self.served_shadow, self.serving = fresh, shadow, target
         self.decision = {

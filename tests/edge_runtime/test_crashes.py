@@ -167,11 +167,12 @@ def test_sigkill_at_random_moments_always_resumes_from_a_consistent_state(tmp_pa
                 )
                 hit["inference"] += last.get("inference") == "inference"
         assert all(hit[k] > 0 for k in hit), hit
-        # and once more, undisturbed: the newest release with the device's own fast layers
+        # and once more, undisturbed: the newest release (with the device's own fast layers where
+        # its held-out samples support them)
         ota.target("all", releases[-1])
         daemon = DaemonProcess(edge_config(tmp_path, "robot-1", 1, job, probe, ota=ota)).start()
         try:
-            assert daemon.wait_for(f"serving {releases[-1]}+fast", 120), daemon.text()[-3000:]
+            assert daemon.wait_for(f"serving {releases[-1]}", 120), daemon.text()[-3000:]
         finally:
             assert daemon.stop() == 0
         print(f"kills: {sum(len(k) for k in results.values())}, interrupted: {hit}")

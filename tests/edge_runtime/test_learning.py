@@ -5,6 +5,7 @@ as the kernel lays it out."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -238,13 +239,17 @@ def test_a_diverged_micro_update_rolls_back_to_the_last_good_checkpoint(tmp_path
     assert all(np.array_equal(good_fast[k], back[k]) for k in good_fast)
 
 
-def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_model_serves(tmp_path, job):
+@contextlib.contextmanager
+def _runtime_serving_a_release(tmp_path: Path, job: dict):
+    """A real runtime with a signed release installed and its learner built after one micro-update
+    on 80 samples (16 of them held out): (runtime, release)."""
     job_path = tmp_path / "job.json"
     job_path.write_text(json.dumps(job))
     archive = seed_archive(tmp_path / "archive", job)
     ota = OtaService(tmp_path / "ota", (("all", 1.0),))
     try:
-        ota.target("all", ota.publish(archive, 1))
+        release = ota.publish(archive, 1)
+        ota.target("all", release)
         probe = tmp_path / "probe.json"
         set_probe(probe, idle=True, charging=True)
         path = edge_config(tmp_path, "robot-1", 1, job_path, probe, ota=ota, min_interval_s=0.0)
@@ -254,8 +259,25 @@ def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_mode
         assert runtime.updater.state["committed"] is not None
         _filled(runtime.samples, 80)
         runtime._learn_once()  # the learner built, one micro-update, its model checked and served
+        assert runtime.learner.micro_updates == 1
+        yield runtime, release
+    finally:
+        ota.close()
+
+
+def _served_decision(runtime: EdgeRuntime, release: str) -> dict:
+    """The serving decision, checked against what serves: the fast layers are installed exactly when
+    the decision says so."""
+    decision, label = runtime.serving_decision, runtime.models.label
+    assert decision["holdout_samples"] == len(runtime.learner.holdout()) > 0
+    assert label.startswith(release) and ("+fast" in label) == (decision["serves"] == f"{release}+fast"), label
+    return decision
+
+
+def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_model_serves(tmp_path, job):
+    with _runtime_serving_a_release(tmp_path, job) as (runtime, release):
         learner = runtime.learner
-        assert learner.micro_updates == 1 and "+fast" in runtime.models.label, runtime.models.label
+        _served_decision(runtime, release)
         good_seq, good_fast, served = learner.checkpoint_seq, learner.fast_layers(), runtime.models.label
         assert learner.store._pointer("good.json") == good_seq
 
@@ -269,8 +291,28 @@ def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_mode
         assert all(np.array_equal(good_fast[k], back[k]) for k in good_fast)
         out = runtime.models.infer({name: value[:1] for name, value in runtime._probe_feeds.items()})
         assert out is not None and np.isfinite(out).all()
-    finally:
-        ota.close()
+
+
+def test_fast_layers_that_lose_on_the_held_out_samples_are_not_served_the_release_is(tmp_path, job):
+    """The attack: fast layers that are finite and pass every model check but answer one class the
+    held-out samples never have (a bad micro-update, a biased owner's data). Served as before, they
+    would take the robot below the release it was sent."""
+    with _runtime_serving_a_release(tmp_path, job) as (runtime, release):
+        learner = runtime.learner
+        nested = learner.learner
+        absent = sorted(set(range(NUM_CLASSES)) - set(learner.holdout().y.tolist()))[0]
+        for model in {id(nested.model): nested.model, id(nested.served): nested.served}.values():
+            for name, parameter in model.named_parameters():
+                if name.startswith("adapters.head.") and name in nested.private_names:
+                    parameter.data.zero_()
+                    if name.endswith("bias"):
+                        parameter.data[absent] = 1e3
+        learner.checkpoint("biased")
+        runtime._judge_fast_layers(learner)
+        decision = _served_decision(runtime, release)
+        assert decision["holdout_acc_with_fast_layers"] == 0.0 and decision["serves"] == release
+        assert runtime.models.label.startswith(f"{release} (")  # the release as shipped, on its engine
+        assert learner.store._pointer("good.json") == learner.checkpoint_seq  # the learning is kept
 
 
 def test_the_device_decides_on_its_rolling_held_out_buffer_and_trains_no_personal_model(tmp_path, job):
