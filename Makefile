@@ -30,9 +30,11 @@ demo: job
 	$(VENV)/bin/fleetnest simulate --devices 8 --rounds 8 --out demo_out
 	$(VENV)/bin/fleetnest edge-demo --out demo_out/edge
 
+# Two test files at a time (pytest-xdist; a file's tests stay together and share their fixtures):
+# most of the suite waits on FLARE, daemons and brokers, so two overlap well on two cores.
 test: job
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/personalization.py

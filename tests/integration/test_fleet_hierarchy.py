@@ -14,6 +14,9 @@ API (Flare API). The tests run in order on one deployment:
 4. the server is killed mid-job and restarted: the job submitted again (in synchronous mode)
    resumes from the last accepted version;
 and everything is shut down with no process or port left behind.
+
+The waits are bounds on progress, not speed targets: ``make test`` runs two test files at a time,
+so the deployment may have one core of the two.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def state(tmp_path_factory):
     s.by_leaf[s.victim] = s.by_leaf[s.victim][:3]  # 4 devices on the surviving leaf, 3 on the other
     try:
         fleet.start_all()
-        fleet.wait_for_clients(3, timeout=120)
+        fleet.wait_for_clients(3, timeout=300)
         fleet.start_proxy()
         config = base / "device_job.json"
         out = subprocess.run(
@@ -128,11 +131,11 @@ def _device_audit(fleet: LocalFleet, device: str) -> list[dict]:
 def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versions(state):
     fleet = state.fleet
     state.job_id = fleet.submit("--versions", "7", "--max-rounds", "12", *JOB)
-    wait_until(lambda: len(fleet.accepted()) >= 3, 150, "three accepted global versions", interval=2)
+    wait_until(lambda: len(fleet.accepted()) >= 3, 375, "three accepted global versions", interval=2)
     # a leaf of four fills its cohorts of three first come: a slow starter may not have had its turn
     # within three versions yet (seen once on a loaded machine), so wait for every device's first answer
     everyone = [device for devices in state.by_leaf.values() for device in devices]
-    wait_until(lambda: all(_device_audit(fleet, d) for d in everyone), 60, "every device's first answer", interval=2)
+    wait_until(lambda: all(_device_audit(fleet, d) for d in everyone), 150, "every device's first answer", interval=2)
     for version in fleet.accepted():
         assert version["num_devices"] >= 2 and version["parent"] is not None
     # the leaves held only secure-aggregation messages: masked vectors of 12-bit ring elements
@@ -187,17 +190,17 @@ def test_a_killed_leaf_does_not_stop_the_job(state):
     killed_at = time.time()
     wait_until(
         lambda: sum(v["created_at"] > killed_at for v in fleet.accepted()) >= 1,
-        120,
+        300,
         "an accepted version after the leaf was killed",
         interval=2,
     )
-    wait_until(lambda: "FINISHED" in _job_status(fleet, state.job_id), 150, "the job to complete", interval=3)
+    wait_until(lambda: "FINISHED" in _job_status(fleet, state.job_id), 375, "the job to complete", interval=3)
     assert "COMPLETED" in _job_status(fleet, state.job_id)
     fleet.start_site(state.victim, "client")  # the killed leaf rejoins
-    fleet.wait_for_clients(3, timeout=120)
+    fleet.wait_for_clients(3, timeout=300)
     state.job_id = fleet.submit("--versions", "30", "--max-rounds", "60", *JOB)
     accepted = len(fleet.accepted())
-    wait_until(lambda: len(fleet.accepted()) > accepted, 120, "a version of the second job", interval=2)
+    wait_until(lambda: len(fleet.accepted()) > accepted, 300, "a version of the second job", interval=2)
 
 
 def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused(state, tmp_path):
@@ -235,8 +238,8 @@ def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused
         sent = _device_audit(fleet, rotated)[sent_before:]
         return any(r.get("secagg", {}).get("type") == "MaskedInput" and r["status"] == "OK" for r in sent)
 
-    wait_until(rotated_device_contributed, 90, f"{rotated} to send a masked vector with its new certificate")
-    wait_until(lambda: any("has been revoked" in r for r in _refusals(fleet, leaf, revoked)), 90, f"{revoked} refused")
+    wait_until(rotated_device_contributed, 225, f"{rotated} to send a masked vector with its new certificate")
+    wait_until(lambda: any("has been revoked" in r for r in _refusals(fleet, leaf, revoked)), 225, f"{revoked} refused")
 
 
 def test_every_flare_listener_and_the_routing_proxy_speak_tls(state):
@@ -293,17 +296,17 @@ def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
     restarted_at = time.time()
     last = json.loads((fleet.archive / "current.json").read_text())["version"]
     fleet.start_site("server", "server")
-    fleet.wait_for_clients(3, timeout=120)
+    fleet.wait_for_clients(3, timeout=300)
     job = fleet.submit("--versions", "1", "--mode", "sync", *JOB)  # the synchronous mode, on the same archive
     job_log = fleet.kit("server") / job / "log.txt"
     found = wait_until(
         lambda: job_log.exists() and re.search(r"resumed from global version (\d+)", job_log.read_text()),
-        120,
+        300,
         "the resubmitted job to resume",
     )
     assert int(found.group(1)) == last
     wait_until(
         lambda: any(v["parent"] == last and v["created_at"] > restarted_at for v in fleet.versions()),
-        120,
+        300,
         f"a version made from version {last} after the restart",
     )
