@@ -36,9 +36,9 @@ class TimestampKeeper:
         try:
             self.repository.refresh_timestamp()
         except Exception as e:  # noqa: BLE001 - any failure is logged and retried, never fatal
-            self.failures += 1
             self.last_error = f"{type(e).__name__}: {e}"
-            log.exception("timestamp refresh failed (%d so far) for %s", self.failures, self.repository.path)
+            log.exception("timestamp refresh failed (%d so far) for %s", self.failures + 1, self.repository.path)
+            self.failures += 1  # counted once logged: whoever sees the count finds the log line written
             return False
         self.refreshes += 1
         self.last_error = None

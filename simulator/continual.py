@@ -6,7 +6,7 @@ device's sample store does. At ``change_round`` its environment changes:
 
 - ``sensor_shift``: its sensors change (a recalibration, a replaced part): every sample it records
   from then on, and its environment-2 test set, passes through a new per-device gain / offset per
-  channel (and mirror or axis flips) on top of the old sensors (``fleets._Sensors``, drawn afresh).
+  channel (and mirror or axis flips) on top of the old sensors (``fleets.Sensors``, drawn afresh).
 - ``new_classes``: half of the classes (the same for the whole fleet) appear only from then on; the
   old ones go on arriving beside them. Environment 1's test set holds the old classes only.
 
@@ -35,7 +35,7 @@ import numpy as np
 from app_custom.nested.device_data import DeviceData, FleetData, LabelledSet, concat
 from app_custom.nested.learner import SERVING_KINDS
 
-from .fleets import _Sensors, make_fleet
+from .fleets import Sensors, make_fleet
 from .inprocess import run_method_inprocess
 from .methods import METHODS
 from .runner import Experiment
@@ -140,7 +140,7 @@ class ContinualStream:
             tests = {"env1": test.subset(np.flatnonzero(old)), "env2": test}
             x_second = train.subset(second).x
         else:
-            new_sensors = _Sensors(train.x, rng)
+            new_sensors = Sensors(train.x, rng)
             tests = {"env1": test, "env2": LabelledSet(new_sensors(test.x), test.y, test.weight, test.groups)}
             x_second = new_sensors(train.subset(second).x)
         samples = LabelledSet(

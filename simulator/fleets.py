@@ -94,7 +94,7 @@ def _drawn_splits(data: Dataset, rest: np.ndarray, n: int, records: int, regime:
     return splits
 
 
-class _Sensors:
+class Sensors:
     """One owner's sensors, drawn once: per-channel gain/offset; a mirrored camera or flipped IMU
     axes. Applied to every sample the owner records (its training data and its test samples)."""
 
@@ -163,7 +163,7 @@ def make_fleet(
     cluster = LabelledSet(take(data.x, held), data.y[held], groups=data.groups[held])
     if regime == "env_shift":
         parts = np.array_split(np.arange(len(held)), REFERENCE_ROBOTS)
-        shifted = concat([_Sensors(cluster.x, rng)(take(cluster.x, part)) for part in parts])
+        shifted = concat([Sensors(cluster.x, rng)(take(cluster.x, part)) for part in parts])
         cluster = LabelledSet(shifted, cluster.y, groups=cluster.groups)
     if regime == "natural":
         return _natural_fleet(data, rest, cluster, num_devices, rng)
@@ -180,7 +180,7 @@ def make_fleet(
     for train_idx, test_idx, index in splits:
         if regime == "scarce":
             train_idx = rng.permutation(train_idx)[:scarce_train]
-        device_sensors = _Sensors(data.x, rng) if regime == "env_shift" else None
+        device_sensors = Sensors(data.x, rng) if regime == "env_shift" else None
         x_train = take(data.x, train_idx)
         x_train = x_train if device_sensors is None else device_sensors(x_train)
         trains.append(LabelledSet(x_train, data.y[train_idx], groups=data.groups[train_idx]))
