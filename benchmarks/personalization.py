@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app_custom.durable import write_bytes_atomic  # noqa: E402
 from simulator.datasets import BENCHMARK, HELD_OUT, load  # noqa: E402
 from simulator.fleets import REGIMES  # noqa: E402
 from simulator.methods import ENGINES, METHODS  # noqa: E402
@@ -227,7 +228,7 @@ def gather(runs, planned: list[tuple[str, str]], seeds: list[int], held_out: set
                 results.setdefault(dataset, {})[cell] = summarise(done, dataset in held_out)
         written = payload(results, [f"{d}/{c}" for d, c in planned if c not in results.get(d, {})])
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(_rounded(written), indent=1))
+        write_bytes_atomic(out, json.dumps(_rounded(written), indent=1).encode())  # never a half-written file
     return results, written
 
 

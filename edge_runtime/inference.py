@@ -92,15 +92,25 @@ def p99_ms(engine, feeds: dict[str, np.ndarray], runs: int = 40) -> float:
     return float(np.percentile(times[5:], 99))
 
 
-def held_out_outcomes(graph: bytes, data: LabelledSet) -> tuple[np.ndarray, np.ndarray]:
+def held_out_outcomes(graph: bytes, data: LabelledSet, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Per held-out sample: whether ``graph`` (ONNX, run by onnxruntime) classifies it right, and its
-    cross-entropy; the learner's own measure (``outcomes``) applied to the graph's outputs."""
+    cross-entropy; the learner's own measure (``outcomes``) applied to the graph's outputs, in
+    batches. Outputs that are not finite raise ``BadOutputs``."""
     from app_custom.nested.learner import outcomes
     from ota.engines import OnnxRuntimeEngine
 
-    assert isinstance(data.x, dict), "the sample store keeps inputs by modality"
-    logits = OnnxRuntimeEngine(graph, threads=1).run(data.x)
-    return outcomes(logits, data.y)
+    if not isinstance(data.x, dict):
+        raise TypeError("held-out inputs must be a mapping of modality to array, as the sample store keeps them")
+    engine = OnnxRuntimeEngine(graph, threads=1)
+    correct, loss = [], []
+    for start in range(0, len(data.y), batch_size):
+        logits = engine.run({name: value[start : start + batch_size] for name, value in data.x.items()})
+        if not np.all(np.isfinite(logits)):
+            raise BadOutputs("outputs on the held-out samples are not finite")
+        right, losses = outcomes(logits, data.y[start : start + batch_size])
+        correct.append(right)
+        loss.append(losses)
+    return np.concatenate(correct), np.concatenate(loss)
 
 
 class ModelServer:
@@ -115,6 +125,7 @@ class ModelServer:
         self.fallbacks = 0
         self.rejected = 0
         self.last_rejection: Exception | None = None  # why the last candidate offered was refused
+        self.serving_sha: str | None = None  # SHA-256 of the ONNX graph being served
         self.bad_inputs = 0
         self._lock = threading.Lock()
 
@@ -143,6 +154,7 @@ class ModelServer:
                 continue
             with self._lock:
                 self.engine, self.label = engine, f"{meta['label']} ({note.split(':')[0]})"
+                self.serving_sha = meta["sha256"]
             return f"serving {self.label}"
         return "no verified model on disk"
 
@@ -179,8 +191,14 @@ class ModelServer:
         except OSError as err:  # a full disk: it serves, but a restart comes back to the one on disk
             log.error("cannot keep %s as the good model: %s", label, err)
         with self._lock:
-            self.engine, self.label = engine, f"{label} ({note.split(':')[0]})"
+            self.engine, self.label, self.serving_sha = engine, f"{label} ({note.split(':')[0]})", meta["sha256"]
         return f"serving {self.label}, p99 {p99:.2f} ms"
+
+    def serves(self, graph: bytes) -> bool:
+        """Whether ``graph`` is the model being served (an unchanged candidate need not be checked and
+        kept again: keeping it would push the real fallback out of ``previous``)."""
+        with self._lock:
+            return self.engine is not None and self.serving_sha == hashlib.sha256(graph).hexdigest()
 
     def refuse(self, label: str, err: Exception) -> str:
         """A candidate that failed a check, here or before it could be offered: the served model stays."""
@@ -193,6 +211,7 @@ class ModelServer:
         with self._lock:
             if self.engine is None or isinstance(self.engine, TorchEngine):
                 self.engine, self.label = TorchEngine(model, inputs), "local model (torch; no release installed yet)"
+                self.serving_sha = None
 
     # ---- serving ------------------------------------------------------------------------------
     def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -213,7 +232,7 @@ class ModelServer:
         except Exception as err:  # noqa: BLE001 - a failing model is replaced, never fatal
             self.fallbacks += 1
             with self._lock:
-                failed, self.engine = self.label, None
+                failed, self.engine, self.serving_sha = self.label, None, None
             if not isinstance(engine, TorchEngine):
                 self._demote_good()
             log.error("model %s failed while serving (%s): falling back to %s", failed, err, self.recover())

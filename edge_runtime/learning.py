@@ -87,6 +87,12 @@ class ContinualLearner:
         learner.restore_bytes(checkpoint.read(STATE), str(checkpoint.path))
         if tensors_digest(learner.fast_layers()) != info["fast_sha256"]:
             raise RuntimeError(f"checkpoint {checkpoint.seq}: fast layers do not match their recorded digest")
+        data = self._data() if self.samples is not None else None
+        if data is not None:  # the stored samples and held-out buffer, as before the restart
+            try:
+                learner.use_data(data)
+            except ValueError as err:  # samples that do not fit the model: the next micro-update says so
+                log.error("stored samples not used after the restart: %s", err)
         self.learner, self.checkpoint_seq = learner, checkpoint.seq
         self.micro_updates = int(info.get("micro_updates", 0))
         return (
@@ -200,6 +206,11 @@ class ContinualLearner:
         """The rolling held-out buffer the learner decides on (never trained on), if there is one."""
         with self.lock:
             return None if self.learner is None else self.learner.holdout
+
+    def fast_and_holdout(self) -> tuple[dict[str, np.ndarray] | None, LabelledSet | None]:
+        """The served fast layers and the held-out buffer, of one learner state."""
+        with self.lock:
+            return self.fast_layers(), self.holdout()
 
     def fast_layers(self) -> dict[str, np.ndarray] | None:
         with self.lock:

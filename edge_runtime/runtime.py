@@ -140,6 +140,7 @@ class EdgeRuntime:
         # what the device serves of the installed release, and the held-out figures it decided on
         self.serving_decision: dict = {}
         self._told_decision: dict = {}
+        self._serve_lock = threading.RLock()
 
     # ---- startup ----------------------------------------------------------------------------
     def recover(self) -> str:
@@ -249,59 +250,80 @@ class EdgeRuntime:
     # ---- the served model -------------------------------------------------------------------
     def _serve_latest(self) -> str:
         """Serve the installed release, with this device's fast layers where its held-out samples
-        support them (``_with_fast_layers``), else the learner's own model."""
+        support them (``_with_fast_layers``), else the learner's own model. One at a time: the
+        learning and OTA workers both call it."""
+        with self._serve_lock:
+            return self._serve_latest_locked()
+
+    def _serve_latest_locked(self) -> str:
         updater, learner = self.updater, self.learner
         current = updater.current if updater is not None else None
         if current is not None and current.exists():
             from ota.bundle import BundleError, NonFiniteWeights, load_golden, personalize, read_manifest
 
             manifest = read_manifest(current)
-            fast = learner.fast_layers() if learner is not None else None
+            # the fast layers and the held-out buffer of one learner state
+            fast, holdout = learner.fast_and_holdout() if learner is not None else (None, None)
             label = f"{manifest['release']}+fast" if fast else manifest["release"]
             try:
                 graph = personalize(current, manifest, fast) if fast else None
+                inputs, _ = load_golden(current, manifest)
+                self._probe_feeds = inputs
+                decision: dict = {}
+                if graph is None:
+                    data = (current / "model.personal.onnx").read_bytes()
+                else:
+                    data, label, decision = self._with_fast_layers(
+                        current, graph.SerializeToString(), manifest["release"], holdout
+                    )
             except NonFiniteWeights as err:  # broken fast layers: the learner rolls back
                 return self.models.refuse(label, BadOutputs(str(err)))
+            except BadOutputs as err:  # fast layers whose outputs are broken: the learner rolls back
+                return self.models.refuse(label, err)
             except BundleError as err:  # fast layers that do not fit this release: the served model stays
                 return self.models.refuse(label, ModelCheckFailed(str(err)))
-            inputs, _ = load_golden(current, manifest)
-            self._probe_feeds = inputs
-            if graph is None:
-                data = (current / "model.personal.onnx").read_bytes()
-            else:
-                data, label = self._with_fast_layers(current, graph.SerializeToString(), manifest["release"])
+            if self.models.serves(data):
+                self.serving_decision = decision or self.serving_decision
+                return f"serving {self.models.label} (unchanged)"
             trace("offer-model")
-            return self.models.offer(data, label, inputs, manifest["model"]["num_classes"])
+            note = self.models.offer(data, label, inputs, manifest["model"]["num_classes"])
+            if self.models.serves(data):
+                self.serving_decision = decision
+            return note
         if learner is not None and learner.learner is not None:
             self.models.serve_local(learner.learner.served, list(learner.learner.model.modalities))
             return f"serving {self.models.label}"
         return "no model to serve yet"
 
-    def _with_fast_layers(self, current: Path, graph: bytes, release: str) -> tuple[bytes, str]:
-        """(graph, label) to serve: the release with this device's fast layers only where its
-        held-out samples say they are better than the release as shipped (as many right, and a
+    def _with_fast_layers(self, current: Path, graph: bytes, release: str, holdout) -> tuple[bytes, str, dict]:
+        """(graph, label, decision) to serve: the release with this device's fast layers only where
+        its held-out samples say they are better than the release as shipped (as many right, and a
         lower loss that a paired test finds significant: ``better_kind``, the rule by which the
-        learner switches kinds); else the release as shipped. Decided on the two graphs as served."""
+        learner switches kinds); else the release as shipped. Scored by onnxruntime on the two graphs
+        as built (in FP32, also where TensorRT serves). Fast layers whose outputs are not finite
+        raise ``BadOutputs``; a scoring that fails otherwise serves the release as shipped."""
         from app_custom.nested.learner import better_kind
 
-        assert self.learner is not None
         shipped = (current / "model.onnx").read_bytes()
-        holdout = self.learner.holdout()
         if holdout is None:
-            self.serving_decision = {"serves": release, "why": "no held-out samples yet", "holdout_samples": 0}
-            return shipped, release
-        alone, mine = held_out_outcomes(shipped, holdout), held_out_outcomes(graph, holdout)
+            return shipped, release, {"serves": release, "why": "no held-out samples yet", "holdout_samples": 0}
+        mine = held_out_outcomes(graph, holdout)  # BadOutputs propagates: the fast layers are rolled back
+        try:
+            alone = held_out_outcomes(shipped, holdout)
+        except Exception as err:  # noqa: BLE001 - the shipped graph passed its health check: serve it
+            log.warning("cannot score %s on the held-out samples (%s): serving it as shipped", release, err)
+            return shipped, release, {"serves": release, "why": str(err)[:200], "holdout_samples": len(holdout)}
         take = better_kind(alone, mine)
-        self.serving_decision = {
+        decision = {
             "serves": f"{release}+fast" if take else release,
             "holdout_samples": len(holdout),
             "holdout_acc_release": round(float(alone[0].mean()), 4),
             "holdout_acc_with_fast_layers": round(float(mine[0].mean()), 4),
         }
-        if self.serving_decision != self._told_decision:
-            log.info("serving decision on %d held-out samples: %s", len(holdout), self.serving_decision)
-            self._told_decision = self.serving_decision
-        return (graph, f"{release}+fast") if take else (shipped, release)
+        if decision != self._told_decision:
+            log.info("serving decision on %d held-out samples: %s", len(holdout), decision)
+            self._told_decision = decision
+        return (graph, f"{release}+fast", decision) if take else (shipped, release, decision)
 
     # ---- workers ----------------------------------------------------------------------------
     def _infer_once(self) -> float:
@@ -421,7 +443,7 @@ class EdgeRuntime:
         return None
 
     def health_record(self) -> dict:
-        monitor, learner = self.models.monitor, self.learner
+        monitor, learner, decision = self.models.monitor, self.learner, self.serving_decision
         committed = (self.updater.state.get("committed") or {}) if self.updater is not None else {}
         p50, p99 = monitor.percentile(50), monitor.percentile(99)
         return {
@@ -438,9 +460,9 @@ class EdgeRuntime:
             "samples_stored": len(self.samples) if self.samples is not None else 0,
             "micro_updates": learner.micro_updates if learner is not None else 0,
             "checkpoint": learner.checkpoint_seq if learner is not None else None,
-            "holdout_samples": self.serving_decision.get("holdout_samples"),
-            "holdout_acc_release": self.serving_decision.get("holdout_acc_release"),
-            "holdout_acc_with_fast_layers": self.serving_decision.get("holdout_acc_with_fast_layers"),
+            "holdout_samples": decision.get("holdout_samples"),
+            "holdout_acc_release": decision.get("holdout_acc_release"),
+            "holdout_acc_with_fast_layers": decision.get("holdout_acc_with_fast_layers"),
             "ota": self.ota_note[:200],
             "learning": self.learning_note[:200],
         }

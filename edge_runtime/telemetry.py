@@ -9,8 +9,10 @@
   monitoring.
 
 A health record holds only the fields in ``HEALTH_FIELDS``, each a number, a boolean or a short
-label (model and engine names, a status line without sample values): counts, latencies, versions.
-Nothing in it identifies or describes a sample; ``check_health`` refuses anything else.
+label (model and engine names, a status line without sample values): counts, latencies, versions,
+and the serving decision's held-out size and two accuracies (with the size, how many held-out
+samples each graph got right: an aggregate of the device's own samples). Nothing in it identifies
+or describes a single sample; ``check_health`` refuses anything else.
 """
 
 from __future__ import annotations

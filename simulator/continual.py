@@ -13,7 +13,8 @@ device's sample store does. At ``change_round`` its environment changes:
 The recordings before and after the change are disjoint halves of the device's own. Each device is
 tested on the held-out pool through its sensors of each environment (``env1``, ``env2``), never
 trained on. The window holds ``window_rounds`` rounds of environment-2 chunks, so environment 1's
-samples have left it ``window_rounds`` rounds after the change: what the device still knows of
+samples have left it by round ``change + window_rounds - 1`` (once ``window_rounds`` rounds of
+environment 2 have arrived): what the device still knows of
 environment 1 then is what its models kept.
 
 ``ContinualStream`` is a ``simulator.inprocess.DeviceStream``; ``run_continual`` runs methods over

@@ -244,6 +244,8 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
             "them; inferring on for 10 s",
         )
         time.sleep(10)
+        for daemon in daemons.values():  # the report reads their checkpoints: no write may be under way
+            daemon.stop()
         job_config = json.loads(job.read_text())
         report = _report(out, fleet, ota, job_config, health, devices, rings, release, accepted, events)
     finally:

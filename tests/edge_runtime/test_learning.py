@@ -293,6 +293,36 @@ def test_fast_layers_whose_model_answers_nan_are_rolled_back_while_the_good_mode
         assert out is not None and np.isfinite(out).all()
 
 
+def test_finite_fast_layers_whose_outputs_overflow_are_rolled_back_not_marked_good(tmp_path, job):
+    """Weights of 3e38 are finite (they pass ``personalize``) but the model answers inf and NaN: the
+    held-out scoring refuses them and the learner goes back to its last good checkpoint."""
+    with _runtime_serving_a_release(tmp_path, job) as (runtime, release):
+        learner = runtime.learner
+        good_seq, good_fast, served = learner.checkpoint_seq, learner.fast_layers(), runtime.models.label
+        nested = learner.learner
+        for model in {id(nested.model): nested.model, id(nested.served): nested.served}.values():
+            for name, parameter in model.named_parameters():
+                if name in nested.private_names:
+                    parameter.data.fill_(3e38)
+        learner.checkpoint("overflowing")
+        rejected = runtime.models.rejected
+        runtime._judge_fast_layers(learner)
+        assert runtime.models.rejected == rejected + 1 and "not finite" in str(runtime.models.last_rejection)
+        assert runtime.models.label == served and learner.store._pointer("good.json") == good_seq
+        back = learner.fast_layers()
+        assert all(np.array_equal(good_fast[k], back[k]) for k in good_fast)
+
+
+def test_a_restarted_learner_decides_on_its_stored_held_out_samples_at_once(tmp_path, job):
+    learner = _learner(tmp_path, job)
+    assert "micro-update 1" in learner.micro_update(lambda: None)
+    held = learner.holdout()
+    again = ContinualLearner(tmp_path, job["config"], NUM_CLASSES, learner.samples, min_samples=40)
+    again.recover()
+    assert held is not None and again.holdout() is not None
+    assert np.array_equal(again.holdout().y, held.y)  # before any micro-update after the restart
+
+
 def test_fast_layers_that_lose_on_the_held_out_samples_are_not_served_the_release_is(tmp_path, job):
     """The attack: fast layers that are finite and pass every model check but answer one class the
     held-out samples never have (a bad micro-update, a biased owner's data). Served as before, they
