@@ -3,9 +3,12 @@
 Samples (inputs, label) arrive from the robot's sensors; at ``capacity`` one is evicted per new
 one: the ``oldest`` (a sliding window, for drifting conditions) or the ``least-useful`` (the
 lowest training loss at the last micro-update: what the model already knows; unscored samples
-are kept first). The store is written atomically (``samples.npz``, owner-only) at every
-checkpoint and every ``flush_every`` new samples or ``flush_s`` seconds, so a power cut costs at
-most the samples since the last write and never the file.
+are kept first). With ``holdout_every`` (every n-th sample is held out, never trained on, so
+never scored), least-useful eviction keeps the held-out samples at their share: beyond it the
+oldest held-out sample goes (unscored, they would otherwise crowd out the training samples).
+The store is written atomically (``samples.npz``, owner-only) at every checkpoint and every
+``flush_every`` new samples or ``flush_s`` seconds, so a power cut costs at most the samples since
+the last write and never the file.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ class SampleError(ValueError):
 
 class SampleStore:
     def __init__(
-        self, directory: str | Path, capacity: int, policy: str = "oldest", flush_every: int = 50, flush_s: float = 2.0
+        self,
+        directory: str | Path,
+        capacity: int,
+        policy: str = "oldest",
+        flush_every: int = 50,
+        flush_s: float = 2.0,
+        holdout_every: int | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"eviction policy must be one of {POLICIES}, got {policy!r}")
@@ -40,6 +49,7 @@ class SampleStore:
         Path(directory).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = Path(directory) / FILE
         self.capacity, self.policy, self.flush_every, self.flush_s = capacity, policy, flush_every, flush_s
+        self.holdout_every = holdout_every
         self._saved_at = time.monotonic()
         self._lock = threading.Lock()
         self.x: dict[str, np.ndarray] = {}
@@ -99,7 +109,17 @@ class SampleStore:
                 log.warning("%s", self.save_error)
 
     def _evict(self) -> None:
-        victim = int(np.argmin(self.seq)) if self.policy == "oldest" else int(np.lexsort((self.seq, self.score))[0])
+        if self.policy == "oldest":
+            victim = int(np.argmin(self.seq))
+        else:
+            every = self.holdout_every or 0
+            held = self.seq % every == 0 if every else np.zeros(len(self), bool)
+            if every and held.sum() * every > len(self):
+                pool = np.flatnonzero(held)  # held-out samples over their share: the oldest of them
+                victim = int(pool[np.argmin(self.seq[pool])])
+            else:
+                pool = np.flatnonzero(~held) if (~held).any() else np.arange(len(self))
+                victim = int(pool[np.lexsort((self.seq[pool], self.score[pool]))[0]])
         keep = np.arange(len(self)) != victim
         self.x = {n: v[keep] for n, v in self.x.items()}
         self.y, self.seq, self.score = self.y[keep], self.seq[keep], self.score[keep]

@@ -16,7 +16,7 @@ import pytest
 
 from edge_runtime.config import EdgeConfig
 from edge_runtime.learning import STATE, ContinualLearner
-from edge_runtime.runtime import EdgeRuntime
+from edge_runtime.runtime import EdgeRuntime, fast_layers_win
 from edge_runtime.samples import SampleError, SampleStore
 from edge_runtime.scheduler import FileProbe, JetsonProbe, MicroUpdateGate
 from simulator.edge_fleet import NUM_CLASSES, OtaService, device_job, edge_config, seed_archive, set_probe
@@ -124,6 +124,21 @@ def test_least_useful_eviction_keeps_what_the_model_still_gets_wrong(tmp_path):
     store.set_scores(np.arange(10), np.array([5.0, 0.1, 3.0, 0.2, 4.0, 6.0, 0.3, 7.0, 8.0, 9.0]))
     _filled(store, 3, index=2)  # three new (unscored) samples push out the three best-known ones
     assert sorted(store.seq.tolist()) == [0, 2, 4, 5, 7, 8, 9, 10, 11, 12]
+
+
+def test_least_useful_eviction_keeps_held_out_samples_at_their_share(tmp_path):
+    """Held-out samples (every 5th, never trained on) are never scored: without their own rule they
+    outlast every scored training sample and end up filling the store."""
+    store = SampleStore(tmp_path, capacity=50, policy="least-useful", holdout_every=5)
+    stream = sensor_stream(1, dataset="digits", num_devices=8)
+    for _ in range(100):  # 10 samples at a time, the training ones scored as a micro-update would
+        for _ in range(10):
+            store.add(*next(stream))
+        train = store.seq[store.seq % 5 != 0]
+        store.set_scores(train, np.full(len(train), 0.1))
+    held = store.seq % 5 == 0
+    assert len(store) == 50 and held.sum() <= 10, held.sum()
+    assert store.seq[held].min() > store.seen - 100  # the held-out ones kept are recent
 
 
 def test_the_store_refuses_a_sample_of_another_shape_or_with_a_nan(tmp_path):
@@ -321,6 +336,17 @@ def test_a_restarted_learner_decides_on_its_stored_held_out_samples_at_once(tmp_
     again.recover()
     assert held is not None and again.holdout() is not None
     assert np.array_equal(again.holdout().y, held.y)  # before any micro-update after the restart
+
+
+def test_fast_layers_serve_only_when_they_get_more_held_out_samples_right_with_a_significant_loss_gain():
+    rng = np.random.default_rng(0)
+    right, loss = np.ones(40, bool), rng.uniform(0.2, 0.4, 40)
+    sharper = (right, loss * 0.5)  # as many right, every loss lower: a confident head, not a better one
+    assert not fast_layers_win((right, loss), sharper)
+    fewer = right.copy()
+    fewer[:3] = False
+    assert fast_layers_win((fewer, loss), sharper)  # three more right, and the loss gain significant
+    assert not fast_layers_win((fewer, loss), (right, loss + rng.normal(0, 0.3, 40)))  # noise, not a gain
 
 
 def test_fast_layers_that_lose_on_the_held_out_samples_are_not_served_the_release_is(tmp_path, job):
