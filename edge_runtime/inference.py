@@ -92,10 +92,10 @@ def p99_ms(engine, feeds: dict[str, np.ndarray], runs: int = 40) -> float:
     return float(np.percentile(times[5:], 99))
 
 
-def held_out_outcomes(graph: bytes, data: LabelledSet, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Per held-out sample: whether ``graph`` (ONNX, run by onnxruntime) classifies it right, and its
-    cross-entropy; the learner's own measure (``outcomes``) applied to the graph's outputs, in
-    batches. Outputs that are not finite raise ``BadOutputs``."""
+def held_out_outcomes(graph: bytes | Path, data: LabelledSet, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out sample: whether ``graph`` (ONNX, in memory or a file, run by onnxruntime)
+    classifies it right, and its cross-entropy; the learner's own measure (``outcomes``) applied to
+    the graph's outputs, in batches. Outputs that are not finite raise ``BadOutputs``."""
     from app_custom.nested.learner import outcomes
     from ota.engines import OnnxRuntimeEngine
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from app_custom.durable import crash_trace as trace
 from app_custom.nested.device_data import import_function
+from app_custom.nested.learner import better_kind
 
 from .config import EdgeConfig, EdgeConfigError
 from .inference import BadOutputs, ModelCheckFailed, ModelServer, held_out_outcomes
@@ -120,8 +121,6 @@ def fast_layers_win(release: tuple[np.ndarray, np.ndarray], with_fast: tuple[np.
     paired test finds significant (``better_kind``, the rule by which the learner switches kinds, and
     strictly more right: the release is the fleet's validated default, and a lower loss on a buffer
     both got all right cost a demo robot 2 points on its test data)."""
-    from app_custom.nested.learner import better_kind
-
     return int(with_fast[0].sum()) > int(release[0].sum()) and better_kind(release, with_fast)
 
 
@@ -298,11 +297,11 @@ class EdgeRuntime:
             except BundleError as err:  # fast layers that do not fit this release: the served model stays
                 return self.models.refuse(label, ModelCheckFailed(str(err)))
             if self.models.serves(data):
-                self.serving_decision = decision or self.serving_decision
-                return f"serving {self.models.label} (unchanged)"
-            trace("offer-model")
-            note = self.models.offer(data, label, inputs, manifest["model"]["num_classes"])
-            if self.models.serves(data):
+                note = f"serving {self.models.label} (unchanged)"
+            else:
+                trace("offer-model")
+                note = self.models.offer(data, label, inputs, manifest["model"]["num_classes"])
+            if self.models.serves(data):  # the decision of what serves, not of a refused candidate
                 self.serving_decision = decision
             return note
         if learner is not None and learner.learner is not None:

@@ -109,10 +109,11 @@ def _pick_salt(devices: list[str]) -> str:
 
 
 def _accuracy(graph: Path | bytes, x: np.ndarray, y: np.ndarray, weight: np.ndarray | None) -> float:
-    from ota.engines import OnnxRuntimeEngine
+    """``graph``'s accuracy on a device's test data, scored as the device scores its held-out samples."""
+    from app_custom.nested.device_data import LabelledSet
+    from edge_runtime.inference import held_out_outcomes
 
-    engine = OnnxRuntimeEngine(graph)
-    right = engine.run({"vision": x}).argmax(axis=1) == y
+    right, _ = held_out_outcomes(graph, LabelledSet({"vision": x}, y))
     return float(np.average(right, weights=weight))
 
 
