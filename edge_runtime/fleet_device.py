@@ -51,8 +51,7 @@ from app_custom.edge_messages import (
     read_task,
     result_body,
 )
-from app_custom.flare.fast_layer_guard import SECAGG_KEY, leaving_keys_problems
-from app_custom.flare.outbound_audit import secagg_summary
+from app_custom.egress import SECAGG_KEY, leaving_keys_problems, secagg_summary
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from app_custom.nested.learner import NestedLearner

@@ -159,3 +159,11 @@ def add_provision_parser(verbs) -> None:
     target.add_argument("--serial", type=int, help="one certificate")
     sub.add_parser("crl", help="republish the device CA's revocation list (leaves refuse one older than 7 days)")
     sub.add_parser("proxy", help="a new TLS certificate for the routing proxy under the device CA")
+
+
+def main(argv: list[str]) -> int:
+    """``fleetnest provision ARGV`` (what follows the verb), for callers that provision in-process."""
+    parser = argparse.ArgumentParser(prog="fleetnest")
+    add_provision_parser(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(["provision", *argv])
+    return args.run(args)

@@ -396,11 +396,22 @@ def _ota_update(args: argparse.Namespace) -> int:
 def _mqtt_tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-ca", default=None, help="the service CA that checks the broker (TLS)")
     parser.add_argument("--mqtt-cert", default=None, help="this service's client certificate")
-    parser.add_argument("--mqtt-key", default=None)
+    parser.add_argument("--mqtt-key", default=None, help="this service's client certificate's key")
+
+
+def _version() -> str:
+    """The installed distribution's version (a checkout run without installing says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fleetnest")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetnest", description="Nested federated learning for robot fleets.")
+    parser.add_argument("--version", action="version", version=f"fleetnest {_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True)
     simulate = verbs.add_parser(
         "simulate",
@@ -425,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--unscaled", action="store_true", help="shipped data in the units its package delivers")
     simulate.add_argument("--regime", default="label_skew", choices=REGIMES, help="non-IID regime (shipped data)")
     simulate.add_argument("--devices", type=int, default=8, help="devices (shipped data; a plug-in decides itself)")
-    simulate.add_argument("--rounds", type=int, default=10)
-    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--rounds", type=int, default=10, help="federated rounds")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the fleet's partition and of training")
     simulate.add_argument("--methods", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     simulate.add_argument("--out", required=True, help="output folder for report.json, plots and FLARE workspaces")
     add_privacy_arguments(simulate)
@@ -449,14 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--version", type=int, default=None, help="archived version (default: the current one)")
     build.add_argument("--device-class", required=True, help="target device class, e.g. jetson-orin-jp6")
     build.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
-    build.add_argument("--max-validation-ms", type=float, default=100.0, help="refuse a slower candidate (p99)")
+    build.add_argument(
+        "--max-validation-ms",
+        type=float,
+        default=100.0,
+        help="refuse a candidate whose median validation inference is slower (ms, on this build host)",
+    )
     build.set_defaults(run=_ota_build)
     keygen = ota.add_parser("keygen", help="generate the fleet's signing keys (offline and online roles)")
     keygen.add_argument("--keys", required=True, help="folder to create the keys in (must not hold keys)")
     keygen.set_defaults(run=_ota_keygen)
     init = ota.add_parser("init", help="create the TUF repository (root, targets, rollout, snapshot, timestamp)")
-    init.add_argument("--repo", required=True)
-    init.add_argument("--keys", required=True)
+    init.add_argument("--repo", required=True, help="the repository folder to create")
+    init.add_argument("--keys", required=True, help="the key folder `ota keygen` wrote")
     init.set_defaults(run=_ota_init)
     sign = ota.add_parser(
         "sign",
@@ -476,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import",
         help="online: import targets metadata signed offline, then sign snapshot and timestamp (online keys only)",
     )
-    imp.add_argument("--repo", required=True)
+    imp.add_argument("--repo", required=True, help="the repository folder on the OTA server")
     imp.add_argument("--keys", required=True, help="key folder holding online/snapshot.pem, timestamp.pem")
     imp.add_argument("--signed", required=True, help="the folder `fleetnest ota sign` wrote")
     imp.set_defaults(run=_ota_import)
@@ -486,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     broker.add_argument("--device-ca", required=True, help="the device CA folder (ca.pem, crl.pem) from provisioning")
     broker.add_argument("--service-ca", required=True, help="the service CA folder (created if missing)")
-    broker.add_argument("--project", default="fleetnest")
+    broker.add_argument("--project", default="fleetnest", help="project name in the certificates' subjects")
     broker.add_argument("--out", required=True, help="folder for mosquitto.conf, the ACL files and certificates")
     broker.add_argument("--hosts", default="localhost,127.0.0.1", help="the broker's names for its certificate")
     broker.add_argument("--host", default="0.0.0.0", help="device listener address")
@@ -496,37 +512,44 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--prefix", default="fleetnest", help="topic prefix")
     broker.set_defaults(run=_ota_broker_config)
     cert = ota.add_parser("service-cert", help="issue a TLS certificate from the service CA (OTA server, a service)")
-    cert.add_argument("--service-ca", required=True)
-    cert.add_argument("--project", default="fleetnest")
+    cert.add_argument("--service-ca", required=True, help="the service CA folder (`ota broker-config` creates it)")
+    cert.add_argument("--project", default="fleetnest", help="project name in the certificate's subject")
     cert.add_argument("--name", required=True, help="common name (a service's MQTT user name with --client)")
     cert.add_argument("--hosts", default="localhost,127.0.0.1", help="server certificate: its host names")
     cert.add_argument("--client", action="store_true", help="a client certificate for the broker's service listener")
-    cert.add_argument("--out", required=True)
+    cert.add_argument("--out", required=True, help="folder for NAME.pem and NAME.key")
     cert.set_defaults(run=_ota_service_cert)
     publish = ota.add_parser(
         "publish", help="development only: sign a bundle in place (needs the offline and the online keys together)"
     )
-    publish.add_argument("--repo", required=True)
-    publish.add_argument("--keys", required=True)
-    publish.add_argument("--bundle", required=True)
+    publish.add_argument("--repo", required=True, help="the repository folder")
+    publish.add_argument("--keys", required=True, help="the key folder with offline and online keys")
+    publish.add_argument("--bundle", required=True, help="the bundle folder `ota build` wrote")
     publish.set_defaults(run=_ota_publish)
     rotate = ota.add_parser(
         "rotate", help="replace a role's key (needs the root keys, and the targets key for rollout)"
     )
-    rotate.add_argument("--repo", required=True)
-    rotate.add_argument("--keys", required=True)
-    rotate.add_argument("--role", required=True, choices=["targets", "snapshot", "timestamp", "rollout"])
+    rotate.add_argument("--repo", required=True, help="the repository folder")
+    rotate.add_argument("--keys", required=True, help="the key folder with the root keys (and targets for rollout)")
+    rotate.add_argument(
+        "--role",
+        required=True,
+        choices=["targets", "snapshot", "timestamp", "rollout"],
+        help="the role whose key to replace",
+    )
     rotate.set_defaults(run=_ota_rotate)
     serve = ota.add_parser("serve", help="serve the repository over HTTP(S) (Range requests)")
-    serve.add_argument("--repo", required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--repo", required=True, help="the repository folder to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8765, help="port to listen on")
     serve.add_argument("--keys", default=None, help="online keys: renew the timestamp while serving")
-    serve.add_argument("--timestamp-every-s", type=float, default=6 * 3600)
+    serve.add_argument(
+        "--timestamp-every-s", type=float, default=6 * 3600, help="with --keys: renew the timestamp this often (s)"
+    )
     serve.add_argument("--idle-timeout-s", type=float, default=30.0, help="close a connection idle this long")
-    serve.add_argument("--max-connections", type=int, default=256)
+    serve.add_argument("--max-connections", type=int, default=256, help="connections served at once")
     serve.add_argument("--tls-cert", default=None, help="HTTPS: the server certificate (`ota service-cert`)")
-    serve.add_argument("--tls-key", default=None)
+    serve.add_argument("--tls-key", default=None, help="HTTPS: the server certificate's key")
     serve.add_argument("--tls-ca", default=None, help="HTTPS: also require client certificates from this CA")
     serve.add_argument("--db", default=None, help="rollout state (SQLite): with --mqtt, take device reports")
     serve.add_argument("--mqtt", default=None, help="host:port of the broker's service listener")
@@ -536,17 +559,23 @@ def build_parser() -> argparse.ArgumentParser:
     rings = ota.add_parser(
         "rings", help="development only: sign the ring layout in place (needs the offline targets key)"
     )
-    rings.add_argument("--repo", required=True)
-    rings.add_argument("--keys", required=True)
+    rings.add_argument("--repo", required=True, help="the repository folder")
+    rings.add_argument("--keys", required=True, help="the key folder with the offline targets key")
     rings.add_argument("--salt", required=True, help="any fixed string; changing it reshuffles the rings")
     rings.add_argument("--rings", default="", help="name:cumulative_share,... (default canary:0.05,ring-10:0.1,...)")
     rings.set_defaults(run=_ota_rings)
     rollout = ota.add_parser("rollout", help="start, watch, pause, resume, abort or roll back a rollout")
-    rollout.add_argument("action", choices=["start", "status", "pause", "resume", "abort", "rollback"])
-    rollout.add_argument("--repo", required=True)
+    rollout.add_argument(
+        "action",
+        choices=["start", "status", "pause", "resume", "abort", "rollback"],
+        help="start (needs --release), status, pause, resume, abort, or rollback (to --release)",
+    )
+    rollout.add_argument("--repo", required=True, help="the repository folder on the OTA server")
     rollout.add_argument("--keys", required=True, help="the online keys (rollout, snapshot, timestamp)")
     rollout.add_argument("--db", required=True, help="the rollout state (SQLite)")
-    rollout.add_argument("--release", default=None)
+    rollout.add_argument(
+        "--release", default=None, help="start: the release to roll out; rollback: the one to return to"
+    )
     rollout.add_argument("--mqtt", default=None, help="host:port of the broker to push targeting hints to")
     _mqtt_tls_arguments(rollout)
     rollout.set_defaults(run=_ota_rollout)
@@ -557,8 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     update.add_argument("--repo", required=True, help="repository URL (its metadata/ and targets/ below it)")
     update.add_argument("--state", required=True, help="state directory; the active model is STATE/current")
-    update.add_argument("--device-id", required=True)
-    update.add_argument("--device-class", required=True)
+    update.add_argument("--device-id", required=True, help="this device's id (its ring follows from it)")
+    update.add_argument("--device-class", required=True, help="this device's class, e.g. jetson-orin-jp6")
     update.add_argument(
         "--trusted-root", default=None, help="the fleet's root metadata (default STATE/trusted_root.json)"
     )
@@ -567,9 +596,32 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--validation", default=None, help="local validation data (.npz: x.<modality>, y)")
     update.add_argument("--l4t", type=int, default=None, help="L4T major release of this device")
     update.add_argument("--tensorrt", default=None, help="TensorRT version on this device (none: onnxruntime)")
-    update.add_argument("--latency-budget-ms", type=float, default=30.0)
+    update.add_argument(
+        "--latency-budget-ms", type=float, default=30.0, help="health check: batch-1 p99 latency must stay under it"
+    )
     update.set_defaults(run=_ota_update)
+    for _, each in parsers(parser):  # every option's help shows its default
+        each.formatter_class = _HelpFormatter
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, except where there is none to show (None, False)
+    or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parsers(parser: argparse.ArgumentParser, path: str = "fleetnest"):
+    """(command line, parser) for ``parser`` and every sub-command below it, depth first."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from parsers(sub, f"{path} {name}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,13 +20,34 @@ from simulator.methods import METHODS, method_config
 FLEET_FN = "simulator.fleets:make_fleet"
 
 
+# What a committed job folder's app/custom/ holds instead of copies of the code: FLARE treats a job
+# with a custom folder as bring-your-own-code and skips its class allow-list (which knows only
+# nvflare.*), and the sites import fleetnest as installed on them.
+CUSTOM_README = """\
+# Custom code: the fleetnest installed on each site
+
+This job's components live in the `fleetnest` project (`app_custom`, `simulator`), which every
+site that runs the job has installed (`pip install -e .` in a checkout, or the cluster's image).
+FLARE takes a job with this folder as bring-your-own-code, so its class allow-list, which knows
+only `nvflare.*`, lets the components load; the submitter needs the `byoc` right.
+
+For a copy that carries its own code (for sites without fleetnest installed):
+`python job.py --export --export-dir DIR`. `python job.py --refresh` rewrites this folder.
+"""
+
+
 def refresh_job_folder(job, job_dir: Path) -> None:
-    """Export into ``job_dir``: FLARE's exporter replaces a whole folder, and this one also holds job.py."""
+    """Export ``job``'s configuration into ``job_dir`` (FLARE's exporter replaces a whole folder, and
+    this one also holds job.py); its app/custom/ says where the code comes from instead of copying it."""
     with tempfile.TemporaryDirectory(dir=job_dir.parent) as staging:
         job.export_job(staging)
         exported = Path(staging) / job.name
         for config in (exported / "app" / "config").glob("*.json"):
             config.write_text(json.dumps(sorted_task_lists(json.loads(config.read_text())), indent=4) + "\n")
+        custom = exported / "app" / "custom"
+        shutil.rmtree(custom, ignore_errors=True)
+        custom.mkdir()
+        (custom / "README.md").write_text(CUSTOM_README)
         for entry in ("meta.json", "app"):
             target = job_dir / entry
             if target.is_dir():
@@ -53,7 +74,9 @@ def job_main(
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workspace", default="/tmp/nvflare/fleetnest")
-    parser.add_argument("--refresh", action="store_true", help=f"rewrite {job_dir}'s meta.json and app/")
+    parser.add_argument(
+        "--refresh", action="store_true", help=f"rewrite {job_dir}'s meta.json and app/ (its configuration)"
+    )
     parser.add_argument("--startup-kit", help="an admin startup kit: submit to that deployment instead of simulating")
     parser.add_argument("--username", default="admin@nvidia.com", help="the admin user of --startup-kit")
     add_arguments(parser)

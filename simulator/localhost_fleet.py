@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from provisioning.cli import main as provision_cli
 from provisioning.fleet import load_fleet_spec
 from provisioning.project import Provisioned
 
@@ -31,12 +32,6 @@ MODULES = {
     "relay": ("nvflare.private.fed.app.relay.relay", "fed_relay.json"),
     "client": ("nvflare.private.fed.app.client.client_train", "fed_client.json"),
 }
-
-
-def fleetnest(argv: list[str]) -> int:
-    from simulator.cli import main  # the CLI also offers the demo, which imports this module
-
-    return main(argv)
 
 
 def free_ports(count: int) -> list[int]:
@@ -104,16 +99,17 @@ class LocalFleet:
             ],
         }
         (base / "fleet.yaml").write_text(yaml.safe_dump(fleet))
-        if fleetnest(cls._provision_args(base)) != 0:
+        if provision_cli(cls._provision_args(base)) != 0:
             raise RuntimeError(f"fleetnest provision failed for {base / 'fleet.yaml'}")
         return cls(base, ports)
 
     @staticmethod
     def _provision_args(base: Path) -> list[str]:
-        return ["provision", "--fleet", str(base / "fleet.yaml"), "--workspace", str(base / "ws")]
+        return ["--fleet", str(base / "fleet.yaml"), "--workspace", str(base / "ws")]
 
     def cli(self, *args: str) -> int:
-        return fleetnest(self._provision_args(self.base) + list(args))
+        """``fleetnest provision --fleet ... --workspace ... ARGS`` on this fleet (in this process)."""
+        return provision_cli(self._provision_args(self.base) + list(args))
 
     @property
     def provisioned(self) -> Provisioned:

@@ -18,7 +18,7 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
         "--dp-epsilon", type=float, default=None, help="target epsilon per device after all rounds (inf: no noise)"
     )
     noise.add_argument("--noise-multiplier", type=float, default=None, help="noise std on the sum / clip norm")
-    group.add_argument("--dp-delta", type=float, default=DEFAULT_DELTA)
+    group.add_argument("--dp-delta", type=float, default=DEFAULT_DELTA, help="the δ of the (ε, δ) guarantee")
     group.add_argument("--clip-norm", type=float, default=DEFAULT_CLIP_NORM, help="L2 bound of each slow delta")
     group.add_argument("--epsilon-budget", type=float, default=None, help="per device; a device past it sends nothing")
     group.add_argument(

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from app_custom.flare.fast_layer_guard import RESULT_KEYS, SECAGG_KEY
+from app_custom.egress import SECAGG_KEY
+from app_custom.flare.fast_layer_guard import RESULT_KEYS
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import FleetData
 from app_custom.nested.learner import SERVING_KINDS

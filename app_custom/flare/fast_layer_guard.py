@@ -1,6 +1,7 @@
-"""The one place that enforces "fast layers never leave the device".
+"""FLARE's outbound result filter for "fast layers never leave the device" (the policy itself is
+``app_custom.egress``, which the edge daemon applies too).
 
-An outbound result filter that allow-lists everything in a result: a result may be an empty
+It allow-lists everything in a result: a result may be an empty
 error reply, or a single DXO of model weights (or weight differences) whose parameters all
 belong to a shared level (by the configuration's patterns) and are plain arrays, whose meta
 holds only scalar metrics and the known scalar fields, and nothing else beside it. Anything
@@ -16,9 +17,6 @@ shares, masked vector of ring elements, unmask shares) and nothing else is besid
 
 from __future__ import annotations
 
-import numbers
-from fnmatch import fnmatchcase
-
 import numpy as np
 from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.filter import Filter
@@ -27,9 +25,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
+from app_custom.egress import is_scalar, leaving_keys_problems
 from app_custom.nested.config import NestedConfig
-from app_custom.privacy.secagg import ConsistencySignature, KeyAdvert, MaskedInput, ShareBundle, UnmaskShares
-from app_custom.privacy.wire import WireError, decode_message
 
 RESULT_KEYS = {ReservedHeaderKey.HEADERS, "DXO"}
 PARAM_KINDS = {DataKind.WEIGHTS, DataKind.WEIGHT_DIFF}
@@ -38,57 +35,6 @@ SCALAR_META = {"global_version", FLMetaKey.NUM_STEPS_CURRENT_ROUND}
 # short text fields: why a private device sent no update
 TEXT_META = {"dp_skip_reason"}
 MAX_TEXT = 400
-# The private learner's only array: one secure-aggregation message, as uint8 (see
-# private_learner_executor). It may leave only as one of the device-to-aggregator messages.
-SECAGG_KEY = "__secagg_message__"
-DEVICE_MESSAGES = (KeyAdvert, ShareBundle, MaskedInput, ConsistencySignature, UnmaskShares)
-
-
-def _is_scalar(value: object) -> bool:
-    return value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
-
-
-def secagg_message_problems(value: object) -> list[str]:
-    """Problems with a secure-aggregation message array (empty list: a well-formed device message)."""
-    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
-        return [f"{SECAGG_KEY!r} is not a 1-D uint8 array"]
-    raw = value.tobytes()
-    errors = []
-    for kind in DEVICE_MESSAGES:
-        try:
-            decode_message(raw, kind)
-            return []
-        except WireError as err:
-            errors.append(str(err))
-    return [f"{SECAGG_KEY!r} is not a device secure-aggregation message ({errors[-1]})"]
-
-
-def leaving_keys_problems(config: NestedConfig, params: dict, metrics: dict | None) -> list[str]:
-    """What among outbound parameters and metrics may not leave the device (empty list: all clear)."""
-    if SECAGG_KEY in params:
-        extra = sorted(set(params) - {SECAGG_KEY})
-        problems = [f"parameters {extra} beside a secure-aggregation message"] if extra else []
-        problems += secagg_message_problems(params[SECAGG_KEY])
-        return problems + _metric_problems(metrics)
-    problems = []
-    shared = [p for level in config.shared_levels for p in level.patterns]
-    private = [p for level in config.private_levels for p in level.patterns]
-    for key, value in params.items():
-        if any(fnmatchcase(key, p) for p in private):
-            problems.append(f"fast-layer parameter {key!r}")
-        elif not any(fnmatchcase(key, p) for p in shared):
-            problems.append(f"parameter {key!r} of no shared level")
-        elif value is not None and not isinstance(value, np.ndarray):
-            problems.append(f"parameter {key!r} is a {type(value).__name__}, not an array")
-    return problems + _metric_problems(metrics)
-
-
-def _metric_problems(metrics: dict | None) -> list[str]:
-    return [
-        f"non-scalar metric {name!r} ({type(value).__name__})"
-        for name, value in (metrics or {}).items()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real)
-    ]
 
 
 def result_problems(config: NestedConfig, shareable: Shareable) -> list[str]:
@@ -120,7 +66,7 @@ def result_problems(config: NestedConfig, shareable: Shareable) -> list[str]:
                 problems.append(f"meta field {key!r} is not a text of at most {MAX_TEXT} characters")
         elif key not in SCALAR_META:
             problems.append(f"unknown meta field {key!r}")
-        elif not _is_scalar(value):
+        elif not is_scalar(value):
             problems.append(f"meta field {key!r} is a {type(value).__name__}, not a scalar")
     return problems + leaving_keys_problems(config, dxo.data, metrics)
 

@@ -72,6 +72,7 @@ from app_custom.edge_messages import (
     session_of,
     task_data,
 )
+from app_custom.egress import secagg_summary
 from app_custom.flare.fleet_messages import (
     ACKNOWLEDGED,
     MODES,
@@ -84,7 +85,6 @@ from app_custom.flare.fleet_messages import (
     report,
     version_message,
 )
-from app_custom.flare.outbound_audit import secagg_summary
 from app_custom.nested.slow_delta import UpdateError, shapes_of
 from app_custom.privacy.peer_certificates import CertificateAuthority
 from app_custom.privacy.private_update import PrivacySettings

@@ -19,26 +19,9 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from app_custom.durable import append_jsonl
-from app_custom.flare.fast_layer_guard import DEVICE_MESSAGES, SECAGG_KEY
-from app_custom.privacy.secagg import MaskedInput
-from app_custom.privacy.wire import WireError, decode_message
+from app_custom.egress import SECAGG_KEY, secagg_summary
 
 AUDIT_FILE = "outbound_audit.jsonl"
-
-
-def secagg_summary(value: object) -> dict:
-    """The type of a secure-aggregation message and, for a masked vector, its length and ring."""
-    raw = value.tobytes() if hasattr(value, "tobytes") else b""
-    for kind in DEVICE_MESSAGES:
-        try:
-            message = decode_message(raw, kind)
-        except WireError:
-            continue
-        summary = {"type": kind.__name__, "bytes": len(raw)}
-        if isinstance(message, MaskedInput):
-            summary |= {"length": message.length, "ring_bits": message.ring_bits, "payload_bytes": len(message.payload)}
-        return summary
-    return {"type": None, "bytes": len(raw)}
 
 
 class OutboundAudit(Filter):

@@ -26,7 +26,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from app_custom.durable import write_json_atomic
-from app_custom.flare.fast_layer_guard import SECAGG_KEY
+from app_custom.egress import SECAGG_KEY
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, NestedLearnerExecutor
 from app_custom.privacy.device_round import DeviceRound
 from app_custom.privacy.dp import PrivacyLedger, privatize

@@ -24,13 +24,10 @@ import math
 
 import numpy as np
 
-from .quantization import QuantizationError
-
 BETA = math.exp(-0.5)  # conditional rounding: a rounding is redrawn with probability at most BETA
 MIN_SIGMA = 3.0  # levels: keeps tau negligible (Proposition 14 itself asks for sigma >= 1/2)
 MAX_VALUES = 50_000_000  # no update on the wire has more values (edge_messages.MAX_WEIGHT_VALUES)
 MAX_CONTRIBUTORS = 1 << 20  # nor a cohort more devices (wire.MAX_NEIGHBOURS)
-MAX_ROUNDING_TRIES = 1000
 # k / (k + 1) >= 1/2, so tau <= 10 (n - 1) exp(-pi^2 sigma^2) for sigma >= MIN_SIGMA, any n
 TAU_SLACK = math.sqrt(MAX_VALUES) * 10 * MAX_CONTRIBUTORS * math.exp(-(math.pi**2) * MIN_SIGMA**2)
 
@@ -41,15 +38,6 @@ def rounded_l2_bound(norm: float, length: int, beta: float = BETA) -> float:
     worst = (norm + math.sqrt(length)) ** 2
     likely = norm**2 + length / 4 + math.sqrt(2 * math.log(1 / beta)) * (norm + math.sqrt(length) / 2)
     return math.sqrt(min(worst, likely))
-
-
-def conditional_round(scaled: np.ndarray, bound: float, rng: np.random.Generator) -> np.ndarray:
-    """Stochastic rounding of ``scaled`` (unbiased per value), redrawn until its L2 norm is within ``bound``."""
-    for _ in range(MAX_ROUNDING_TRIES):
-        levels = np.floor(scaled + rng.random(scaled.shape))
-        if float(np.linalg.norm(levels)) <= bound:
-            return levels.astype(np.int64)
-    raise QuantizationError(f"no rounding within norm {bound:.4g} in {MAX_ROUNDING_TRIES} tries")
 
 
 def sample(sigma: float, length: int) -> np.ndarray:

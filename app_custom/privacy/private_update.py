@@ -2,7 +2,7 @@
 
 Device: flatten (parameter names sorted) -> clip to ``clip_norm`` -> rotate (the cohort's shared
 random rotation, ``rotation``) -> scale into levels and round, the rounded norm kept within the
-sensitivity (``discrete_gaussian.conditional_round``) -> add its discrete Gaussian noise share
+sensitivity (``quantization.conditional_round``) -> add its discrete Gaussian noise share
 -> reduce into the ring sized for the cohort and its noise. Aggregator: the securely aggregated
 ring sum -> decoded real sum -> rotated back -> the cohort's mean -> tensors.
 

@@ -17,6 +17,7 @@ import numpy as np
 
 MAX_BITS = 32  # ring elements are drawn from 32-bit keystream words
 NOISE_SIGMAS = 6.0  # room for the summed noise: a value wraps with probability below 2e-9
+MAX_ROUNDING_TRIES = 1000  # conditional rounding gives up (an error) after this many draws
 
 
 class QuantizationError(ValueError):
@@ -66,6 +67,15 @@ class Ring:
         return (length * self.bits + 7) // 8
 
 
+def conditional_round(scaled: np.ndarray, bound: float, rng: np.random.Generator) -> np.ndarray:
+    """Stochastic rounding of ``scaled`` (unbiased per value), redrawn until its L2 norm is within ``bound``."""
+    for _ in range(MAX_ROUNDING_TRIES):
+        levels = np.floor(scaled + rng.random(scaled.shape))
+        if float(np.linalg.norm(levels)) <= bound:
+            return levels.astype(np.int64)
+    raise QuantizationError(f"no rounding within norm {bound:.4g} in {MAX_ROUNDING_TRIES} tries")
+
+
 def quantize(
     values: np.ndarray,
     ring: Ring,
@@ -76,8 +86,6 @@ def quantize(
     """Stochastically round ``values`` (clamped to the ring's range) into ring elements (uint64).
     ``norm_bound``: redraw the rounding until its L2 norm in levels is within it (conditional
     randomized rounding); ``noise``: integers added before the reduction into the ring."""
-    from .discrete_gaussian import conditional_round  # the two modules lean on each other
-
     values = np.asarray(values, dtype=np.float64).ravel()
     if not np.isfinite(values).all():
         raise QuantizationError("cannot quantize NaN or inf")

@@ -8,7 +8,7 @@ import numpy as np
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from app_custom.flare.fast_layer_guard import SECAGG_KEY
+from app_custom.egress import SECAGG_KEY
 from app_custom.flare.learner_executor import NestedLearnerExecutor, device_index
 from app_custom.flare.private_learner_executor import SHARE_TASK, PrivateLearnerExecutor
 

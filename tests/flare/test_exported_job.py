@@ -1,6 +1,7 @@
 """The committed job folders are exactly what their job.py exports, and their components validate their arguments."""
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from app_custom.flare.job_builder import sorted_task_lists
 from app_custom.flare.learner_executor import NestedLearnerExecutor
 from app_custom.flare.nested_controller import NestedFedAvg
 from app_custom.nested.config import ConfigError
+from simulator.job_script import CUSTOM_README
 from simulator.methods import method_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +61,41 @@ def test_committed_job_folder_matches_a_fresh_export_and_carries_all_its_code(tm
             if not as_file.exists() and not as_package.is_dir() and (ROOT / as_file.relative_to(custom)).exists():
                 missing.append(f"{source.relative_to(custom)} imports {module}")
     assert missing == []
+
+
+@pytest.mark.parametrize("name", ["nested_fedavg", "nested_private", "nested_fleet"])
+def test_committed_job_folder_loads_its_components_from_the_installed_project(name):
+    """``nvflare simulator jobs/<name>`` from a fresh clone: FLARE refuses components outside its
+    class allow-list (nvflare.* only) unless the job brings its own code, which a job with an
+    app/custom folder does; the components then import from the installed project."""
+    from nvflare.apis.app_validation import AppValidationKey
+    from nvflare.private.fed.app.default_app_validator import DefaultAppValidator
+
+    app = ROOT / "jobs" / name / "app"
+    assert sorted(p.name for p in (app / "custom").iterdir()) == ["README.md"]
+    assert (app / "custom" / "README.md").read_text() == CUSTOM_README
+    for site_type, config in (("server", "config_fed_server.json"), ("client", "config_fed_client.json")):
+        error, result = DefaultAppValidator(site_type).validate(str(app))
+        assert error == "" and result.get(AppValidationKey.BYOC) is True, (site_type, error, result)
+        paths = _component_paths(json.loads((app / "config" / config).read_text()))
+        assert paths, config
+        for path in paths:
+            module, _, attr = path.rpartition(".")
+            assert hasattr(importlib.import_module(module), attr), path
+
+
+def _component_paths(node) -> list[str]:
+    """Every component class path (``"path": ...``) in a FLARE job configuration."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("path"), str):
+            found.append(node["path"])
+        for value in node.values():
+            found.extend(_component_paths(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_component_paths(value))
+    return found
 
 
 def test_components_reject_malformed_arguments_in_their_constructors():

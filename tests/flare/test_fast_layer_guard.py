@@ -1,6 +1,6 @@
 import numpy as np
 
-from app_custom.flare.fast_layer_guard import leaving_keys_problems
+from app_custom.egress import leaving_keys_problems
 from app_custom.nested.config import NestedConfig
 from simulator.methods import method_config
 
@@ -77,7 +77,8 @@ def test_every_side_channel_out_of_a_result_is_refused():
 
 
 def test_a_private_result_may_carry_one_device_protocol_message_and_nothing_beside_it():
-    from app_custom.flare.fast_layer_guard import SECAGG_KEY, result_problems
+    from app_custom.egress import SECAGG_KEY
+    from app_custom.flare.fast_layer_guard import result_problems
     from app_custom.flare.private_learner_executor import as_message_array
     from tests.privacy.secagg_harness import make_round
 

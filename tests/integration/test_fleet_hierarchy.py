@@ -66,7 +66,7 @@ class State:
     by_leaf: dict[str, list[str]]
     survivor: str
     victim: str
-    job_id: str
+    job_id: str | None = None  # the job the deployment runs now (a test run alone submits its own)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,25 @@ def _device_audit(fleet: LocalFleet, device: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+FIRST_JOB = ("--versions", "7", "--max-rounds", "12", *JOB)
+SECOND_JOB = ("--versions", "30", "--max-rounds", "60", *JOB)
+
+
+def _running_job(state: State, job: tuple[str, ...]) -> str:
+    """The job the deployment runs: the one an earlier test left running, or, for a test run on its
+    own, ``job`` submitted now and seen to make a version (its devices then have their tasks)."""
+    fleet = state.fleet
+    if state.job_id is not None and "RUNNING" in _job_status(fleet, state.job_id):
+        return state.job_id
+    accepted = len(fleet.accepted())
+    state.job_id = fleet.submit(*job)
+    wait_until(lambda: len(fleet.accepted()) > accepted, 375, f"a version of job {state.job_id}", interval=2)
+    return state.job_id
+
+
 def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versions(state):
     fleet = state.fleet
-    state.job_id = fleet.submit("--versions", "7", "--max-rounds", "12", *JOB)
+    state.job_id = fleet.submit(*FIRST_JOB)
     wait_until(lambda: len(fleet.accepted()) >= 3, 375, "three accepted global versions", interval=2)
     # a leaf of four fills its cohorts of three first come: a slow starter may not have had its turn
     # within three versions yet (seen once on a loaded machine), so wait for every device's first answer
@@ -186,6 +202,7 @@ def _refusals(fleet: LocalFleet, leaf: str, device: str) -> list[str]:
 
 def test_a_killed_leaf_does_not_stop_the_job(state):
     fleet = state.fleet
+    job_id = _running_job(state, FIRST_JOB)
     fleet.kill(state.victim)
     killed_at = time.time()
     wait_until(
@@ -194,11 +211,11 @@ def test_a_killed_leaf_does_not_stop_the_job(state):
         "an accepted version after the leaf was killed",
         interval=2,
     )
-    wait_until(lambda: "FINISHED" in _job_status(fleet, state.job_id), 375, "the job to complete", interval=3)
-    assert "COMPLETED" in _job_status(fleet, state.job_id)
+    wait_until(lambda: "FINISHED" in _job_status(fleet, job_id), 375, "the job to complete", interval=3)
+    assert "COMPLETED" in _job_status(fleet, job_id)
     fleet.start_site(state.victim, "client")  # the killed leaf rejoins
     fleet.wait_for_clients(3, timeout=300)
-    state.job_id = fleet.submit("--versions", "30", "--max-rounds", "60", *JOB)
+    state.job_id = fleet.submit(*SECOND_JOB)
     accepted = len(fleet.accepted())
     wait_until(lambda: len(fleet.accepted()) > accepted, 300, "a version of the second job", interval=2)
 
@@ -206,6 +223,7 @@ def test_a_killed_leaf_does_not_stop_the_job(state):
 def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused(state, tmp_path):
     # during the second job, with both leaves up
     fleet = state.fleet
+    _running_job(state, SECOND_JOB)
     rotated, revoked = state.by_leaf[state.survivor][:2]
     identity = fleet.base / "devices" / rotated / "identity"
     before = (identity / "device.crt").read_bytes()
@@ -269,6 +287,7 @@ def _handshake(port: int, cafile, name: str, client: tuple | None = None) -> Non
 
 def test_a_poll_token_replayed_through_the_proxy_is_refused(state, tmp_path):
     fleet = state.fleet
+    _running_job(state, SECOND_JOB)
     device = devices_by_leaf(fleet.leaves, 12)[state.survivor][-1]  # none of the fleet's, nor a stranger before
     identity = tmp_path / device
     assert fleet.cli("device", "--id", device, "--out", str(identity)) == 0
@@ -292,6 +311,7 @@ def test_a_poll_token_replayed_through_the_proxy_is_refused(state, tmp_path):
 
 def test_a_restarted_server_resumes_from_the_last_accepted_version(state):
     fleet = state.fleet
+    _running_job(state, SECOND_JOB)
     fleet.kill("server")  # mid-job: the second job is still running
     restarted_at = time.time()
     last = json.loads((fleet.archive / "current.json").read_text())["version"]
