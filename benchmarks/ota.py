@@ -39,13 +39,13 @@ from app_custom.cluster.archive import ACCEPTED, VersionArchive, VersionRecord  
 from app_custom.nested.config import NestedConfig  # noqa: E402
 from app_custom.nested.levels import partition_parameters  # noqa: E402
 from app_custom.nested.models import build_model  # noqa: E402
+from benchmarks.common import add_output_arguments, output_path, write_results  # noqa: E402
 from ota.download import download  # noqa: E402
 from ota.rollout import ABORTED, COMPLETED, Policy  # noqa: E402
 from ota.server import RepositoryServer  # noqa: E402
 from ota.simulation import FleetSimulation, build_bundle  # noqa: E402
 from simulator.methods import method_config  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ota.json"
 SPEC = {"imu": (6, 50), "vision": (1, 8, 8)}  # the reference robot model of the demo (vision + IMU)
 
 
@@ -179,9 +179,14 @@ def inference(bundle: Path, model: torch.nn.Module, runs: int = 300) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=50)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--devices", type=int, default=50, help="simulated devices in the canary rollout")
+    add_output_arguments(
+        parser,
+        "ota",
+        "one 8 MB throughput run, 50 inference runs (the rollout keeps its 50 devices: the canary needs 3)",
+    )
     args = parser.parse_args(argv)
+    run = {"megabytes": 8, "repeats": 1, "runs": 50} if args.quick else {"megabytes": 64, "repeats": 3, "runs": 300}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         archive, model = make_archive(work / "archive")
@@ -189,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {p.name: p.stat().st_size for p in sorted(bundle.iterdir())}
         payload = {
             "canary": canary(work, archive, args.devices),
-            "serve_mb_per_s": serve_throughput(work),
+            "serve_mb_per_s": serve_throughput(work, run["megabytes"], run["repeats"]),
             "bundle_bytes": sizes | {"total": sum(sizes.values())},
-            "inference": inference(bundle, model),
+            "inference": inference(bundle, model, run["runs"]),
             "setup": {
                 "model": "reference robot model, vision (1x8x8) + IMU (6x50), 4 classes",
                 "device_class": "jetson-orin-jp6 bundle, run here with onnxruntime on CPU (no TensorRT here)",
@@ -199,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch": torch.__version__,
             },
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2))
+    write_results(output_path(args, "ota"), payload)
     print(json.dumps(payload, indent=2))
     return 0
 

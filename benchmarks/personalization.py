@@ -37,13 +37,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app_custom.durable import write_bytes_atomic  # noqa: E402
+from benchmarks.common import add_output_arguments, output_path  # noqa: E402
 from simulator.datasets import BENCHMARK, HELD_OUT, load  # noqa: E402
 from simulator.fleets import REGIMES  # noqa: E402
 from simulator.methods import ENGINES, METHODS  # noqa: E402
 from simulator.report import drop_distribution  # noqa: E402
 from simulator.runner import Experiment, run_experiment  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "personalization.json"
 BASELINES = ("local", "fedavg", "fedavg_ft", "fedrep", "ditto")
 TOLERANCE = 0.005  # nested's mean may trail the best other method's by at most half a point
 MERGE_P95, MERGE_MAX = 0.01, 0.03  # the drop right after a merge, over all merges
@@ -249,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="inprocess", choices=ENGINES)
     parser.add_argument("--jobs", type=int, default=2, help="experiments run at once (each keeps ~1 core busy)")
     parser.add_argument("--work", default="/tmp/fleetnest-bench", help="workspaces and per-run reports")
-    parser.add_argument("--out", default=str(RESULTS))
+    add_output_arguments(parser, "personalization", "digits and segments, label skew, one seed, 3 rounds, 4 devices")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.cells, args.seeds, args.rounds, args.devices = "digits,segments", "label_skew", "0", 3, 4
+    args.out = str(output_path(args, "personalization"))
     seeds = [int(s) for s in args.seeds.split(",")]
     for cell in args.cells.split(","):
         if cell.removesuffix("_unscaled") not in REGIMES:

@@ -62,11 +62,11 @@ from app_custom.privacy.private_update import (  # noqa: E402
 from app_custom.privacy.quantization import QuantizationError, decode_sum  # noqa: E402
 from app_custom.privacy.secagg import SecAggAggregator, SecAggDevice, SecAggParams  # noqa: E402
 from app_custom.privacy.secagg_crypto import SessionContext  # noqa: E402
+from benchmarks.common import add_output_arguments, output_path, write_results  # noqa: E402
 from provisioning.identities import DeviceCA  # noqa: E402
 from simulator.methods import method_config  # noqa: E402
 from simulator.report import shared_shapes  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
 FLEET_FN = "simulator.fleets:make_fleet"
 SECAGG_NEIGHBOURS = {100: 40, 1000: 64}  # SecAgg+ degree; the cohort of 10 uses the complete graph
 SECAGG_RING_BITS = {10: 12, 30: 12, 100: 14, 1000: 16}  # room for the summed noise of z = 1 at 6 sigma
@@ -293,19 +293,20 @@ def run_fleet(
     return {"mean_acc": float(np.mean(accs)), "worst_acc": float(np.min(accs)), "accepted_versions": accepted}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small cohorts and one seed (a smoke run)")
+    add_output_arguments(parser, "privacy", "small cohorts and one seed")
     parser.add_argument(
         "--parts", default="secagg,quantization,dp", help="which sections to measure; the others are kept from the file"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    results = output_path(args, "privacy")
     parts = set(args.parts.split(","))
     unknown = parts - {"secagg", "quantization", "dp"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
     started = time.perf_counter()
-    report = json.loads(RESULTS.read_text()) if RESULTS.exists() and parts != {"secagg", "quantization", "dp"} else {}
+    report = json.loads(results.read_text()) if results.exists() and parts != {"secagg", "quantization", "dp"} else {}
     config = method_config("nested")
     train_s, encode_s, length = training_round_s(config)
     fleet = load_fleet(FLEET_FN, {"dataset": "digits", "regime": "label_skew", "num_devices": 8, "seed": 0})
@@ -392,9 +393,7 @@ def main() -> int:
         "machine": "this machine's CPU; medians; the machine is shared and noisy",
         f"wall_s_{'_'.join(sorted(parts))}": time.perf_counter() - started,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}", file=sys.stderr)
+    write_results(results, report)
     return 0
 
 

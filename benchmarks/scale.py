@@ -61,10 +61,10 @@ from app_custom.privacy.secagg import (  # noqa: E402
     UnmaskShares,
 )
 from app_custom.privacy.secagg_crypto import SessionContext  # noqa: E402
+from benchmarks.common import add_output_arguments, output_path, write_results  # noqa: E402
 from simulator.methods import method_config  # noqa: E402
 from simulator.report import shared_shapes  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 FLEET_FN = "simulator.fleets:make_fleet"
 FLEETS = (10, 1_000, 100_000, 1_000_000)
 
@@ -245,11 +245,11 @@ def project(devices: int, leaf: dict, cluster: dict, a: dict) -> dict:
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a cohort of 100 and one repeat (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    add_output_arguments(parser, "scale", "a cohort of 100 and one repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each measurement (medians)")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     config = method_config("nested")
     fleet = load_fleet(FLEET_FN, {"dataset": "digits", "regime": "label_skew", "num_devices": 8, "seed": 0})
@@ -291,13 +291,12 @@ def main() -> int:
             "wall_s": time.perf_counter() - started,
         },
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    results = output_path(args, "scale")
+    write_results(results, report)
     for n, p in projection.items():
         print(
             f"{n:>9} devices: {p['leaves']} leaves, {p['relays']} relays, round {p['round_s']:.0f} s", file=sys.stderr
         )
-    print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 
 

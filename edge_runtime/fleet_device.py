@@ -10,7 +10,7 @@ before it is signed with the device's key and sent; nothing else leaves. The lea
 (``secagg_session.json``, owner-only) are kept on disk, so a device restarted mid-session
 carries on where it was.
 
-``run_device`` is the poll loop over FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``,
+``run_device`` is the poll loop over FLARE's device HTTP API (``edge_api.EdgeApi``: ``/job``, ``/task``,
 ``/result`` through the routing proxy), with retries and backoff when the proxy or the leaf is
 away. The proxy is reached over HTTPS only, its certificate verified against the fleet's device
 CA (``device_ca.pem`` beside the identity, written by ``fleetnest provision device``). Every task
@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -62,13 +61,13 @@ from app_custom.privacy.peer_certificates import CertificateAuthority, Certifica
 from app_custom.privacy.private_update import PrivacySettings
 from app_custom.privacy.secagg import MASK, UNMASK, PeerTrust, ProtocolError
 from app_custom.privacy.wire import WireError, encode_message
+from edge_runtime.edge_api import EdgeApi, Status
 from edge_runtime.unit import DEVICE_CA_FILE
 
 log = logging.getLogger("fleetnest.device")
 STATE_FILE, LEDGER_FILE, AUDIT_FILE = "device_state.pt", "privacy_ledger.json", "outbound_audit.jsonl"
 SESSION_FILE = "secagg_session.json"
 PROXY_CA_FILE = DEVICE_CA_FILE  # beside device.key: the device CA, for the routing proxy and the peers' keys
-HTTP_TIMEOUT_S = 60.0
 
 
 class DeviceIdentity:
@@ -125,38 +124,6 @@ class PollTokens:
             return {}
         key_pem, cert_pem = self.identity.current()
         return poll_cookie(sign_message(poll_payload(self.device, job_id, challenge), key_pem, cert_pem))
-
-
-def proxy_api(proxy: str, device_info, user_info, ca_file: Path):
-    """FLARE's device API client (``FegApi``) for ``proxy``, over HTTPS only, the proxy's certificate
-    verified against ``ca_file`` (and its host name), with a timeout on every call."""
-    from nvflare.edge.simulation.feg_api import FegApi
-    from nvflare.edge.web.models.api_error import ApiError
-
-    if urlsplit(proxy).scheme != "https":
-        raise ValueError(
-            f"the routing proxy must be reached over https, not {proxy!r}: in clear text its tokens,"
-            " the global slow layers and the masked vectors are anyone's on the way"
-        )
-    if not Path(ca_file).is_file():
-        raise ValueError(f"no CA certificate to verify the routing proxy with: {ca_file}")
-
-    class VerifiedFegApi(FegApi):
-        def __init__(self) -> None:
-            super().__init__(proxy.rstrip("/") + "/", device_info, user_info)
-            self.session = requests.Session()
-            self.session.verify = str(ca_file)
-            self.session.trust_env = False  # no proxy or CA bundle from the environment
-
-        def _do_post(self, clazz, url, params, body):
-            response = self.session.post(
-                url, params=params, json=body, headers=self.common_headers, timeout=HTTP_TIMEOUT_S
-            )
-            if response.status_code == 200:
-                return clazz(**response.json())
-            raise ApiError(response.status_code, "ERROR", f"API call failed with status {response.status_code}", None)
-
-    return VerifiedFegApi()
 
 
 class PeerKeys:
@@ -294,7 +261,7 @@ class FleetDevice:
 
 
 class FleetClient:
-    """The device's side of FLARE's device HTTP API (``FegApi``: ``/job``, ``/task``, ``/result``
+    """The device's side of FLARE's device HTTP API (``EdgeApi``: ``/job``, ``/task``, ``/result``
     through the routing proxy): one poll at a time, with backoff when the proxy or the leaf is away."""
 
     def __init__(
@@ -302,15 +269,11 @@ class FleetClient:
     ) -> None:
         """``proxy_ca``: the fleet's device CA, which the proxy's certificate must verify under and
         the peers' secure-aggregation keys too (default: ``device_ca.pem`` beside the identity)."""
-        from nvflare.edge.web.models.device_info import DeviceInfo
-        from nvflare.edge.web.models.user_info import UserInfo
-
         self.device, self.identity, self.job = device, identity, job
         self.tokens = PollTokens(device.id, identity)
         self.audit = device.state_dir / AUDIT_FILE
-        self.info, self.user = DeviceInfo(device.id, app_name="fleetnest", platform="linux"), UserInfo()
         device_ca = Path(proxy_ca or identity.dir / PROXY_CA_FILE)
-        self.api = proxy_api(proxy, self.info, self.user, device_ca)
+        self.api = EdgeApi(proxy, device.id, device_ca)
         device.peers = PeerKeys(identity, device_ca.read_bytes())  # the same CA checks the peers' keys
         self.job_id: str | None = None
         self.backoff = 1.0
@@ -318,28 +281,23 @@ class FleetClient:
 
     def poll_once(self) -> float:
         """Ask for a task and answer it; seconds to wait before the next poll (0: poll again now)."""
-        from nvflare.edge.constants import EdgeApiStatus
-        from nvflare.edge.web.models.job_request import JobRequest
-        from nvflare.edge.web.models.result_report import ResultReport
-        from nvflare.edge.web.models.task_request import TaskRequest
-
-        device, info, user = self.device, self.info, self.user
+        device = self.device
         try:
             if self.job_id is None:
-                reply = self.api.get_job(JobRequest(self.job, info, user, capabilities={"methods": ["fleetnest"]}))
-                if reply.get("status") != EdgeApiStatus.OK or not reply.get("job_id"):
+                reply = self.api.get_job(self.job, capabilities={"methods": ["fleetnest"]})
+                if reply.get("status") != Status.OK or not reply.get("job_id"):
                     self.last = f"no {self.job} job open"
                     return min(float(reply.get("retry_wait") or 2), 5)
                 self.job_id = reply["job_id"]
                 log.info("%s: joined job %s", device.id, self.job_id)
-            task = self.api.get_task(TaskRequest(info, user, self.job_id, self.tokens.cookie(self.job_id)))
+            task = self.api.get_task(self.job_id, self.tokens.cookie(self.job_id))
             self.tokens.take(task.get("cookie"))
             status = task.get("status")
-            if status in (EdgeApiStatus.NO_JOB, EdgeApiStatus.DONE):
+            if status in (Status.NO_JOB, Status.DONE):
                 self.job_id = None  # the job ended: look for the next one
                 self.tokens.forget()
                 return 0.0
-            if status != EdgeApiStatus.OK or not task.get("task_data"):
+            if status != Status.OK or not task.get("task_data"):
                 wait = task.get("retry_wait")
                 wait = 1.0 if wait is None else float(wait)
                 if str(task.get("message") or "").startswith("not admitted"):
@@ -353,20 +311,10 @@ class FleetClient:
                 raise RuntimeError(f"refusing to send: {problems}")
             key_pem, cert_pem = self.identity.current()
             envelope = sign_message(answer_payload(device.id, stage, spec, out, metrics, skip), key_pem, cert_pem)
-            result = self.api.report_result(
-                ResultReport(
-                    info,
-                    user,
-                    self.job_id,
-                    task["task_id"],
-                    stage,
-                    EdgeApiStatus.OK,
-                    result_body(envelope),
-                )
-            )
+            result = self.api.report_result(self.job_id, task["task_id"], stage, result_body(envelope))
             self.tokens.take(result.get("cookie"))
             _audit(self.audit, stage, spec, out, metrics, result.get("status"))
-            if result.get("status") != EdgeApiStatus.OK:
+            if result.get("status") != Status.OK:
                 log.warning("%s: the leaf refused its %s answer: %s", device.id, stage, result.get("message"))
             self.last = f"answered {stage} of session {spec.get('round')} (version {version})"
             self.backoff = 1.0
@@ -381,7 +329,7 @@ class FleetClient:
             self.job_id = None
             wait, self.backoff = self.backoff, min(self.backoff * 2, 10.0)
             return wait
-        except Exception as err:  # the ApiError of FegApi and anything unexpected: never crash the device
+        except Exception as err:  # an EdgeApiError and anything unexpected: never crash the device
             log.warning("%s: %s; retrying", device.id, err)
             self.job_id = None
             return 2.0

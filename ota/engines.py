@@ -18,10 +18,14 @@ import hashlib
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from app_custom.durable import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 _LOGGED: set[str] = set()
@@ -40,6 +44,19 @@ class EngineKey:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def latency_ms(run: Callable[[], object], runs: int = 50, warmup: int = 5) -> tuple[float, float]:
+    """(p50, p99) in ms of ``run()``'s wall time over ``runs`` calls after ``warmup`` (the first
+    calls warm caches up), by ``numpy.percentile``: the one latency probe of the build host's
+    validation, the health check and the served model's check."""
+    times = []
+    for _ in range(runs + warmup):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    p50, p99 = np.percentile(times[warmup:], [50, 99])
+    return float(p50), float(p99)
 
 
 def l4t_release(path: str = "/etc/nv_tegra_release") -> str:
@@ -180,8 +197,6 @@ def prepare_engine(
     cached = Path(cache_dir) / f"{key.digest()}.engine"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_bytes(build_tensorrt(trt, onnx_path, shapes, precision, max_batch))
-        os.replace(tmp, cached)
-        (cached.with_suffix(".json")).write_text(json.dumps(asdict(key), indent=2))
+        write_bytes_atomic(cached, build_tensorrt(trt, onnx_path, shapes, precision, max_batch))
+        write_json_atomic(cached.with_suffix(".json"), asdict(key))
     return TensorRTEngine(trt, cached.read_bytes(), list(shapes)), f"tensorrt {trt.__version__} ({key.digest()})"

@@ -21,6 +21,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
+from app_custom.durable import write_json_atomic
+
 ROOT_KEYS = 3
 ROOT_THRESHOLD = 2
 OFFLINE_ROLES = ("targets",)
@@ -85,9 +87,7 @@ def replace_key(keys: KeyDir, name: str) -> CryptoSigner:
     _write_private(path, signer)
     public = json.loads(keys.public_file.read_text())
     public[name] = {signer.public_key.keyid: signer.public_key.to_dict()}
-    tmp = keys.public_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(public, indent=2, sort_keys=True))
-    os.replace(tmp, keys.public_file)
+    write_json_atomic(keys.public_file, public)
     return signer
 
 
@@ -112,7 +112,5 @@ def generate(path: str | os.PathLike) -> KeyDir:
         _write_private(keys.private(name), signer)
         role = "root" if name.startswith("root-") else name
         public.setdefault(role, {})[signer.public_key.keyid] = signer.public_key.to_dict()
-    tmp = keys.public_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(public, indent=2, sort_keys=True))
-    os.replace(tmp, keys.public_file)
+    write_json_atomic(keys.public_file, public)
     return keys

@@ -41,6 +41,7 @@ from app_custom.nested.models import RobotModel, build_model
 from app_custom.nested.slow_delta import merge_slow
 
 from .device_classes import DeviceClass, device_class
+from .engines import latency_ms
 from .layout import FORMAT, GOLDEN, GRAPH, MANIFEST, OUTPUT, RUNTIME_VERSION, WEIGHTS, file_sha256
 
 PARAM_PREFIX = "net."
@@ -136,18 +137,13 @@ def validate_with_onnxruntime(graph: bytes, golden: dict[str, np.ndarray], runs:
     if not np.allclose(outputs, expected, rtol=tolerance["rtol"], atol=tolerance["atol"]):
         raise ReleaseError(f"the exported graph does not reproduce the model: max |difference| {diff:.3g}")
     single = {name: value[:1] for name, value in feeds.items()}
-    times = []
-    for _ in range(runs + 5):
-        started = time.perf_counter()
-        session.run([OUTPUT], single)
-        times.append((time.perf_counter() - started) * 1000)
-    times = sorted(times[5:])
+    p50, p99 = latency_ms(lambda: session.run([OUTPUT], single), runs)
     return {
         "engine": "onnxruntime",
         "reason": "torch-tensorrt is not used on the cluster; devices build their own engines",
         "max_abs_diff": diff,
-        "p50_ms": times[len(times) // 2],
-        "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))],
+        "p50_ms": p50,
+        "p99_ms": p99,
     }
 
 

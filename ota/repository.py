@@ -51,6 +51,8 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from app_custom.durable import write_bytes_atomic
+
 from .keys import ROOT_THRESHOLD, KeyDir
 from .rings import LAYOUT, RingError, check_layout
 from .signing import RELEASES, SigningError, layout_path, read_signed_folder, release_path, releases_in, sign_targets
@@ -77,12 +79,7 @@ def _expires(role: str) -> datetime:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 __all__ = [

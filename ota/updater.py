@@ -25,13 +25,12 @@ import json
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from app_custom.durable import crash_trace
+from app_custom.durable import crash_trace, write_json_atomic
 
 from .bundle import (
     BundleError,
@@ -74,20 +73,6 @@ def _crashpoint(phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class HealthPolicy:
     latency_budget_ms: float = 30.0  # p99, batch 1
@@ -128,7 +113,7 @@ class Updater:
 
     def _save(self, **changes) -> None:
         self.state.update(changes)
-        _atomic_json(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
 
     @property
     def current(self) -> Path:
@@ -295,7 +280,7 @@ class Updater:
     def health_check(self, slot: Path, manifest: dict) -> tuple[bool, str]:
         """The engine loads; the shipped graph reproduces the golden outputs; the personal model
         answers within the latency budget; local validation is not worse than the previous model."""
-        from .engines import prepare_engine
+        from .engines import latency_ms, prepare_engine
 
         shapes = {name: tuple(shape) for name, shape in manifest["model"]["input_spec"].items()}
         cache = self.dir / "engines"
@@ -314,13 +299,7 @@ class Updater:
             diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
             return False, f"golden outputs differ by up to {diff:.3g}"
         single = {name: value[:1] for name, value in inputs.items()}
-        times = []
-        for _ in range(55):
-            started = time.perf_counter()
-            personal.run(single)
-            times.append((time.perf_counter() - started) * 1000)
-        times = sorted(times[5:])  # the first runs warm caches up
-        p99 = times[int(0.99 * (len(times) - 1))]
+        _, p99 = latency_ms(lambda: personal.run(single))
         if p99 > self.policy.latency_budget_ms:
             return False, f"latency p99 {p99:.1f} ms > budget {self.policy.latency_budget_ms} ms"
         if self.validation is not None:

@@ -130,7 +130,11 @@ def _with_own_fast_layers(state: Path, job: dict, num_classes: int) -> bytes | N
     return None if fast is None else personalize(current, read_manifest(current), fast).SerializeToString()
 
 
-def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.0) -> dict:
+def run(
+    out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.0, device_python: str | None = None
+) -> dict:
+    """The full loop in ``out``; ``device_python``: the daemons run from that device install (no
+    nvflare there), on their samples recorded to a file and played back."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -171,6 +175,7 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
         job = device_job(out / "device_job.json", "--noise", str(noise))
         probe = out / "probe.json"
         set_probe(probe, idle=True, charging=True)
+        recorded = _record_sensors(out / "devices", devices)
         for index, device in enumerate(devices):
             identity = out / "identities" / device
             if fleet.cli("device", "--id", device, "--out", str(identity)) != 0:
@@ -185,16 +190,17 @@ def run(out: Path, versions: int = 12, noise: float = 0.0, timeout: float = 600.
                 ota,
                 setup.config.port,
                 fleet_cfg,
-                rate_hz=5.0,
                 min_interval_s=5.0,
+                sensor={"fn": "edge_runtime.sensors:replay", "kwargs": {"path": str(recorded[device])}, "rate_hz": 5.0},
             )
             secure_device_config(config, setup, identity)
-            daemons[device] = DaemonProcess(config).start()
+            daemons[device] = DaemonProcess(config, device_python=device_python).start()
         for device, daemon in daemons.items():
             if not daemon.wait_for("serving local model", 120):
                 raise RuntimeError(f"{device} did not start serving:\n{daemon.text()[-3000:]}")
         rings = {d: ota.ring_of(d) for d in devices}
-        event("devices", f"{len(devices)} edge daemons infer and learn on their own samples; rings {rings}")
+        where = f"from the device install {device_python}" if device_python else "from this checkout"
+        event("devices", f"{len(devices)} edge daemons ({where}) infer and learn on their own samples; rings {rings}")
 
         flags = ("--versions", str(versions), "--max-rounds", str(2 * versions), "--noise", str(noise))
         job_id = fleet.submit(*flags, "--buffer-timeout", "10", "--max-wait", "180")
@@ -377,6 +383,24 @@ def _plot(out: Path, records: list[dict], per_device: dict, events: list) -> Non
     plt.close(fig)
 
 
+def _record_sensors(work: Path, devices: list[str]) -> dict[str, Path]:
+    """Each demo robot's sensor samples (its training samples in the simulated fleet), recorded to
+    ``work/<device>/recorded.npz`` for ``edge_runtime.sensors:replay``."""
+    from app_custom.nested.device_data import save_labelled
+    from app_custom.nested.models import input_spec
+    from simulator.fleets import make_fleet
+
+    fleet = make_fleet(**FLEET)
+    recorded = {}
+    for index, device in enumerate(devices):
+        train = fleet.devices[index].train
+        x = train.x if isinstance(train.x, dict) else {next(iter(input_spec(train.x))): train.x}
+        recorded[device] = Path(work) / device / "recorded.npz"
+        recorded[device].parent.mkdir(parents=True, exist_ok=True)
+        save_labelled(recorded[device], x, train.y)
+    return recorded
+
+
 def add_edge_demo_parser(verbs) -> None:
     demo = verbs.add_parser("edge-demo", help="the full loop: FLARE hierarchy, edge daemons, signed canary rollout")
     demo.add_argument("--out", default="demo_out/edge", help="folder for the fleet, the devices and the report")
@@ -388,4 +412,11 @@ def add_edge_demo_parser(verbs) -> None:
         help="DP noise multiplier on each leaf's sum (0: secure aggregation without noise; see the README)",
     )
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take")
-    demo.set_defaults(run=lambda args: 0 if run(Path(args.out), args.versions, args.noise, args.timeout) else 1)
+    demo.add_argument(
+        "--device-python",
+        default=None,
+        help="the python of a device install (pip install '.[device]', no nvflare): the daemons run from it",
+    )
+    demo.set_defaults(
+        run=lambda args: 0 if run(Path(args.out), args.versions, args.noise, args.timeout, args.device_python) else 1
+    )

@@ -13,7 +13,6 @@ full-loop demo, the edge tests and ``benchmarks/edge.py`` start.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from app_custom.durable import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_CLASS = "x86-64-cpu"
@@ -165,32 +166,34 @@ def edge_config(
 
 
 def set_probe(path: Path, idle: bool, charging: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"idle": idle, "charging": charging}))
-    os.replace(tmp, path)
+    write_json_atomic(path, {"idle": idle, "charging": charging})
 
 
 class DaemonProcess:
     """``fleetnest edge run --config`` as a child process (what systemd runs on a Jetson)."""
 
-    def __init__(self, config: Path, env: dict | None = None) -> None:
+    def __init__(self, config: Path, env: dict | None = None, device_python: str | Path | None = None) -> None:
+        """``device_python``: the Python of a device install (``pip install '.[device]'``), whose
+        ``fleetnest`` runs the daemon from what that install holds; default: this checkout."""
         self.config = Path(config)
         self.log = self.config.parent / "daemon.log"
         self.env = env or {}
+        # absolute, not resolved: a venv's python is a link to the base interpreter
+        self.device_python = None if device_python is None else Path(device_python).absolute()
         self.process: subprocess.Popen | None = None
         self.offset = 0
 
     def start(self) -> DaemonProcess:
-        env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | self.env
+        arguments = ["edge", "run", "--config", str(self.config)]
+        if self.device_python is None:
+            command, cwd = [sys.executable, "-m", "simulator.cli", *arguments], ROOT
+            env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | self.env
+        else:  # nothing of this checkout on the path: only the device install
+            command, cwd = [str(self.device_python.with_name("fleetnest")), *arguments], self.config.parent
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"} | self.env
         self.offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "simulator.cli", "edge", "run", "--config", str(self.config)],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def kill(self) -> None:

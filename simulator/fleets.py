@@ -29,7 +29,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from app_custom.nested.device_data import DeviceData, FleetData, Inputs, LabelledSet, concat, take
-from app_custom.nested.models import input_spec
 
 from .datasets import Dataset, load
 
@@ -226,12 +225,9 @@ def sensor_stream(index: int, seed: int = 0, **fleet: object) -> Iterator[tuple[
     """A simulated robot's sensors for the edge daemon (``sensor.fn: simulator.fleets:sensor_stream``):
     device ``index`` of ``make_fleet(**fleet)``, its training samples in a fresh random order each
     pass, one ``({modality: sample}, label)`` at a time, for ever."""
-    data = make_fleet(**fleet).devices[index].train  # type: ignore[arg-type]
-    x = data.x if isinstance(data.x, dict) else {next(iter(input_spec(data.x))): data.x}
-    rng = np.random.default_rng([seed, index])
-    while True:
-        for i in rng.permutation(len(data.y)):
-            yield {name: value[i] for name, value in x.items()}, int(data.y[i])
+    from edge_runtime.sensors import play
+
+    return play(make_fleet(**fleet).devices[index].train, np.random.default_rng([seed, index]))  # type: ignore[arg-type]
 
 
 def synthetic_stream(

@@ -6,7 +6,7 @@ the cluster's ``GlobalVersions`` (the same aggregator, gate and archive as the F
 ``NestedLearner`` objects the FLARE executor drives, and the round log has the controller's form,
 so one report reads both. What FLARE adds, and this leaves out, is the transport: messages,
 filters (the fast-layer guard), timeouts, secure aggregation and DP. A run with privacy settings
-goes through FLARE. ``tests/simulator/test_inprocess.py`` shows both engines give the same
+goes through FLARE. ``tests/integration/test_inprocess_engine.py`` shows both engines give the same
 accuracies.
 
 With a ``DeviceStream`` the devices' data changes between rounds (``simulator.continual``): in each

@@ -3,6 +3,7 @@ import pytest
 
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import DeviceData, LabelledSet
+from tests.ota_fixtures import archive, bundle, http_root, mosquitto  # noqa: F401  (fixtures for every test)
 
 NESTED = {
     "levels": [

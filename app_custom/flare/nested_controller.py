@@ -23,6 +23,7 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from app_custom.cluster.aggregation import SlowDeltaAggregator
 from app_custom.cluster.gate import ValidationGate
 from app_custom.cluster.versions import GlobalVersions
+from app_custom.durable import write_bytes_atomic
 from app_custom.flare.learner_executor import TRAIN_TASK, VALIDATE_TASK, check_data_spec
 from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
@@ -169,6 +170,4 @@ class NestedFedAvg(ModelController):
 
     def _write_log(self, log: dict) -> None:
         path = self._archive_root() / METRICS_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(log | {"updated_at": time.time()}, indent=2, default=float))
-        os.replace(tmp, path)
+        write_bytes_atomic(path, json.dumps(log | {"updated_at": time.time()}, indent=2, default=float).encode())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import json
 import sys
 from collections.abc import Mapping
@@ -137,6 +138,30 @@ def _check_set(x: Any, y: Any, where: str, weight: Any = None, groups: Any = Non
     if groups is not None and (not isinstance(groups, np.ndarray) or groups.shape != y.shape):
         raise DataError(f"{where}.groups: expected one group id per sample, shape {y.shape}")
     return LabelledSet(x, y.astype(np.int64), weight, groups)
+
+
+def save_labelled(path: str | Path, x: Mapping[str, Array], y: Array) -> None:
+    """Write labelled samples as an ``.npz`` file: ``x.<modality>`` arrays and ``y`` (what
+    ``load_labelled`` reads: a device's validation set for ``ota update``, recorded sensor samples)."""
+    from app_custom.durable import write_bytes_atomic
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"x.{name}": value for name, value in x.items()}, y=y)
+    write_bytes_atomic(Path(path), buffer.getvalue())
+
+
+def load_labelled(path: str | Path) -> LabelledSet:
+    """Labelled samples from an ``.npz`` file of ``x.<modality>`` arrays and ``y`` labels, checked
+    (float inputs, finite, one int label >= 0 per sample); ``DataError`` names what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            x = {name[2:]: arrays[name] for name in arrays.files if name.startswith("x.")}
+            y = arrays["y"] if "y" in arrays.files else None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+    if not x or y is None:
+        raise DataError(f"{path}: expected arrays x.<modality> and y")
+    return _check_set(x, y, str(path))
 
 
 def check_device(raw: Any, index: int) -> DeviceData:

@@ -26,7 +26,8 @@ id fleetnest >/dev/null 2>&1 || useradd --system --home-dir /var/lib/fleetnest -
 for group in video render; do getent group "$group" >/dev/null && usermod -aG "$group" fleetnest; done
 
 python3 -m venv --system-site-packages "$prefix/venv"
-"$prefix/venv/bin/pip" install --quiet "$repo"
+# the device install (no nvflare); torch and TensorRT come from JetPack (system site packages)
+"$prefix/venv/bin/pip" install --quiet "$repo[jetson]"
 ln -sf "$prefix/venv/bin/fleetnest" /usr/local/bin/fleetnest
 
 install -d -m 0755 /etc/fleetnest

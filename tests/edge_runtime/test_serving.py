@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_runtime.inference import BadOutputs, LatencyMonitor, ModelCheckFailed, ModelServer
 from edge_runtime.telemetry import HealthPublisher, Metrics, check_health
 from ota.mqtt import DeviceLink
-from tests.ota.conftest import Mosquitto
+from tests.ota_fixtures import Mosquitto
 
 PROBE = {"vision": np.abs(np.random.default_rng(0).standard_normal((4, 1, 8, 8))).astype(np.float32)}
 

@@ -32,16 +32,11 @@ import sys
 import time
 
 import pytest
-from nvflare.edge.constants import EdgeApiStatus
-from nvflare.edge.web.models.device_info import DeviceInfo
-from nvflare.edge.web.models.job_request import JobRequest
-from nvflare.edge.web.models.result_report import ResultReport
-from nvflare.edge.web.models.task_request import TaskRequest
-from nvflare.edge.web.models.user_info import UserInfo
 
 from app_custom.device_identity import sign_message
 from app_custom.edge_messages import answer_payload, result_body
-from edge_runtime.fleet_device import DeviceIdentity, PollTokens, proxy_api
+from edge_runtime.edge_api import EdgeApi, Status
+from edge_runtime.fleet_device import DeviceIdentity, PollTokens
 from provisioning.identities import DeviceCA
 from simulator.localhost_fleet import (
     REPO,
@@ -178,22 +173,19 @@ def test_devices_train_through_their_leaves_and_the_cluster_accepts_three_versio
     assert "privacy: distributed discrete Gaussian" in server and "no amplification by sampling" in server
 
 
-def _edge_api(fleet: LocalFleet, device: str):
-    info, user = DeviceInfo(device), UserInfo()
-    api = proxy_api(fleet.proxy_url, info, user, fleet.proxy_ca)
+def _edge_api(fleet: LocalFleet, device: str) -> tuple[EdgeApi, str]:
+    api = EdgeApi(fleet.proxy_url, device, fleet.proxy_ca)
     reply = wait_until(
-        lambda: (
-            (r := api.get_job(JobRequest("nested_fleet", info, user, {"methods": ["fleetnest"]}))).get("job_id") and r
-        ),
+        lambda: (r := api.get_job("nested_fleet", {"methods": ["fleetnest"]})).get("job_id") and r,
         30,
         f"a job for {device}",
     )
-    return api, info, user, reply["job_id"]
+    return api, reply["job_id"]
 
 
 def _send(fleet: LocalFleet, device: str, result: dict) -> dict:
-    api, info, user, job_id = _edge_api(fleet, device)
-    return api.report_result(ResultReport(info, user, job_id, "task", "train", EdgeApiStatus.OK, result))
+    api, job_id = _edge_api(fleet, device)
+    return api.report_result(job_id, "task", "train", result)
 
 
 def _refusals(fleet: LocalFleet, leaf: str, device: str) -> list[str]:
@@ -235,17 +227,17 @@ def test_a_rotated_device_keeps_contributing_and_revoked_or_bad_ones_are_refused
     # garbage, a certificate of another CA, an expired certificate: each refused, the leaf goes on
     strangers = [d for d in devices_by_leaf(fleet.leaves, 8)[state.survivor] if d not in state.by_leaf[state.survivor]]
     garbage, foreign, expired = strangers[:3]
-    assert _send(fleet, garbage, {"envelope": "bm90IGFuIGVudmVsb3Bl"})["status"] == EdgeApiStatus.INVALID_REQUEST
+    assert _send(fleet, garbage, {"envelope": "bm90IGFuIGVudmVsb3Bl"})["status"] == Status.INVALID_REQUEST
     other_ca = DeviceCA.create(tmp_path / "other_ca", "another-fleet")
     stranger = other_ca.issue(foreign, 7)
     payload = answer_payload(foreign, "train", {}, b"x", {})
     reply = _send(fleet, foreign, result_body(sign_message(payload, stranger.key_pem, stranger.cert_pem)))
-    assert reply["status"] == EdgeApiStatus.INVALID_REQUEST
+    assert reply["status"] == Status.INVALID_REQUEST
     ca = DeviceCA(fleet.provisioned.device_ca)
     old = ca.issue(expired, 1, now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
     payload = answer_payload(expired, "train", {}, b"x", {})
     reply = _send(fleet, expired, result_body(sign_message(payload, old.key_pem, old.cert_pem)))
-    assert reply["status"] == EdgeApiStatus.INVALID_REQUEST
+    assert reply["status"] == Status.INVALID_REQUEST
 
     leaf = state.survivor
     assert any("malformed signed envelope" in r for r in _refusals(fleet, leaf, garbage))
@@ -291,16 +283,16 @@ def test_a_poll_token_replayed_through_the_proxy_is_refused(state, tmp_path):
     device = devices_by_leaf(fleet.leaves, 12)[state.survivor][-1]  # none of the fleet's, nor a stranger before
     identity = tmp_path / device
     assert fleet.cli("device", "--id", device, "--out", str(identity)) == 0
-    api, info, user, job_id = _edge_api(fleet, device)
+    api, job_id = _edge_api(fleet, device)
     tokens = PollTokens(device, DeviceIdentity(identity))
-    first = api.get_task(TaskRequest(info, user, job_id, tokens.cookie(job_id)))  # no token yet: a challenge
+    first = api.get_task(job_id, tokens.cookie(job_id))  # no token yet: a challenge
     tokens.take(first.get("cookie"))
-    request = TaskRequest(info, user, job_id, tokens.cookie(job_id))
-    assert request.cookie, first
-    captured = copy.deepcopy(request)
-    admitted = api.get_task(request)
+    cookie = tokens.cookie(job_id)
+    assert cookie, first
+    captured = copy.deepcopy(cookie)
+    admitted = api.get_task(job_id, cookie)
     assert not str(admitted.get("message") or "").startswith("not admitted"), admitted
-    replayed = api.get_task(captured)
+    replayed = api.get_task(job_id, captured)
     assert str(replayed.get("message") or "").startswith("not admitted"), replayed
     wait_until(
         lambda: any("already used" in r for r in _refusals(fleet, state.survivor, device)),

@@ -18,8 +18,7 @@ from ota.bundle import (
     verify_files,
 )
 from ota.release import ReleaseError, build_release
-
-from .conftest import model_for
+from tests.ota_fixtures import model_for
 
 
 def test_a_bundle_holds_one_verified_onnx_file_at_the_class_opset_that_reproduces_the_model(archive, tmp_path):

@@ -1,4 +1,5 @@
-"""An archive as the cluster leaves it, and bundles built from it, for the OTA tests."""
+"""Shared fixtures (``tests/conftest.py`` offers them to every test): an archive as the cluster
+leaves it, a bundle built from it, a folder served over HTTP, and a real Mosquitto broker."""
 
 import numpy as np
 import pytest

@@ -22,7 +22,7 @@ import yaml
 
 from edge_runtime.checkpoints import CheckpointStore
 from simulator.edge_fleet import ROOT, DaemonProcess, device_job, edge_config, set_probe
-from tests.ota.conftest import Mosquitto
+from tests.ota_fixtures import Mosquitto
 
 pytestmark = pytest.mark.integration
 

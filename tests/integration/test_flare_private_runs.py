@@ -14,9 +14,8 @@ from nvflare.recipe.sim_env import SimEnv
 from app_custom.flare.job_builder import build_nested_job
 from app_custom.flare.outbound_audit import AUDIT_FILE
 from simulator.report import fast_values_sent
-
-from .misbehaving_learners import SpentAndGarblingDevices
-from .test_simulator_runs import CONFIG, DATA, SHARED
+from tests.flare.misbehaving_learners import SpentAndGarblingDevices
+from tests.integration.test_flare_simulator_runs import CONFIG, DATA, SHARED
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,7 @@ from app_custom.nested.config import NestedConfig
 from app_custom.nested.device_data import load_fleet
 from simulator.methods import method_config
 from simulator.report import fast_values_sent, shared_shapes
-
-from .misbehaving_learners import FaultyLearner, LeakyLearner
+from tests.flare.misbehaving_learners import FaultyLearner, LeakyLearner
 
 pytestmark = pytest.mark.integration
 
