@@ -27,7 +27,8 @@ CUSTOM_README = """\
 # Custom code: the fleetnest installed on each site
 
 This job's components live in the `fleetnest` project (`app_custom`, `simulator`), which every
-site that runs the job has installed (`pip install -e .` in a checkout, or the cluster's image).
+site that runs the job has installed (`pip install -e '.[simulation]'` in a checkout for a simulation,
+`fleetnest[cluster]` on a deployment's server and leaves).
 FLARE takes a job with this folder as bring-your-own-code, so its class allow-list, which knows
 only `nvflare.*`, lets the components load; the submitter needs the `byoc` right.
 

@@ -28,7 +28,8 @@ def device_python(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("device") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    # no .pyc at install: the daemon compiles what it imports
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--no-compile"]
     torch = version("torch").split("+")[0]  # this machine's wheel (the CPU one); a Jetson has JetPack's
     subprocess.run([*pip, f"torch=={torch}"], check=True, capture_output=True, timeout=900)
     installed = subprocess.run([*pip, f"{ROOT}[device]"], capture_output=True, text=True, timeout=900)

@@ -59,31 +59,25 @@ def test_the_routing_proxy_speaks_tls_under_the_device_ca(proxy):
 
 
 def test_a_device_reaches_the_proxy_only_over_verified_https(proxy, tmp_path):
-    from nvflare.edge.constants import EdgeApiStatus
-    from nvflare.edge.web.models.device_info import DeviceInfo
-    from nvflare.edge.web.models.job_request import JobRequest
-    from nvflare.edge.web.models.user_info import UserInfo
-
-    from edge_runtime.fleet_device import proxy_api
+    from edge_runtime.edge_api import EdgeApi, Status
 
     identity = tmp_path / "robot-1"
     assert proxy.cli("device", "--id", "robot-1", "--out", str(identity)) == 0
-    info, user = DeviceInfo("robot-1"), UserInfo()
-    request = JobRequest("nested_fleet", info, user, {"methods": ["fleetnest"]})
+    capabilities = {"methods": ["fleetnest"]}
     # the device's own client, with the CA `fleetnest provision device` put beside its key
-    reply = proxy_api(proxy.proxy_url, info, user, identity / "device_ca.pem").get_job(request)
-    assert reply["status"] in (EdgeApiStatus.RETRY, EdgeApiStatus.OK)  # no leaf runs here: the proxy says retry
+    reply = EdgeApi(proxy.proxy_url, "robot-1", identity / "device_ca.pem").get_job("nested_fleet", capabilities)
+    assert reply["status"] in (Status.RETRY, Status.OK)  # no leaf runs here: the proxy says retry
     # a proxy whose certificate is not under the fleet's device CA (a man in the middle) is refused
     other_ca = DeviceCA.create(tmp_path / "other_ca", "another-fleet").dir / "ca.pem"
     with pytest.raises(requests.exceptions.SSLError):
-        proxy_api(proxy.proxy_url, info, user, other_ca).get_job(request)
+        EdgeApi(proxy.proxy_url, "robot-1", other_ca).get_job("nested_fleet", capabilities)
     # so is a name the certificate does not carry
     with pytest.raises(requests.exceptions.SSLError):
         url = proxy.proxy_url.replace("127.0.0.1", "127.0.0.2")
-        proxy_api(url, info, user, identity / "device_ca.pem").get_job(request)
+        EdgeApi(url, "robot-1", identity / "device_ca.pem").get_job("nested_fleet", capabilities)
     # and clear HTTP, before anything is sent
     with pytest.raises(ValueError, match="must be reached over https"):
-        proxy_api(proxy.proxy_url.replace("https", "http"), info, user, identity / "device_ca.pem")
+        EdgeApi(proxy.proxy_url.replace("https", "http"), "robot-1", identity / "device_ca.pem")
 
 
 def test_the_proxy_key_is_owner_only_and_its_certificate_is_no_device_certificate(proxy):
