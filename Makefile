@@ -41,14 +41,14 @@ demo: $(STAMP) $(DEVICE)/.installed
 	$(DEVICE)/bin/pip install --quiet --no-deps --force-reinstall .   # this checkout's code, as a device has it
 	$(VENV)/bin/fleetnest edge-demo --out demo_out/edge --device-python $(DEVICE)/bin/python
 
-# ruff, the import layers (pyproject.toml's [tool.importlinter]), the docs, then two test files at a
-# time (pytest-xdist; a file's tests stay together and share their fixtures): most of the suite
-# waits on FLARE, daemons and brokers, so two overlap well on two cores.
+# ruff, the import layers (pyproject.toml's [tool.importlinter]), the docs, then three test files at a
+# time (pytest-xdist; a file's tests stay together and share their fixtures): much of the suite waits
+# on FLARE, daemons, brokers and pip, so three on two cores took 704 s where two took 832-869 s.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 3 --dist loadfile
 
 # The documentation site (docs/, by reader) into build/site/.
 docs: $(STAMP)

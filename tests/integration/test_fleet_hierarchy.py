@@ -15,8 +15,8 @@ API (Flare API). The tests run in order on one deployment:
    resumes from the last accepted version;
 and everything is shut down with no process or port left behind.
 
-The waits are bounds on progress, not speed targets: ``make test`` runs two test files at a time,
-so the deployment may have one core of the two.
+The waits are bounds on progress, not speed targets: ``make test`` runs three test files at a time
+on two cores, so the deployment may have less than one core.
 """
 
 from __future__ import annotations
